@@ -1,0 +1,1 @@
+"""Functional core: plain Python modules with no Dagster import, testable on their own."""

@@ -1,0 +1,61 @@
+"""Where every output lives under the data folder (the platform's output contract)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+SCALE_FOLDERS = ("L", "M", "S")
+"""Top folders of CPIA: WSI XL and L tiles and ROI L images go under L."""
+
+SCALE_FOLDER_OF = {"XL": "L", "L": "L", "M": "M", "S": "S"}
+
+
+def default_data_dir() -> Path:
+    """`CPIA_DATA_DIR`, or ./data, resolved at call time (never at import time)."""
+    return Path(os.environ.get("CPIA_DATA_DIR", "data")).resolve()
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    """Paths of every stage's outputs below one data folder."""
+
+    root: Path
+
+    def raw_dir(self, key: str) -> Path:
+        return self.root / "raw" / key
+
+    def standardized_dir(self, key: str) -> Path:
+        return self.root / "standardized" / key
+
+    @property
+    def cpia_dir(self) -> Path:
+        return self.root / "cpia"
+
+    def image_dir(self, scale: str, key: str) -> Path:
+        """Folder of one sub-dataset's images of one scale (XL lands under L)."""
+        return self.cpia_dir / SCALE_FOLDER_OF[scale] / key
+
+    @property
+    def mini_dir(self) -> Path:
+        return self.root / "cpia-mini"
+
+    @property
+    def manifests_dir(self) -> Path:
+        return self.root / "manifests"
+
+    def manifest_dir(self, key: str) -> Path:
+        """Per-partition Parquet records; partitioned assets never open the DuckDB file."""
+        return self.manifests_dir / key
+
+    def manifest_file(self, key: str, table: str) -> Path:
+        return self.manifest_dir(key) / f"{table}.parquet"
+
+    @property
+    def duckdb_path(self) -> Path:
+        return self.root / "manifest.duckdb"
+
+    def relative(self, path: Path) -> str:
+        """A path as stored in manifests: relative to the data folder, POSIX separators."""
+        return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
