@@ -1,0 +1,62 @@
+"""Dagster entry point (`workspace.yaml`, `dagster ... -m cpia_assets.definitions`).
+
+The active catalog comes from `CPIA_CATALOG` (a file path, `demo`, or unset for the full CPIA
+catalog) and outputs go under `CPIA_DATA_DIR` (default ./data). Both are read when Dagster loads
+the definitions, never at import time; tests call `build_definitions` directly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from cpia_assets.core.catalog import Catalog, load_catalog
+from cpia_assets.core.layout import default_data_dir
+from cpia_assets.defs.assets.manifest import build_manifest_assets
+from cpia_assets.defs.assets.raw import build_raw_download
+from cpia_assets.defs.assets.standardize import build_standardized_wsi
+from cpia_assets.defs.assets.tiles import build_scale_tiles
+from cpia_assets.defs.partitions import subdataset_partitions
+from cpia_assets.defs.resources import CpiaStore, WorkerPool
+from cpia_assets.defs.schedules import build_schedules
+
+PARTITIONED_ASSETS = ("raw_download", "standardized_wsi", "scale_tiles")
+
+
+def build_definitions(catalog: Catalog, data_dir: Path, *, workers: int = 0) -> dg.Definitions:
+    partitions = subdataset_partitions(catalog)
+    partitioned = [
+        build_raw_download(partitions),
+        build_standardized_wsi(partitions),
+        build_scale_tiles(partitions),
+    ]
+    subdatasets_job = dg.define_asset_job(
+        "build_subdatasets",
+        selection=list(PARTITIONED_ASSETS),
+        partitions_def=partitions,
+        description="Download, standardize and tile one sub-dataset (one run per partition).",
+    )
+    manifest_job = dg.define_asset_job(
+        "refresh_manifest",
+        selection=["tile_manifest"],
+        description="Load changed partitions into manifest.duckdb and run its checks.",
+    )
+    return dg.Definitions(
+        assets=[*partitioned, *build_manifest_assets()],
+        jobs=[subdatasets_job, manifest_job],
+        schedules=build_schedules(subdatasets_job, manifest_job),
+        resources={
+            "store": CpiaStore(data_dir=str(data_dir), catalog_path=str(catalog.path)),
+            "workers": WorkerPool(workers=workers),
+        },
+    )
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    workers = int(os.environ.get("CPIA_WORKERS", "0"))
+    return build_definitions(
+        load_catalog(os.environ.get("CPIA_CATALOG")), default_data_dir(), workers=workers
+    )

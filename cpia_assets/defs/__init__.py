@@ -1,0 +1,1 @@
+"""Thin Dagster shell: assets, resources, partitions and schedules around `cpia_assets.core`."""

@@ -1,0 +1,1 @@
+"""Asset factories: each takes the partitions definition of the active catalog."""

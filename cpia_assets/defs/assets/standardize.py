@@ -1,0 +1,103 @@
+"""standardized_wsi: slides resampled to one MPP; for ROI sub-datasets, the ROI crop/resize."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from cpia_assets.core import schema
+from cpia_assets.core.roi import RoiSettings, find_roi_images, standardize_roi_partition
+from cpia_assets.core.slides import find_slides
+from cpia_assets.core.stage import StageResult
+from cpia_assets.core.standardize import StandardizeSettings, standardize_partition
+from cpia_assets.defs.records import (
+    config_class,
+    failures_markdown,
+    progress_logger,
+    settings_from,
+    write_failures,
+    write_records,
+)
+from cpia_assets.defs.resources import CpiaStore, WorkerPool
+
+WsiStandardizeConfig = config_class(StandardizeSettings, "WsiStandardizeConfig")
+RoiConfig = config_class(RoiSettings, "RoiConfig")
+
+
+class StandardizeConfig(dg.Config):
+    wsi: WsiStandardizeConfig = WsiStandardizeConfig()  # type: ignore[valid-type]
+    roi: RoiConfig = RoiConfig()  # type: ignore[valid-type]
+
+
+def build_standardized_wsi(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    @dg.asset(
+        partitions_def=partitions,
+        deps=["raw_download"],
+        group_name="standardize",
+        code_version="1",
+        kinds={"python", "openslide", "libvips"},
+        description=(
+            "WSI sub-datasets: every slide resampled to the target microns per pixel (default "
+            "0.491) and written as a pyramidal JPEG TIFF under standardized/<key>/, with source "
+            "MPP, its origin, level and scale factor recorded per slide. ROI sub-datasets: this "
+            "stage does the ROI crop/resize instead (largest centred square, 384x384 JPEG, kept "
+            "under the catalog's scale folder with label and split). Bad files are recorded in "
+            "the failures table and skipped; their siblings finish; a rerun resumes."
+        ),
+    )
+    def standardized_wsi(
+        context: dg.AssetExecutionContext,
+        config: StandardizeConfig,
+        store: CpiaStore,
+        workers: WorkerPool,
+    ) -> dg.MaterializeResult:
+        key = context.partition_key
+        entry = store.entry(key)
+        layout = store.layout
+        raw_dir = layout.raw_dir(key)
+        progress = progress_logger(context)
+        if entry.kind == "wsi":
+            inputs = find_slides(raw_dir, entry.wsi)
+            table, columns = "slides", schema.SLIDES
+        else:
+            inputs = find_roi_images(raw_dir)
+            table, columns = "roi_images", schema.TILES
+        if not inputs:
+            raise dg.Failure(f"no {entry.kind.upper()} input files under {raw_dir} for {key!r}")
+        progress(f"{len(inputs)} input files")
+        with workers.executor() as executor:
+            if entry.kind == "wsi":
+                result: StageResult = standardize_partition(
+                    inputs,
+                    key=key,
+                    layout=layout,
+                    options=entry.wsi,
+                    settings=settings_from(config.wsi, StandardizeSettings),
+                    executor=executor,
+                    progress=progress,
+                )
+            else:
+                result = standardize_roi_partition(
+                    entry,
+                    source_dir=raw_dir,
+                    layout=layout,
+                    settings=settings_from(config.roi, RoiSettings),
+                    executor=executor,
+                    progress=progress,
+                )
+        write_records(context, layout, table, result.records, columns)
+        write_failures(context, layout, result.failures)
+        if not result.records:
+            raise dg.Failure(
+                f"every input of {key!r} failed",
+                metadata={"failures": failures_markdown(result.failures)},
+            )
+        return dg.MaterializeResult(
+            metadata={
+                "outputs": len(result.records),
+                "reused_from_earlier_runs": result.reused,
+                "failed_files": len(result.failures),
+                "failures": dg.MetadataValue.md(failures_markdown(result.failures)),
+            }
+        )
+
+    return standardized_wsi

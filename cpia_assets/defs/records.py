@@ -1,0 +1,80 @@
+"""Glue between a stage's rows and the per-partition Parquet files the manifest loads."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import dagster as dg
+import polars as pl
+from pydantic import create_model
+
+from cpia_assets.core import schema
+from cpia_assets.core.fsutil import write_parquet_atomic
+from cpia_assets.core.layout import DataLayout
+
+
+def write_records(
+    context: dg.AssetExecutionContext,
+    layout: DataLayout,
+    table: str,
+    rows: Iterable[Mapping[str, Any]],
+    columns: Mapping[str, pl.DataType],
+) -> Path:
+    """Write `rows` as manifests/<partition>/<table>.parquet, stamped with run id and code
+    version."""
+    frame = schema.frame(rows, columns).with_columns(
+        run_id=pl.lit(context.run.run_id, pl.String),
+        code_version=pl.lit(code_version(context), pl.String),
+    )
+    return write_parquet_atomic(frame, layout.manifest_file(context.partition_key, table))
+
+
+def write_failures(
+    context: dg.AssetExecutionContext, layout: DataLayout, failures: Sequence[Mapping[str, Any]]
+) -> None:
+    """Record this stage's failures (an empty file clears those of an earlier run)."""
+    write_records(context, layout, f"failures-{context.asset_key.to_user_string()}", failures,
+                  schema.FAILURES)  # fmt: skip
+
+
+def read_records(layout: DataLayout, key: str, table: str) -> list[dict[str, Any]]:
+    path = layout.manifest_file(key, table)
+    if not path.exists():
+        raise dg.Failure(f"{path} is missing: materialize the upstream asset for partition {key!r}")
+    return pl.read_parquet(path).to_dicts()
+
+
+def code_version(context: dg.AssetExecutionContext) -> str:
+    return context.assets_def.code_versions_by_key.get(context.asset_key) or "unversioned"
+
+
+def progress_logger(context: dg.AssetExecutionContext) -> Callable[[str], None]:
+    prefix = f"[{context.partition_key}] "
+    return lambda line: context.log.info(prefix + line)
+
+
+def failures_markdown(failures: Sequence[Mapping[str, Any]], limit: int = 20) -> str:
+    if not failures:
+        return "No failures."
+    lines = ["| file | reason |", "|---|---|"]
+    lines += [f"| {f['file']} | {str(f['reason']).replace('|', '/')} |" for f in failures[:limit]]
+    if len(failures) > limit:
+        lines.append(f"| ... | {len(failures) - limit} more in the manifest's failures table |")
+    return "\n".join(lines)
+
+
+def config_class(settings_cls: type, name: str) -> type[dg.Config]:
+    """A Dagster run-config class with the same fields and defaults as a core settings dataclass.
+
+    The core owns the knobs and their defaults; the UI's launchpad shows them unchanged.
+    """
+    hints = get_type_hints(settings_cls)
+    model_fields = {f.name: (hints[f.name], f.default) for f in fields(settings_cls)}
+    return create_model(name, __base__=dg.Config, **model_fields)  # type: ignore[call-overload]
+
+
+def settings_from(config: dg.Config, settings_cls: type) -> Any:
+    return settings_cls(**config.model_dump())

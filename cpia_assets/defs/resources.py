@@ -1,0 +1,64 @@
+"""Resources: where the data lives, which catalog is active, and where per-item work runs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor
+from contextlib import contextmanager
+from multiprocessing import get_context
+from pathlib import Path
+
+import dagster as dg
+from pydantic import PrivateAttr
+
+from cpia_assets.core.catalog import Catalog, SubDataset, load_catalog
+from cpia_assets.core.layout import DataLayout
+
+
+class CpiaStore(dg.ConfigurableResource):
+    """The data folder and the active sub-dataset catalog."""
+
+    data_dir: str
+    catalog_path: str
+
+    _catalog: Catalog | None = PrivateAttr(default=None)
+
+    @property
+    def layout(self) -> DataLayout:
+        return DataLayout(Path(self.data_dir).resolve())
+
+    def catalog(self) -> Catalog:
+        if self._catalog is None:
+            self._catalog = load_catalog(self.catalog_path)
+        return self._catalog
+
+    def entry(self, key: str) -> SubDataset:
+        return self.catalog().get(key)
+
+
+class WorkerPool(dg.ConfigurableResource):
+    """Where per-slide and per-image work runs inside one partition's step.
+
+    `workers=0` uses every local core; `workers=1` runs in-process. `dask_scheduler` (e.g.
+    `tcp://scheduler:8786`) sends the work to a Dask cluster instead, for scale-out beyond one host.
+    """
+
+    workers: int = 0
+    dask_scheduler: str | None = None
+
+    @contextmanager
+    def executor(self) -> Iterator[Executor | None]:
+        if self.dask_scheduler:
+            from distributed import Client
+
+            with Client(self.dask_scheduler) as client:
+                yield client.get_executor()
+            return
+        workers = self.workers or os.cpu_count() or 1
+        if workers == 1:
+            yield None
+            return
+        # spawn: forking a process that holds Dagster's threads and OpenSlide handles is unsafe.
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            yield pool

@@ -1,0 +1,84 @@
+"""`make demo`: materialize the whole asset graph for every demo partition with the Dagster CLI.
+
+Runs go into a persistent DAGSTER_HOME under the data folder, so `make ui` shows their history.
+Progress lines (per partition, per slide) are echoed; each run's full log is kept under logs/.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+
+from cpia_assets.core.catalog import load_catalog
+from cpia_assets.core.layout import DataLayout, default_data_dir
+from cpia_assets.definitions import PARTITIONED_ASSETS
+from cpia_assets.defs.instance import write_instance_config
+
+
+def main() -> int:
+    catalog = load_catalog(os.environ.setdefault("CPIA_CATALOG", "demo"))
+    layout = DataLayout(default_data_dir())
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(layout.root / "dagster_home")))
+    write_instance_config(home)
+    logs = layout.root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    print(f"CPIA demo: {len(catalog.keys)} sub-datasets, data in {layout.root}", flush=True)
+    started = time.monotonic()
+    for index, key in enumerate(catalog.keys, 1):
+        print(f"[{index}/{len(catalog.keys)}] {key}: {', '.join(PARTITIONED_ASSETS)}", flush=True)
+        _materialize(",".join(PARTITIONED_ASSETS), logs / f"{key}.log", partition=key)
+    print("tile_manifest: loading manifest.duckdb", flush=True)
+    _materialize("tile_manifest", logs / "tile_manifest.log")
+    _print_summary(layout)
+    print(f"Done in {time.monotonic() - started:.0f} s. Browse the runs: make ui", flush=True)
+    return 0
+
+
+def _materialize(selection: str, log_path: Path, partition: str | None = None) -> None:
+    command = [
+        sys.executable, "-m", "dagster", "asset", "materialize",
+        "-m", "cpia_assets.definitions", "--select", selection,
+    ]  # fmt: skip
+    if partition:
+        command += ["--partition", partition]
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
+        assert process.stdout is not None
+        for line in process.stdout:
+            log.write(line)
+            if partition and f"[{partition}]" in line:
+                print("    " + line.split(f"[{partition}] ", 1)[-1].rstrip(), flush=True)
+            elif "STEP_FAILURE" in line or "Error" in line.split(" - ")[-1][:40]:
+                print("    " + line.rstrip(), flush=True)
+        if process.wait() != 0:
+            raise SystemExit(f"materializing {selection} failed; full log: {log_path}")
+
+
+def _print_summary(layout: DataLayout) -> None:
+    with duckdb.connect(str(layout.duckdb_path), read_only=True) as db:
+        rows = db.execute(
+            """
+            select subdataset,
+                   count(*) filter (where scale = 'XL') as XL,
+                   count(*) filter (where scale = 'L') as L,
+                   count(*) filter (where scale = 'M') as M,
+                   count(*) filter (where scale = 'S') as S
+            from tiles group by subdataset order by subdataset
+            """
+        ).fetchall()
+    print(f"\n{'sub-dataset':<20}{'XL':>7}{'L':>7}{'M':>7}{'S':>7}")
+    for subdataset, *counts in rows:
+        print(f"{subdataset:<20}" + "".join(f"{n:>7}" for n in counts))
+    print(f"\nImages:   {layout.cpia_dir}/{{L,M,S}}/<sub-dataset>/")
+    print(f"Manifest: {layout.duckdb_path} (python -m cpia_assets table1)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
