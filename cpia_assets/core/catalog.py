@@ -15,10 +15,11 @@ from typing import Any
 
 import yaml
 
+from cpia_assets.core.downloads import SourceSpecError, validate_source
+
 KINDS = ("wsi", "roi")
 ROI_SCALES = ("L", "M", "S")
 ALL_SCALES = ("XL", "L", "M", "S")
-SOURCE_TYPES = ("local", "http", "gdc", "idc", "tcia", "zenodo", "figshare", "manual", "synthetic")
 RULE_SOURCES = ("parent_folder", "regex", "csv")
 SPLITS = ("train", "val", "test", "none")
 KEY_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]*$")
@@ -201,14 +202,12 @@ def _parse_entry(raw: Any, where: str, base_dir: Path) -> SubDataset:
 
 
 def _parse_source(raw: Any, where: str, base_dir: Path) -> dict[str, Any]:
-    if not isinstance(raw, dict) or "type" not in raw:
-        raise CatalogError(f"{where}: 'source' must be a mapping with a 'type'")
-    if raw["type"] not in SOURCE_TYPES:
-        raise CatalogError(f"{where}: unknown source type {raw['type']!r} ({SOURCE_TYPES})")
-    source = dict(raw)
+    """Each source type's parameters are checked by `downloads.validate_source`."""
+    try:
+        source = validate_source(raw)
+    except SourceSpecError as exc:
+        raise CatalogError(f"{where}: {exc}") from exc
     if source["type"] == "local":
-        if not source.get("path"):
-            raise CatalogError(f"{where}: a local source needs 'path'")
         # Relative paths are relative to the catalog file, so a catalog travels with its data.
         source["path"] = str((base_dir / Path(source["path"]).expanduser()).resolve())
     return source
@@ -225,12 +224,42 @@ def _parse_scale_rule(raw: Any, where: str) -> ScaleRule:
 
 
 def _parse_rule(raw: Any, name: str, where: str) -> dict[str, Any] | None:
-    """Label and split rules: `{from: parent_folder | regex | csv, ...}`."""
+    """Validate a `labels` or `splits` rule; returns it with defaults filled in.
+
+    A rule gives each ROI image a value from its path relative to the source folder:
+
+    - `{from: parent_folder, level: 1}`: the name of the image's folder at that level
+      (1 = its immediate parent, 2 = the grandparent, ...; default 1).
+    - `{from: regex, pattern: '...(?P<value>...)...'}`: the `value` group of the first match
+      searched in the relative path.
+    - `{from: csv, file: labels.csv, image_column: image, column: label}`: the `column` value of
+      the CSV row (`file` is relative to the source folder) whose `image_column` holds the image's
+      relative path, file name or file stem; optional `delimiter` (default ',').
+
+    Any rule may add `map: {raw value: value}` to translate values (e.g. `{Training: train}`) and
+    `default: value` for images it finds no value for (otherwise such an image is a failure).
+    Every value a split rule yields, after `map`, must be train, val or test; images of an entry
+    without a split rule get split 'none', without a label rule label null.
+    """
     if raw is None:
         return None
     if not isinstance(raw, dict) or raw.get("from") not in RULE_SOURCES:
         raise CatalogError(f"{where}: '{name}' needs 'from' one of {RULE_SOURCES}, got {raw!r}")
-    if raw["from"] == "regex":
+    source = raw["from"]
+    fields_of_source = {
+        "parent_folder": {"level"},
+        "regex": {"pattern"},
+        "csv": {"file", "image_column", "column", "delimiter"},
+    }
+    unknown = set(raw) - fields_of_source[source] - {"from", "map", "default"}
+    if unknown:
+        raise CatalogError(f"{where}: {name} from {source} has unknown field(s) {sorted(unknown)}")
+    rule = dict(raw)
+    if source == "parent_folder":
+        rule["level"] = raw.get("level", 1)
+        if type(rule["level"]) is not int or rule["level"] < 1:
+            raise CatalogError(f"{where}: {name} level must be an integer >= 1, got {raw!r}")
+    if source == "regex":
         pattern = raw.get("pattern", "")
         try:
             compiled = re.compile(pattern)
@@ -238,9 +267,28 @@ def _parse_rule(raw: Any, name: str, where: str) -> dict[str, Any] | None:
             raise CatalogError(f"{where}: bad {name} pattern {pattern!r}: {exc}") from exc
         if "value" not in compiled.groupindex:
             raise CatalogError(f"{where}: {name} pattern {pattern!r} needs a (?P<value>...) group")
-    if raw["from"] == "csv" and not all(raw.get(k) for k in ("file", "image_column", "column")):
-        raise CatalogError(f"{where}: {name} from csv needs 'file', 'image_column' and 'column'")
-    return dict(raw)
+    if source == "csv":
+        if not all(raw.get(k) for k in ("file", "image_column", "column")):
+            raise CatalogError(
+                f"{where}: {name} from csv needs 'file', 'image_column' and 'column'"
+            )
+        delimiter = raw.get("delimiter", ",")
+        if not isinstance(delimiter, str) or len(delimiter) != 1:
+            raise CatalogError(f"{where}: {name} csv delimiter must be one character")
+    mapping = raw.get("map") or {}
+    if not isinstance(mapping, dict):
+        raise CatalogError(f"{where}: {name} 'map' must be a mapping, got {mapping!r}")
+    rule["map"] = {str(key): str(value) for key, value in mapping.items()}
+    if rule.get("default") is not None:
+        rule["default"] = str(rule["default"])
+    if name == "splits":
+        split_values = tuple(split for split in SPLITS if split != "none")
+        bad = {*rule["map"].values(), rule.get("default")} - {*split_values, None}
+        if bad:
+            raise CatalogError(
+                f"{where}: splits rule maps to {sorted(bad)}; values must be one of {split_values}"
+            )
+    return rule
 
 
 def _parse_wsi_options(raw: Any, where: str) -> WsiOptions:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import fields
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -69,12 +69,27 @@ def failures_markdown(failures: Sequence[Mapping[str, Any]], limit: int = 20) ->
 def config_class(settings_cls: type, name: str) -> type[dg.Config]:
     """A Dagster run-config class with the same fields and defaults as a core settings dataclass.
 
-    The core owns the knobs and their defaults; the UI's launchpad shows them unchanged.
+    The core owns the knobs and their defaults; the UI's launchpad shows them unchanged. Nested
+    settings dataclasses become nested config classes.
     """
     hints = get_type_hints(settings_cls)
-    model_fields = {f.name: (hints[f.name], f.default) for f in fields(settings_cls)}
-    return create_model(name, __base__=dg.Config, **model_fields)  # type: ignore[call-overload]
+    model_fields: dict[str, Any] = {}
+    for field in fields(settings_cls):
+        annotation = hints[field.name]
+        if is_dataclass(annotation):
+            nested = config_class(annotation, name + annotation.__name__)
+            model_fields[field.name] = (nested, nested())
+        else:
+            model_fields[field.name] = (annotation, field.default)
+    return create_model(name, __base__=dg.Config, **model_fields)
 
 
 def settings_from(config: dg.Config, settings_cls: type) -> Any:
-    return settings_cls(**config.model_dump())
+    """The core settings dataclass holding a run config's values."""
+    hints = get_type_hints(settings_cls)
+    values = {}
+    for field in fields(settings_cls):
+        value = getattr(config, field.name)
+        annotation = hints[field.name]
+        values[field.name] = settings_from(value, annotation) if is_dataclass(annotation) else value
+    return settings_cls(**values)

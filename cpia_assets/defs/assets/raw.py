@@ -1,14 +1,22 @@
 """raw_download: a sub-dataset's source files on disk, verified, with a per-file record."""
 
-from __future__ import annotations
-
-import hashlib
-
 import dagster as dg
 
 from cpia_assets.core import schema
-from cpia_assets.core.downloads import DownloadSettings, fetch_source
-from cpia_assets.defs.records import config_class, progress_logger, settings_from, write_records
+from cpia_assets.core.downloads import (
+    DownloadSettings,
+    SourceIncomplete,
+    fetch_source,
+    source_data_version,
+)
+from cpia_assets.defs.records import (
+    config_class,
+    failures_markdown,
+    progress_logger,
+    settings_from,
+    write_failures,
+    write_records,
+)
 from cpia_assets.defs.resources import CpiaStore
 
 DownloadConfig = config_class(DownloadSettings, "DownloadConfig")
@@ -34,16 +42,23 @@ def build_raw_download(partitions: dg.PartitionsDefinition) -> dg.AssetsDefiniti
         key = context.partition_key
         entry = store.entry(key)
         layout = store.layout
-        rows = fetch_source(
-            entry.source,
-            layout.raw_dir(key),
-            settings=settings_from(config, DownloadSettings),
-            progress=progress_logger(context),
-        )
+        try:
+            rows = fetch_source(
+                entry.source,
+                layout.raw_dir(key),
+                settings=settings_from(config, DownloadSettings),
+                progress=progress_logger(context),
+            )
+        except SourceIncomplete as incomplete:
+            # Good files stay on disk and are recorded; the rerun fetches only the failed ones.
+            write_records(context, layout, "raw_files", incomplete.rows, schema.RAW_FILES)
+            write_failures(context, layout, incomplete.failures)
+            raise dg.Failure(
+                str(incomplete).splitlines()[0],
+                metadata={"failures": dg.MetadataValue.md(failures_markdown(incomplete.failures))},
+            ) from incomplete
         write_records(context, layout, "raw_files", rows, schema.RAW_FILES)
-        fingerprint = hashlib.sha256()
-        for row in sorted(rows, key=lambda r: r["rel_path"]):
-            fingerprint.update(f"{row['rel_path']}\0{row['sha256']}\n".encode())
+        write_failures(context, layout, [])
         return dg.MaterializeResult(
             metadata={
                 "files": len(rows),
@@ -51,7 +66,7 @@ def build_raw_download(partitions: dg.PartitionsDefinition) -> dg.AssetsDefiniti
                 "folder": dg.MetadataValue.path(str(layout.raw_dir(key))),
                 "source_type": entry.source["type"],
             },
-            data_version=dg.DataVersion(fingerprint.hexdigest()[:16]),
+            data_version=dg.DataVersion(source_data_version(rows)[:16]),
         )
 
     return raw_download

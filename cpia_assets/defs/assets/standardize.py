@@ -1,7 +1,5 @@
 """standardized_wsi: slides resampled to one MPP; for ROI sub-datasets, the ROI crop/resize."""
 
-from __future__ import annotations
-
 import dagster as dg
 
 from cpia_assets.core import schema

@@ -1,7 +1,5 @@
 """scale_tiles: the XL/L/M/S tiles of WSI sub-datasets and the partition's tile manifest."""
 
-from __future__ import annotations
-
 from collections import Counter
 
 import dagster as dg

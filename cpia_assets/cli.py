@@ -1,0 +1,176 @@
+"""`cpia` / `python -m cpia_assets`: query the manifest (Table I, images, lineage, failures).
+
+Reads `manifest.duckdb` under --data-dir (default: $CPIA_DATA_DIR or ./data) read-only and
+prints Polars frames; `tiles --output FILE` writes the selection as Parquet or CSV instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import duckdb
+import polars as pl
+
+from cpia_assets.core.layout import DataLayout, default_data_dir
+from cpia_assets.core.manifest import (
+    GROUP_COLUMNS,
+    ManifestError,
+    TileFilter,
+    count_tiles,
+    failures,
+    markdown_table,
+    open_manifest,
+    query_tiles,
+    table_i,
+    trace_image,
+)
+
+TILE_SUMMARY_COLUMNS = ("subdataset", "organ", "image_name", "kind", "scale", "size_px", "label",
+                        "split", "in_mini", "path")  # fmt: skip
+"""What `tiles` prints unless --all-columns; --output files always hold every column."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    layout = DataLayout(Path(args.data_dir).resolve() if args.data_dir else default_data_dir())
+    try:
+        with open_manifest(layout) as con:
+            frame = args.command(con, args)
+    except ManifestError as exc:
+        print(f"cpia: {exc}", file=sys.stderr)
+        return 2
+    if frame is None:
+        return 0
+    if args.markdown:
+        print(markdown_table(frame))
+    else:
+        with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=120, tbl_width_chars=240):
+            print(frame)
+    return 0
+
+
+def _table1(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> pl.DataFrame:
+    return table_i(con, mini_only=args.mini)
+
+
+def _tile_filter(args: argparse.Namespace) -> TileFilter:
+    return TileFilter(
+        subdatasets=tuple(args.subdataset),
+        scales=tuple(args.scale),
+        kinds=tuple(args.kind),
+        splits=tuple(args.split),
+        labels=tuple(args.label),
+        organs=tuple(args.organ),
+        mini_only=args.mini,
+    )
+
+
+def _tiles(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> pl.DataFrame | None:
+    frame = query_tiles(con, _tile_filter(args), limit=None if args.output else args.limit)
+    if args.output is None:
+        return frame if args.all_columns else frame.select(TILE_SUMMARY_COLUMNS)
+    output = Path(args.output)
+    if output.suffix == ".csv":
+        frame.write_csv(output)
+    else:
+        frame.write_parquet(output)
+    print(f"{frame.height} images written to {output}")
+    return None
+
+
+def _count(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> pl.DataFrame:
+    return count_tiles(con, _tile_filter(args), by=args.by)
+
+
+def _lineage(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> pl.DataFrame:
+    frame = trace_image(con, args.image_name, subdataset=args.subdataset)
+    if frame.is_empty():
+        raise _NotFoundError(f"no kept image named {args.image_name!r} in the manifest")
+    return frame
+
+
+def _failures(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> pl.DataFrame:
+    return failures(con, subdatasets=args.subdataset, stages=args.stage)
+
+
+class _NotFoundError(ManifestError):
+    """The query named something the manifest does not hold."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cpia", description=__doc__)
+    _add_common(parser, default=None)
+    # The same options after the command; SUPPRESS keeps a value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    _add_common(common, default=argparse.SUPPRESS)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    table1 = commands.add_parser(
+        "table1", parents=[common], help="image counts per organ, as the paper's Table I"
+    )
+    table1.add_argument("--mini", action="store_true", help="count CPIA-Mini images only")
+    table1.set_defaults(command=_table1)
+
+    tiles = commands.add_parser(
+        "tiles", parents=[common], help="list kept images matching the filters"
+    )
+    _add_filters(tiles)
+    tiles.add_argument("--limit", type=int, default=20, help="rows to print (default 20)")
+    tiles.add_argument("--output", help="write every match to FILE (.parquet or .csv)")
+    tiles.add_argument("--all-columns", action="store_true", help="print every tile column")
+    tiles.set_defaults(command=_tiles)
+
+    count = commands.add_parser(
+        "count", parents=[common], help="count kept images matching the filters"
+    )
+    _add_filters(count)
+    count.add_argument(
+        "--by", nargs="*", choices=sorted(GROUP_COLUMNS), default=["subdataset", "scale"],
+        help="group columns (default: subdataset scale; none for a single total)",
+    )  # fmt: skip
+    count.set_defaults(command=_count)
+
+    lineage = commands.add_parser(
+        "lineage", parents=[common], help="trace an image back to its source file"
+    )
+    lineage.add_argument("image_name", help="image name, e.g. TCGA-A2-A0EY-01A-01-BSA-960-39-6")
+    lineage.add_argument("--subdataset", help="only in this sub-dataset (names may repeat)")
+    lineage.set_defaults(command=_lineage)
+
+    failed = commands.add_parser(
+        "failures", parents=[common], help="input files skipped, with the reason"
+    )
+    failed.add_argument("--subdataset", action="append", default=[], help="repeatable")
+    failed.add_argument("--stage", action="append", default=[], help="repeatable")
+    failed.set_defaults(command=_failures)
+    return parser
+
+
+def _add_common(parser: argparse.ArgumentParser, *, default: object) -> None:
+    parser.add_argument(
+        "--data-dir", default=default, help="data folder (default: $CPIA_DATA_DIR or ./data)"
+    )
+    parser.add_argument(
+        "--markdown",
+        action="store_true",
+        default=False if default is None else default,
+        help="print a markdown table instead of a frame",
+    )
+
+
+def _add_filters(parser: argparse.ArgumentParser) -> None:
+    for name, example in (
+        ("subdataset", "tcga-brca"),
+        ("scale", "M"),
+        ("kind", "wsi"),
+        ("split", "train"),
+        ("label", "tumour"),
+        ("organ", "breast"),
+    ):
+        parser.add_argument(
+            f"--{name}", action="append", default=[], help=f"e.g. {example} (repeatable)"
+        )
+    parser.add_argument("--mini", action="store_true", help="CPIA-Mini images only")

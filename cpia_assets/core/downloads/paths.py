@@ -1,0 +1,52 @@
+"""Paths inside a source folder: what is ours (state, partial files) and what is safe to write."""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from pathlib import Path
+
+STATE_FILE = ".cpia_download.json"
+PARTIAL_DIR = ".cpia_partial"  # downloads in progress and archive staging
+ARCHIVE_DIR = ".cpia_archives"  # verified archives kept with DownloadSettings.keep_archives
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+class UnsafePathError(ValueError):
+    """A relative path that is absolute, climbs out with '..', or is empty."""
+
+
+def safe_relative(name: str) -> str:
+    """`name` as a clean POSIX path below its folder; raises UnsafePathError otherwise.
+
+    Backslashes count as separators (archives made on Windows), so `..\\x` is caught too.
+    """
+    text = name.replace("\\", "/")
+    if "\x00" in text:
+        raise UnsafePathError(f"path {name!r} contains a NUL byte")
+    if text.startswith("/") or _DRIVE.match(text):
+        raise UnsafePathError(f"path {name!r} is absolute")
+    parts = [part for part in text.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise UnsafePathError(f"path {name!r} climbs out of its folder with '..'")
+    if not parts:
+        raise UnsafePathError(f"path {name!r} is empty")
+    return posixpath.join(*parts)
+
+
+def is_hidden(rel_path: str) -> bool:
+    """Names starting with '.': our bookkeeping (.cpia_*) and system clutter (.DS_Store)."""
+    return any(part.startswith(".") for part in rel_path.split("/"))
+
+
+def present_files(dest: Path) -> list[str]:
+    """Relative paths of every visible file (or link to a file) under `dest`, sorted."""
+    if not dest.is_dir():
+        return []
+    found = []
+    for path in dest.rglob("*"):
+        rel = path.relative_to(dest).as_posix()
+        if not is_hidden(rel) and path.is_file():
+            found.append(rel)
+    return sorted(found)

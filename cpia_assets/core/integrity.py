@@ -1,0 +1,322 @@
+"""Integrity checks of the loaded manifest against the image folders and the CPIA spec.
+
+Each check returns a `CheckOutcome` (passed, a one-line summary, JSON-friendly details with
+counts and a few examples); the Dagster shell turns them into asset check results.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import polars as pl
+
+from cpia_assets.core.layout import SCALE_FOLDER_OF, SCALE_FOLDERS, DataLayout
+
+TILE_EDGE_PX = {"XL": 3840, "L": 960, "M": 384, "S": 96}
+"""Nominal WSI tile edge per scale at the standard resolution (the spec's scale table)."""
+
+PARENT_SCALE = {"L": "XL", "M": "XL", "S": "M"}
+"""L and M tiles are cut from an XL tile, S tiles from an M tile."""
+
+MAX_PER_XL = {"L": 16, "M": 100, "S": 160}
+"""Full CPIA keeps at most a 4x4 L grid, a 10x10 M grid and a 10% sample of 1600 S cells."""
+
+MAX_MINI_PER_XL = {"L": 16, "M": 32, "S": 32}
+"""CPIA-Mini takes 16 L, 32 M and 32 S per XL tile."""
+
+EXAMPLES = 10
+"""How many offending items a check lists in its details."""
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    passed: bool
+    summary: str
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest rows versus files on disk
+
+
+@dataclass
+class FileComparison:
+    """Kept-image rows of the manifest compared with the files under cpia/{L,M,S}/."""
+
+    rows: int = 0
+    files: int = 0
+    missing: int = 0  # rows whose file does not exist
+    wrong_size: int = 0  # rows whose file size differs from the recorded bytes
+    orphans: int = 0  # files no row points to
+    examples: dict[str, list[Any]] = field(
+        default_factory=lambda: {"missing": [], "wrong_size": [], "orphans": []}
+    )
+
+    def note(self, kind: str, items: list[Any]) -> None:
+        setattr(self, kind, getattr(self, kind) + len(items))
+        room = EXAMPLES - len(self.examples[kind])
+        self.examples[kind].extend(items[:room])
+
+
+def compare_files(con: duckdb.DuckDBPyConnection, layout: DataLayout) -> FileComparison:
+    """Walk each sub-dataset's image folders and match them with its rows, one at a time.
+
+    Hidden entries (in-flight atomic writes) are ignored; files directly under cpia/<scale>/
+    or in folders of sub-datasets without rows are orphans.
+    """
+    comparison = FileComparison()
+    keys = {row[0] for row in con.execute("SELECT DISTINCT subdataset FROM tiles").fetchall()}
+    for folder in SCALE_FOLDERS:
+        top = layout.cpia_dir / folder
+        for entry in _visible_entries(top):
+            if entry.is_dir(follow_symlinks=False):
+                keys.add(entry.name)
+            else:
+                comparison.files += 1
+                comparison.note("orphans", [layout.relative(Path(entry.path))])
+    for key in sorted(keys):
+        _compare_subdataset(con, layout, key, comparison)
+    return comparison
+
+
+def _compare_subdataset(
+    con: duckdb.DuckDBPyConnection, layout: DataLayout, key: str, comparison: FileComparison
+) -> None:
+    rows = con.sql(
+        "SELECT path, bytes FROM tiles WHERE subdataset = ? AND path IS NOT NULL", params=[key]
+    ).pl()
+    listed = [
+        (layout.relative(Path(path)), size)
+        for folder in SCALE_FOLDERS
+        for path, size in _walk_files(layout.cpia_dir / folder / key)
+    ]
+    files = pl.DataFrame(listed, schema={"path": pl.String, "size": pl.Int64}, orient="row")
+    comparison.rows += rows.height
+    comparison.files += files.height
+    unlisted = rows.join(files, on="path", how="anti")
+    # A row may point outside its sub-dataset's folders: look for such files one by one.
+    missing = [path for path in unlisted["path"] if not (layout.root / path).is_file()]
+    comparison.note("missing", missing)
+    sizes = rows.join(files, on="path", how="inner").filter(
+        pl.col("bytes").is_not_null() & (pl.col("bytes") != pl.col("size"))
+    )
+    comparison.note("wrong_size", sizes.select("path", "bytes", "size").rows())
+    comparison.note("orphans", files.join(rows, on="path", how="anti")["path"].to_list())
+
+
+def _visible_entries(folder: Path) -> Iterator[os.DirEntry[str]]:
+    try:
+        with os.scandir(folder) as entries:
+            yield from (entry for entry in entries if not entry.name.startswith("."))
+    except FileNotFoundError:
+        return
+
+
+def _walk_files(folder: Path) -> Iterator[tuple[str, int]]:
+    """(path, size) of every visible file below `folder`, recursively."""
+    for entry in _visible_entries(folder):
+        if entry.is_dir(follow_symlinks=False):
+            yield from _walk_files(Path(entry.path))
+        else:
+            yield entry.path, entry.stat().st_size
+
+
+def rows_have_files(comparison: FileComparison) -> CheckOutcome:
+    """Every kept-image row has its file, of the recorded size."""
+    bad = comparison.missing + comparison.wrong_size
+    return CheckOutcome(
+        passed=bad == 0,
+        summary=(
+            f"{comparison.rows} rows: {comparison.missing} files missing, "
+            f"{comparison.wrong_size} of another size than recorded"
+        ),
+        details={
+            "rows": comparison.rows,
+            "missing": comparison.missing,
+            "wrong_size": comparison.wrong_size,
+            "missing_examples": comparison.examples["missing"],
+            "wrong_size_examples": [
+                {"path": path, "recorded": recorded, "actual": actual}
+                for path, recorded, actual in comparison.examples["wrong_size"]
+            ],
+        },
+    )
+
+
+def no_orphan_files(comparison: FileComparison) -> CheckOutcome:
+    """No image file under cpia/ lacks a manifest row."""
+    return CheckOutcome(
+        passed=comparison.orphans == 0,
+        summary=f"{comparison.files} files: {comparison.orphans} without a manifest row",
+        details={
+            "files": comparison.files,
+            "orphans": comparison.orphans,
+            "orphan_examples": comparison.examples["orphans"],
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Tile hierarchy and names
+
+
+def _values(mapping: Mapping[str, Any], *columns: str) -> str:
+    """A VALUES list of (key, value) pairs for SQL, from this module's constants."""
+    rows = ", ".join(
+        "(" + ", ".join(repr(v) if v is not None else "NULL" for v in (key, value)) + ")"
+        for key, value in mapping.items()
+    )
+    return f"(VALUES {rows}) AS v({', '.join(columns)})"
+
+
+_LINKS = f"""
+WITH wsi AS (
+    SELECT subdataset, image_name, scale, parent_image, x, y, in_mini
+    FROM tiles WHERE kind = 'wsi' AND path IS NOT NULL
+), edges AS (SELECT * FROM {_values(TILE_EDGE_PX, "scale", "edge")}),
+parents AS (SELECT * FROM {_values(PARENT_SCALE, "scale", "parent_scale")}),
+links AS (
+    SELECT c.subdataset, c.image_name, c.scale, c.in_mini,
+        p.image_name AS parent,
+        CASE WHEN p.scale = 'XL' THEN p.image_name ELSE p.parent_image END AS xl_image,
+        p.image_name IS NOT NULL AND (
+            c.x * ce.edge // pe.edge <> p.x OR c.y * ce.edge // pe.edge <> p.y
+        ) AS outside
+    FROM wsi c
+    JOIN parents ps ON ps.scale = c.scale
+    JOIN edges ce ON ce.scale = c.scale
+    LEFT JOIN wsi p ON p.subdataset = c.subdataset AND p.image_name = c.parent_image
+        AND p.scale = ps.parent_scale
+    LEFT JOIN edges pe ON pe.scale = p.scale
+)
+"""
+
+
+def ratios_within_spec(con: duckdb.DuckDBPyConnection) -> CheckOutcome:
+    """Each WSI L/M/S tile lies inside an existing parent; children per XL within the spec."""
+    broken = con.execute(
+        _LINKS + "SELECT subdataset, image_name, scale, parent, outside, count(*) OVER () "
+        "FROM links WHERE parent IS NULL OR outside ORDER BY ALL LIMIT ?",
+        [EXAMPLES],
+    ).fetchall()
+    per_scale = ", ".join(
+        f"count(*) FILTER (WHERE scale = '{scale}') AS {scale}, "
+        f"count(*) FILTER (WHERE scale = '{scale}' AND in_mini) AS mini_{scale}"
+        for scale in PARENT_SCALE
+    )
+    too_many = " OR ".join(
+        [f"{scale} > {limit}" for scale, limit in MAX_PER_XL.items()]
+        + [f"mini_{scale} > {limit}" for scale, limit in MAX_MINI_PER_XL.items()]
+    )
+    crowded = con.execute(
+        _LINKS + f", per_xl AS (SELECT subdataset, xl_image, {per_scale} FROM links "
+        "WHERE xl_image IS NOT NULL GROUP BY ALL) "
+        f"SELECT subdataset, xl_image, L, M, S, count(*) OVER () FROM per_xl WHERE {too_many} "
+        "ORDER BY ALL LIMIT ?",
+        [EXAMPLES],
+    ).fetchall()
+    [(xl, *children)] = con.execute(
+        "SELECT count(*) FILTER (WHERE scale = 'XL'), "
+        + ", ".join(f"count(*) FILTER (WHERE scale = '{scale}')" for scale in PARENT_SCALE)
+        + " FROM tiles WHERE kind = 'wsi' AND path IS NOT NULL"
+    ).fetchall()
+    ratio = "1:" + ":".join(f"{n / xl:.1f}" for n in children) if xl else "no XL tiles"
+    broken_count = broken[0][-1] if broken else 0
+    crowded_count = crowded[0][-1] if crowded else 0
+    return CheckOutcome(
+        passed=broken_count == 0 and crowded_count == 0,
+        summary=(
+            f"{xl} XL tiles, XL:L:M:S = {ratio}; {broken_count} tiles without a parent or "
+            f"outside it, {crowded_count} XL tiles with more children than the spec allows"
+        ),
+        details={
+            "xl_tiles": xl,
+            "ratio_XL_L_M_S": ratio,
+            "max_per_xl": dict(MAX_PER_XL),
+            "max_mini_per_xl": dict(MAX_MINI_PER_XL),
+            "broken_links": broken_count,
+            "broken_examples": [
+                {"subdataset": s, "image": i, "scale": sc, "parent": p, "outside_parent": o}
+                for s, i, sc, p, o, _ in broken
+            ],
+            "crowded_xl_tiles": crowded_count,
+            "crowded_examples": [
+                {"subdataset": s, "xl_image": x, "L": n_l, "M": n_m, "S": n_s}
+                for s, x, n_l, n_m, n_s, _ in crowded
+            ],
+        },
+    )
+
+
+def unique_names_per_folder(con: duckdb.DuckDBPyConnection) -> CheckOutcome:
+    """No two kept images share a name inside one folder cpia/<L|M|S>/<sub-dataset>/.
+
+    XL and L tiles share the L folder; ROI images keep their source names, so two sources
+    files that differ only by extension would collide there.
+    """
+    folder = (
+        "CASE scale "
+        + " ".join(f"WHEN '{scale}' THEN '{top}'" for scale, top in SCALE_FOLDER_OF.items())
+        + " END"
+    )
+    duplicates = con.execute(
+        f"SELECT {folder} AS folder, subdataset, image_name, count(*) AS copies, "
+        "count(*) OVER () FROM tiles WHERE path IS NOT NULL GROUP BY ALL HAVING count(*) > 1 "
+        "ORDER BY copies DESC, folder, subdataset, image_name LIMIT ?",
+        [EXAMPLES],
+    ).fetchall()
+    count = duplicates[0][-1] if duplicates else 0
+    return CheckOutcome(
+        passed=count == 0,
+        summary=f"{count} image names used more than once within a folder",
+        details={
+            "duplicate_names": count,
+            "examples": [
+                {"folder": f"{top}/{key}", "image": name, "copies": copies}
+                for top, key, name, copies, _ in duplicates
+            ],
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# All checks
+
+CHECKS = {
+    "rows_have_files": "Every kept-image row has its file under cpia/, of the recorded size.",
+    "no_orphan_files": "No image file under cpia/{L,M,S}/ lacks a manifest row.",
+    "ratios_within_spec": (
+        "Each WSI L/M/S tile lies inside an existing parent tile, and no XL tile has more "
+        "children than the spec allows (16 L, 100 M, 160 S; Mini 16, 32, 32)."
+    ),
+    "unique_names_per_folder": (
+        "No image name is used twice in one folder cpia/<L|M|S>/<sub-dataset>/."
+    ),
+}
+"""Check name -> what it verifies."""
+
+
+def run_checks(
+    con: duckdb.DuckDBPyConnection, layout: DataLayout, names: Iterable[str] = tuple(CHECKS)
+) -> dict[str, CheckOutcome]:
+    """The named checks' outcomes, in CHECKS order; the folders are walked once for both
+    file checks."""
+    wanted = set(names)
+    unknown = wanted - set(CHECKS)
+    if unknown:
+        raise ValueError(f"unknown check(s) {sorted(unknown)}: choose from {list(CHECKS)}")
+    outcomes: dict[str, CheckOutcome] = {}
+    if wanted & {"rows_have_files", "no_orphan_files"}:
+        comparison = compare_files(con, layout)
+        outcomes["rows_have_files"] = rows_have_files(comparison)
+        outcomes["no_orphan_files"] = no_orphan_files(comparison)
+    if "ratios_within_spec" in wanted:
+        outcomes["ratios_within_spec"] = ratios_within_spec(con)
+    if "unique_names_per_folder" in wanted:
+        outcomes["unique_names_per_folder"] = unique_names_per_folder(con)
+    return {name: outcomes[name] for name in CHECKS if name in wanted}

@@ -1,0 +1,413 @@
+"""ROI sub-datasets: every source image centre-cropped to a square, resized and saved as JPEG.
+
+Geometry (the paper's rule for ROIs): the largest centred square of the image, or with the entry's
+`crop: {fraction: f}` a centred square of f x the short side (microscope fields of view, e.g. 5/7
+for thick blood smears). Odd leftovers fall right and below: left = (width - side) // 2. The
+square is resized to `RoiSettings.size` with Lanczos (the published scripts' PIL ANTIALIAS; a
+square over 6x the size is first reduced by an integer factor, Pillow's `reducing_gap=3`, which
+is much faster and visually the same); squares smaller than the size are enlarged and flagged
+`upscaled`.
+
+Pixels: EXIF orientation is applied; grayscale becomes RGB; 16-bit samples are scaled to 8 bits
+(value / 257; 32-bit integer greyscale, Pillow mode I, is read as 16-bit data); alpha and palette
+or colour-key transparency are composited on white; multi-page files give their first page.
+
+Scale and names: each image goes to the folder of the scale the catalog gives its path
+(`SubDataset.scale_for`; None = not used in CPIA) and keeps its original stem. Within one scale
+folder, sources whose stems are equal ignoring case collide (`a/x.png` and `b/x.png`, or `x.png`
+and `x.tif`); every colliding source is named `<stem>__<first 8 hex digits of the SHA-1 of its
+path relative to the source folder, UTF-8>`. Names depend only on the set of source paths, so
+reruns give the same names.
+
+Resume: each JPEG carries in its comment a JSON stamp with the source's SHA-256, the settings
+that made it and its colour metrics. A rerun finds images whose stamp matches their source bytes
+and settings and re-encodes none of them (`StageResult.reused`); outputs no longer expected
+(source gone, renamed, moved to another scale or now failing) and stale temporary files left by
+an interrupted run are removed. Every JPEG is written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from cpia_assets.core.catalog import ROI_SCALES, SubDataset
+from cpia_assets.core.fsutil import atomic_path, sha256_file
+from cpia_assets.core.labels import AnnotationError, Annotator
+from cpia_assets.core.layout import DataLayout
+from cpia_assets.core.parallel import map_unordered
+from cpia_assets.core.stage import StageResult, failure
+
+STAGE = "roi_standardize"
+ROI_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+_ALGORITHM_VERSION = 1
+"""Part of every stamp: bump it when a change to this module changes the pixels it writes."""
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+class RoiError(Exception):
+    """An ROI partition that cannot be processed at all (names the folder or entry and why)."""
+
+
+class RoiImageError(ValueError):
+    """One source image that cannot be decoded; it is recorded as a failure and skipped."""
+
+
+@dataclass(frozen=True)
+class RoiSettings:
+    """How ROI images are standardized.
+
+    `jpeg_quality` defaults to 90; the published CPIA scripts saved with Pillow's default, 75.
+    `chunk_size` is the number of images per work item sent to the executor.
+    """
+
+    size: int = 384
+    jpeg_quality: int = 90
+    chunk_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.size < 1 or self.chunk_size < 1 or not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"bad ROI settings {self}: size and chunk_size >= 1, quality 1-100")
+
+    def fingerprint(self, crop_fraction: float) -> str:
+        """Everything that decides an output's pixels, as stored in its stamp."""
+        return (
+            f"v{_ALGORITHM_VERSION};size={self.size};quality={self.jpeg_quality};"
+            f"crop={crop_fraction:g};lanczos"
+        )
+
+
+def find_roi_images(source_dir: Path) -> list[Path]:
+    """Image files under `source_dir` by extension, recursively, sorted by relative path.
+
+    Hidden files and folders (name starting with '.', e.g. macOS `._x.jpg` resource forks) are
+    skipped; symbolic links to folders are followed.
+    """
+    source_dir = Path(source_dir)
+    if not source_dir.is_dir():
+        raise RoiError(f"{source_dir}: the ROI source folder does not exist")
+    found = []
+    for folder, subfolders, files in os.walk(source_dir, followlinks=True):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        found.extend(
+            Path(folder) / name
+            for name in files
+            if not name.startswith(".") and Path(name).suffix.lower() in ROI_EXTENSIONS
+        )
+    return sorted(found, key=lambda path: path.relative_to(source_dir).as_posix())
+
+
+def output_stems(relative_paths: Iterable[str]) -> dict[str, str]:
+    """Output file stem of each source of ONE scale folder (see the module docstring)."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for relative in relative_paths:
+        groups[PurePosixPath(relative).stem.casefold()].append(relative)
+    stems = {}
+    for members in groups.values():
+        for relative in members:
+            stem = PurePosixPath(relative).stem
+            if len(members) > 1:
+                path_bytes = relative.encode("utf-8", "surrogateescape")
+                stem += "__" + hashlib.sha1(path_bytes).hexdigest()[:8]
+            stems[relative] = stem
+    return stems
+
+
+def crop_box(width: int, height: int, *, fraction: float = 1.0) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the centred square of `fraction` x the short side."""
+    side = max(1, round(min(width, height) * fraction))
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The image as 8-bit RGB (itself if it already is): 16-bit scaled, alpha on white."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        samples = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.rint(samples / 257), 0, 255).astype(np.uint8), "L")
+    if image.mode == "P" or "A" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, "white")
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def standardize_image(
+    image: Image.Image, *, size: int, crop_fraction: float = 1.0
+) -> tuple[Image.Image, bool]:
+    """The centred square of an RGB image resized to size x size, and whether it was enlarged."""
+    box = crop_box(image.width, image.height, fraction=crop_fraction)
+    square = image.crop(box)
+    upscaled = square.width < size
+    if square.size != (size, size):
+        square = square.resize((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return square, upscaled
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Decode an image file fully as upright 8-bit RGB; RoiImageError if it cannot be read."""
+    try:
+        # Closing our handle (not the image) keeps the decoded pixels usable after the block.
+        with Path(path).open("rb") as handle:
+            image = Image.open(handle)
+            image.load()
+        ImageOps.exif_transpose(image, in_place=True)
+        return to_rgb(image)
+    # Decoders raise many exception types on corrupt data (OSError, SyntaxError, ValueError,
+    # struct.error, ...): any of them means this one file is unusable.
+    except Exception as exc:
+        raise RoiImageError(f"{path}: cannot decode image: {type(exc).__name__}: {exc}") from exc
+
+
+def standardize_roi_partition(
+    entry: SubDataset,
+    *,
+    source_dir: Path,
+    layout: DataLayout,
+    settings: RoiSettings,
+    executor: Executor | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> StageResult:
+    """Standardize every image of one ROI sub-dataset; TILES records, one per saved image.
+
+    Images a label or split rule cannot place and images that cannot be decoded are recorded as
+    failures and skipped. Images whose catalog scale is None are not used and not recorded.
+    """
+    if entry.kind != "roi":
+        raise RoiError(f"sub-dataset {entry.key!r} is a {entry.kind} sub-dataset, not roi")
+    jobs, unplaced = _plan_jobs(entry, source_dir=Path(source_dir), layout=layout)
+    result = StageResult(failures=unplaced)
+    crop_fraction = float(entry.crop["fraction"]) if entry.crop else 1.0
+    chunks = [
+        _Chunk(
+            jobs=tuple(jobs[start : start + settings.chunk_size]),
+            subdataset=entry.key,
+            settings=settings,
+            crop_fraction=crop_fraction,
+        )
+        for start in range(0, len(jobs), settings.chunk_size)
+    ]
+    done = 0
+    for outcomes in map_unordered(_standardize_chunk, chunks, executor):
+        for outcome in outcomes:
+            result.reused += outcome.reused
+            if outcome.record is not None:
+                result.records.append(outcome.record)
+            if outcome.failure is not None:
+                result.failures.append(outcome.failure)
+        done += len(outcomes)
+        if progress:
+            progress(
+                f"{entry.key}: {done}/{len(jobs)} images, {result.reused} reused, "
+                f"{len(result.failures)} failed"
+            )
+    result.records.sort(key=lambda record: record["path"])
+    result.failures.sort(key=lambda row: row["file"])
+    saved = {record["path"] for record in result.records}
+    kept = {job.output for job in jobs if job.path in saved}
+    _remove_stale_outputs([layout.image_dir(scale, entry.key) for scale in ROI_SCALES], kept)
+    return result
+
+
+def _plan_jobs(
+    entry: SubDataset, *, source_dir: Path, layout: DataLayout
+) -> tuple[list[_ImageJob], list[dict[str, str]]]:
+    """Jobs for the used source images, and failures for images a rule cannot label or split."""
+    annotator = Annotator(labels=entry.labels, splits=entry.splits, source_dir=source_dir)
+    source_prefix = _stored_path(layout, source_dir)
+    jobs, failures = [], []
+    for scale, sources in _sources_by_scale(entry, source_dir).items():
+        output_dir = layout.image_dir(scale, entry.key)
+        output_prefix = layout.relative(output_dir)
+        stems = output_stems(sources)
+        for relative in sources:
+            source_file = f"{source_prefix}/{relative}"
+            try:
+                annotation = annotator.annotate(relative)
+            except AnnotationError as exc:
+                failures.append(failure(source_file, STAGE, str(exc)))
+                continue
+            jobs.append(
+                _ImageJob(
+                    source=source_dir / relative,
+                    source_file=source_file,
+                    output=output_dir / f"{stems[relative]}.jpg",
+                    path=f"{output_prefix}/{stems[relative]}.jpg",
+                    image_name=stems[relative],
+                    scale=scale,
+                    label=annotation.label,
+                    split=annotation.split,
+                )
+            )
+    return jobs, failures
+
+
+def _sources_by_scale(entry: SubDataset, source_dir: Path) -> dict[str, list[str]]:
+    """Relative POSIX paths of the used source images, grouped by their catalog scale."""
+    by_scale: dict[str, list[str]] = defaultdict(list)
+    for path in find_roi_images(source_dir):
+        relative = path.relative_to(source_dir).as_posix()
+        scale = entry.scale_for(relative)
+        if scale is not None:
+            by_scale[scale].append(relative)
+    return dict(by_scale)
+
+
+def _stored_path(layout: DataLayout, path: Path) -> str:
+    """A path as records store it: relative to the data folder, absolute if outside it."""
+    try:
+        return layout.relative(path)
+    except ValueError:
+        return Path(path).resolve().as_posix()
+
+
+def _remove_stale_outputs(folders: Iterable[Path], kept: set[Path]) -> None:
+    """Delete JPEGs not in `kept` and leftover temporaries; drop folders left empty."""
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                shutil.rmtree(entry, ignore_errors=True)
+            elif entry.suffix == ".jpg" and entry not in kept:
+                entry.unlink()
+        if not any(folder.iterdir()):
+            folder.rmdir()
+
+
+@dataclass(frozen=True)
+class _ImageJob:
+    source: Path
+    source_file: str  # as stored in records
+    output: Path
+    path: str  # output as stored in records
+    image_name: str
+    scale: str
+    label: str | None
+    split: str
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    jobs: tuple[_ImageJob, ...]
+    subdataset: str
+    settings: RoiSettings
+    crop_fraction: float
+
+
+@dataclass(frozen=True)
+class _Stamp:
+    """What an output JPEG records about itself in its comment, so reruns need not decode."""
+
+    source_sha256: str
+    settings: str
+    upscaled: bool
+    mean_r: float
+    mean_g: float
+    mean_b: float
+    saturation: float
+
+    @classmethod
+    def read(cls, path: Path) -> _Stamp | None:
+        """The stamp of an existing output, or None (missing, unreadable or not ours)."""
+        try:
+            with Image.open(path) as image:
+                return cls(**json.loads(image.info["comment"]))
+        except (OSError, KeyError, TypeError, ValueError):
+            return None
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    record: dict[str, Any] | None = None
+    failure: dict[str, str] | None = None
+    reused: bool = False
+
+
+def _standardize_chunk(chunk: _Chunk) -> list[_Outcome]:
+    """Worker: standardize one chunk of images (module-level so executors can pickle it)."""
+    fingerprint = chunk.settings.fingerprint(chunk.crop_fraction)
+    outcomes = []
+    for job in chunk.jobs:
+        try:
+            source_sha256 = sha256_file(job.source)
+        except OSError as exc:
+            reason = f"{job.source_file}: cannot read source: {exc}"
+            outcomes.append(_Outcome(failure=failure(job.source_file, STAGE, reason)))
+            continue
+        stamp = _Stamp.read(job.output)
+        reused = stamp is not None and (stamp.source_sha256, stamp.settings) == (
+            source_sha256,
+            fingerprint,
+        )
+        if not reused:
+            try:
+                stamp = _encode(job, chunk, source_sha256=source_sha256, fingerprint=fingerprint)
+            except RoiImageError as exc:
+                outcomes.append(_Outcome(failure=failure(job.source_file, STAGE, str(exc))))
+                continue
+        outcomes.append(_Outcome(record=_record(job, chunk, stamp), reused=reused))
+    return outcomes
+
+
+def _encode(job: _ImageJob, chunk: _Chunk, *, source_sha256: str, fingerprint: str) -> _Stamp:
+    """Decode, standardize and save one image; its stamp goes into the JPEG comment."""
+    square, upscaled = standardize_image(
+        load_rgb(job.source), size=chunk.settings.size, crop_fraction=chunk.crop_fraction
+    )
+    pixels = np.asarray(square, dtype=np.float32)
+    saturation = np.asarray(square.convert("HSV"), dtype=np.float32)[..., 1]
+    stamp = _Stamp(
+        source_sha256=source_sha256,
+        settings=fingerprint,
+        upscaled=upscaled,
+        mean_r=round(float(pixels[..., 0].mean()), 3),
+        mean_g=round(float(pixels[..., 1].mean()), 3),
+        mean_b=round(float(pixels[..., 2].mean()), 3),
+        saturation=round(float(saturation.mean()) / 255, 5),
+    )
+    with atomic_path(job.output) as tmp:
+        square.save(
+            tmp,
+            format="JPEG",
+            quality=chunk.settings.jpeg_quality,
+            comment=json.dumps(asdict(stamp)),
+        )
+    return stamp
+
+
+def _record(job: _ImageJob, chunk: _Chunk, stamp: _Stamp) -> dict[str, Any]:
+    """One TILES row (schema.TILES) for a saved image."""
+    return {
+        "image_name": job.image_name,
+        "subdataset": chunk.subdataset,
+        "kind": "roi",
+        "scale": job.scale,
+        "size_px": chunk.settings.size,
+        "x": None,
+        "y": None,
+        "source_file": job.source_file,
+        "source_sha256": stamp.source_sha256,
+        "standardized_file": None,
+        "path": job.path,
+        "parent_image": None,
+        "label": job.label,
+        "split": job.split,
+        "bytes": job.output.stat().st_size,
+        "upscaled": stamp.upscaled,
+        "mean_r": stamp.mean_r,
+        "mean_g": stamp.mean_g,
+        "mean_b": stamp.mean_b,
+        "saturation": stamp.saturation,
+    }

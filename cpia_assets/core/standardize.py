@@ -1,0 +1,461 @@
+"""standardized_wsi: every slide resampled to one target MPP and written as a pyramidal TIFF.
+
+Per slide: resolve the MPP (`slides.resolve_mpp`), pick the coarsest pyramid level that is not
+coarser than the target, resample it with an area (box) filter when shrinking or Lanczos-3 when
+enlarging, and write a tiled JPEG TIFF pyramid whose resolution tags make OpenSlide report the
+output MPP. Nothing is snapped: a 0.499 um/px slide is enlarged by 1.63% to reach 0.491, unless a
+`tolerance` is set, in which case slides within it are copied at their own MPP (`resampled` is
+False in the record).
+
+Streaming: source rows arrive in bands of about `_BAND_BYTES`, are resampled band by band with
+enough overlap for the filter support (`resample_rows`, identical to resampling the whole level
+at once) and reach libvips as an uncompressed PNG stream (`png_source`), which libvips reads
+sequentially while it writes the pyramid. Memory therefore depends on the slide width, never on
+its height or area.
+
+Resume: `manifests/<key>/parts/standardized/<stem>.json` holds the SLIDES record and a
+fingerprint of the source bytes (sha256), the settings and the slide's catalog options. A rerun
+reuses a slide whose marker matches and whose TIFF is present; anything else is redone. The TIFF
+is written to a temporary sibling and renamed into place before its marker is written, so an
+interrupted slide leaves nothing at its final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import struct
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyvips
+from PIL import Image
+
+from cpia_assets.core.catalog import WsiOptions
+from cpia_assets.core.fsutil import atomic_path, sha256_file
+from cpia_assets.core.layout import DataLayout
+from cpia_assets.core.parallel import map_unordered
+from cpia_assets.core.slides import Mpp, SlideError, SlideInfo, open_slide, slide_stem
+from cpia_assets.core.stage import StageResult, failure
+
+STAGE = "standardized_wsi"
+_BAND_BYTES = 16 << 20
+"""Source pixels held per band (RGB bytes); bounds memory whatever the slide size."""
+_RESUME_VERSION = 1
+"""Bump when the output of the same inputs and settings changes, to redo finished slides."""
+_BIGTIFF_ABOVE = 3 << 30
+
+
+class StandardizeError(Exception):
+    """Standardization of one slide failed for a reason that is not the slide's fault."""
+
+
+@dataclass(frozen=True)
+class StandardizeSettings:
+    """How slides are standardized. `tolerance` is relative (0.02 = within 2% of the target
+    MPP on both axes is left unresampled); 0 resamples every slide exactly."""
+
+    target_mpp: float = 0.491
+    tolerance: float = 0.0
+    jpeg_quality: int = 90
+    tiff_tile_px: int = 256
+
+    def __post_init__(self) -> None:
+        if self.target_mpp <= 0:
+            raise ValueError(f"target_mpp must be positive, got {self.target_mpp}")
+        if not 0 <= self.tolerance < 1:
+            raise ValueError(f"tolerance must be in [0, 1), got {self.tolerance}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be 1-100, got {self.jpeg_quality}")
+        if self.tiff_tile_px % 16:
+            raise ValueError(f"tiff_tile_px must be a multiple of 16, got {self.tiff_tile_px}")
+
+
+@dataclass(frozen=True)
+class ResamplePlan:
+    """Which level is read and how it maps onto the output (scales are output px per level px)."""
+
+    level: int
+    level_size: tuple[int, int]
+    scale: tuple[float, float]
+    output_size: tuple[int, int]
+    output_mpp: tuple[float, float]
+
+    @property
+    def resampled(self) -> bool:
+        return self.scale != (1.0, 1.0)
+
+
+def plan_resample(info: SlideInfo, mpp: Mpp, settings: StandardizeSettings) -> ResamplePlan:
+    """Choose the level and scale that bring the slide to `settings.target_mpp`.
+
+    The level is the coarsest one whose MPP is still at or below the target on both axes, so
+    detail is never invented by reading a level coarser than the output. The output size is
+    floored so that every output pixel lies inside the slide.
+    """
+    target = settings.target_mpp
+    width0, height0 = info.dimensions
+    near_x = abs(mpp.x / target - 1) <= settings.tolerance
+    near_y = abs(mpp.y / target - 1) <= settings.tolerance
+    if settings.tolerance > 0 and near_x and near_y:
+        return ResamplePlan(0, (width0, height0), (1.0, 1.0), (width0, height0), (mpp.x, mpp.y))
+    level = 0
+    for candidate, (width, height) in enumerate(info.level_dimensions):
+        level_mpp_x = mpp.x * width0 / width
+        level_mpp_y = mpp.y * height0 / height
+        if level_mpp_x <= target * (1 + 1e-9) and level_mpp_y <= target * (1 + 1e-9):
+            level = candidate
+    width, height = info.level_dimensions[level]
+    scale_x = mpp.x * width0 / width / target
+    scale_y = mpp.y * height0 / height / target
+    output = (
+        max(1, math.floor(width * scale_x + 1e-6)),
+        max(1, math.floor(height * scale_y + 1e-6)),
+    )
+    return ResamplePlan(level, (width, height), (scale_x, scale_y), output, (target, target))
+
+
+def resample_rows(
+    rows: Iterable[np.ndarray], plan: ResamplePlan, *, band_rows: int
+) -> Iterator[np.ndarray]:
+    """The resampled level, `band_rows` output rows at a time, from source rows given in order.
+
+    Separable, per axis: box (area) filter where that axis shrinks, Lanczos-3 where it enlarges.
+    Each source chunk is resampled horizontally once as it arrives; each output band is then
+    resampled vertically from a window padded by the filter's support, with PIL's sub-pixel
+    `box`, so the bands equal one whole-level horizontal-then-vertical resize (up to float
+    rounding of filter windows that fall exactly on a pixel edge). Source rows are dropped as
+    soon as no later band needs them.
+    """
+    if not plan.resampled:
+        yield from rows
+        return
+    height, (scale_x, scale_y) = plan.level_size[1], plan.scale
+    out_width, out_height = plan.output_size
+    horizontal_filter, _ = _filter_for(scale_x)
+    vertical_filter, support = _filter_for(scale_y)
+    margin = math.ceil(support * max(1.0, 1.0 / scale_y)) + 2
+    box_right = out_width / scale_x
+    source = iter(rows)
+    buffer = np.empty((0, out_width, 3), np.uint8)
+    buffer_top = 0
+    for out_top in range(0, out_height, band_rows):
+        out_bottom = min(out_height, out_top + band_rows)
+        top, bottom = out_top / scale_y, out_bottom / scale_y
+        needed_top = max(0, math.floor(top) - margin)
+        needed_bottom = min(height, math.ceil(bottom) + margin)
+        chunks = [buffer[needed_top - buffer_top :]]
+        available = buffer_top + len(buffer)
+        while available < needed_bottom:
+            chunk = next(source, None)
+            if chunk is None:
+                raise StandardizeError(f"source rows ended at {available} of {height}")
+            box = (0, 0, box_right, len(chunk))
+            resized = Image.fromarray(chunk).resize((out_width, len(chunk)), horizontal_filter, box)
+            chunks.append(np.asarray(resized))
+            available += len(chunk)
+        buffer = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+        buffer_top = needed_top
+        window = Image.fromarray(buffer[: needed_bottom - buffer_top])
+        box = (0, top - buffer_top, out_width, bottom - buffer_top)
+        yield np.asarray(window.resize((out_width, out_bottom - out_top), vertical_filter, box))
+
+
+def _filter_for(scale: float) -> tuple[Image.Resampling, float]:
+    """PIL filter and its support (in output px) for one axis: area when shrinking."""
+    if scale <= 1:
+        return Image.Resampling.BOX, 0.5
+    return Image.Resampling.LANCZOS, 3.0
+
+
+class _PngRowStream:
+    """An uncompressed PNG built on the fly from RGB row bands, read by libvips via `on_read`.
+
+    libvips-binary has no raw or PPM source loader, and a PNG with stored (level 0) deflate
+    blocks costs only a copy and two checksums per byte. An exception raised while producing
+    rows (e.g. a corrupt source tile) cannot cross the C callback; it is kept in `error` and the
+    stream ends early, which makes libvips fail; the caller re-raises `error`.
+    """
+
+    def __init__(self, width: int, height: int, bands: Iterable[np.ndarray]) -> None:
+        self.width, self.height = width, height
+        self.rows_sent = 0
+        self.error: BaseException | None = None
+        self._chunks = self._png_chunks(iter(bands))
+        self._pending = memoryview(b"")
+
+    def source(self) -> pyvips.SourceCustom:
+        source = pyvips.SourceCustom()
+        source.on_read(self._read)
+        return source
+
+    def _read(self, size: int) -> bytes:
+        try:
+            while not self._pending:
+                self._pending = memoryview(next(self._chunks))
+        except StopIteration:
+            return b""
+        except Exception as exc:  # re-raised by the caller, see the class docstring
+            self.error = exc
+            return b""
+        chunk, self._pending = self._pending[:size], self._pending[size:]
+        return bytes(chunk)
+
+    def _png_chunks(self, bands: Iterator[np.ndarray]) -> Iterator[bytes]:
+        header = struct.pack(">IIBBBBB", self.width, self.height, 8, 2, 0, 0, 0)
+        yield b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
+        deflate = zlib.compressobj(0)
+        for band in bands:
+            if band.shape[1:] != (self.width, 3):
+                raise StandardizeError(f"band of shape {band.shape} for width {self.width}")
+            filtered = np.zeros((len(band), 1 + 3 * self.width), np.uint8)  # filter byte 0
+            filtered[:, 1:] = band.reshape(len(band), -1)
+            self.rows_sent += len(band)
+            data = deflate.compress(filtered)
+            if data:
+                yield _png_chunk(b"IDAT", data)
+        yield _png_chunk(b"IDAT", deflate.flush()) + _png_chunk(b"IEND", b"")
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    crc = zlib.crc32(data, zlib.crc32(kind))
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+
+def write_pyramid_tiff(
+    dest: Path,
+    bands: Iterable[np.ndarray],
+    *,
+    size: tuple[int, int],
+    mpp: tuple[float, float],
+    settings: StandardizeSettings,
+) -> None:
+    """Stream RGB row bands into a tiled JPEG TIFF pyramid with resolution tags giving `mpp`."""
+    width, height = size
+    stream = _PngRowStream(width, height, bands)
+    try:
+        image = pyvips.Image.new_from_source(stream.source(), "", access="sequential")
+        image.tiffsave(
+            str(dest),
+            tile=True,
+            tile_width=settings.tiff_tile_px,
+            tile_height=settings.tiff_tile_px,
+            pyramid=True,
+            compression="jpeg",
+            Q=settings.jpeg_quality,
+            xres=1000.0 / mpp[0],  # pixels per millimetre
+            yres=1000.0 / mpp[1],
+            resunit="cm",
+            bigtiff=width * height * 3 > _BIGTIFF_ABOVE,
+        )
+    except pyvips.Error as exc:
+        if stream.error is not None:
+            raise stream.error from exc
+        raise
+    if stream.error is not None:
+        raise stream.error
+    if stream.rows_sent != height:
+        raise StandardizeError(f"{dest.name}: {stream.rows_sent} rows written, {height} expected")
+
+
+def standardize_slide(
+    source: Path, dest: Path, *, options: WsiOptions, settings: StandardizeSettings
+) -> dict[str, Any]:
+    """Standardize one slide into `dest` (atomically); returns its SLIDES fields except the
+    source identity and paths. Raises `SlideError` for slides that cannot be used."""
+    with open_slide(source, options) as reader:
+        mpp = reader.resolve_mpp(options)
+        plan = plan_resample(reader.info, mpp, settings)
+        tile_rows = reader.info.tile_height(plan.level)
+        chunk_rows = max(1, _BAND_BYTES // (3 * plan.level_size[0] * tile_rows)) * tile_rows
+        band_rows = max(16, math.floor(chunk_rows * plan.scale[1]))
+        rows = reader.iter_rows(plan.level, chunk_rows)
+        with atomic_path(dest) as tmp:
+            write_pyramid_tiff(
+                tmp,
+                resample_rows(rows, plan, band_rows=band_rows),
+                size=plan.output_size,
+                mpp=plan.output_mpp,
+                settings=settings,
+            )
+        info = reader.info
+    return {
+        "vendor": info.vendor,
+        "width": info.dimensions[0],
+        "height": info.dimensions[1],
+        "mpp_x": mpp.x,
+        "mpp_y": mpp.y,
+        "mpp_origin": mpp.origin,
+        "level": plan.level,
+        "level_downsample": info.level_downsamples[plan.level],
+        "scale_factor": mpp.x / plan.output_mpp[0],  # output px per level-0 px
+        "resampled": plan.resampled,
+        "target_mpp": settings.target_mpp,
+        "std_width": plan.output_size[0],
+        "std_height": plan.output_size[1],
+    }
+
+
+@dataclass(frozen=True)
+class _SlideJob:
+    source: Path
+    output: Path
+    marker: Path
+    source_file: str  # as stored in records
+    standardized_file: str
+    options: WsiOptions
+    settings: StandardizeSettings
+
+
+@dataclass(frozen=True)
+class _SlideOutcome:
+    source_file: str
+    record: dict[str, Any] | None = None
+    failure: dict[str, str] | None = None
+    reused: bool = False
+    message: str = ""
+
+
+def standardize_partition(
+    slide_files: Sequence[Path],
+    *,
+    key: str,
+    layout: DataLayout,
+    options: WsiOptions,
+    settings: StandardizeSettings,
+    executor: Executor | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> StageResult:
+    """Standardize a partition's slides (in parallel over `executor`) into
+    `standardized/<key>/<stem>.tiff`; one SLIDES record per slide done or reused, one failure
+    per slide that could not be used (the others finish)."""
+    result = StageResult()
+    jobs = []
+    owners: dict[str, Path] = {}
+    for source in sorted(Path(p) for p in slide_files):
+        stem = slide_stem(source)
+        stored = stored_path(layout, source)
+        if stem in owners:
+            reason = f"slide name {stem!r} is already used by {owners[stem].name}; rename one"
+            result.failures.append(failure(stored, STAGE, f"{source.name}: {reason}"))
+            continue
+        owners[stem] = source
+        output = layout.standardized_dir(key) / f"{stem}.tiff"
+        jobs.append(
+            _SlideJob(
+                source=source,
+                output=output,
+                marker=layout.manifest_dir(key) / "parts" / "standardized" / f"{stem}.json",
+                source_file=stored,
+                standardized_file=stored_path(layout, output),
+                options=options,
+                settings=settings,
+            )
+        )
+    for outcome in map_unordered(_run_job, jobs, executor):
+        if outcome.record is not None:
+            result.records.append(outcome.record)
+        if outcome.failure is not None:
+            result.failures.append(outcome.failure)
+        result.reused += outcome.reused
+        if progress:
+            progress(outcome.message)
+    result.records.sort(key=lambda record: record["source_file"])
+    result.failures.sort(key=lambda row: row["file"])
+    return result
+
+
+def _run_job(job: _SlideJob) -> _SlideOutcome:
+    """Worker: one slide, reused when its marker matches, failures recorded not raised."""
+    name = job.source.name
+    try:
+        source_bytes = job.source.stat().st_size
+        source_sha256 = sha256_file(job.source)
+    except OSError as exc:
+        reason = f"{name}: cannot read the file: {exc}"
+        return _SlideOutcome(job.source_file, failure=failure(job.source_file, STAGE, reason))
+    fingerprint = _fingerprint(job, source_sha256, source_bytes)
+    done = _load_marker(job.marker, fingerprint)
+    if done is not None and job.output.is_file():
+        return _SlideOutcome(
+            job.source_file, record=done, reused=True, message=f"slide {name}: already done"
+        )
+    _remove_stale_temporaries(job.output)
+    try:
+        fields = standardize_slide(
+            job.source, job.output, options=job.options, settings=job.settings
+        )
+    except SlideError as exc:
+        return _SlideOutcome(
+            job.source_file,
+            failure=failure(job.source_file, STAGE, str(exc)),
+            message=f"slide {name}: failed: {exc.reason}",
+        )
+    record = {
+        "source_file": job.source_file,
+        "source_bytes": source_bytes,
+        "source_sha256": source_sha256,
+        **fields,
+        "standardized_file": job.standardized_file,
+    }
+    with atomic_path(job.marker) as tmp:
+        tmp.write_text(json.dumps({"fingerprint": fingerprint, "record": record}, indent=1))
+    how = f"x{record['scale_factor']:.4f}" if record["resampled"] else "not resampled"
+    message = (
+        f"slide {name}: {record['std_width']}x{record['std_height']} px at "
+        f"{job.settings.target_mpp} um/px from level {record['level']} ({how}, "
+        f"MPP {record['mpp_x']:.4f} from {record['mpp_origin']})"
+    )
+    return _SlideOutcome(job.source_file, record=record, message=message)
+
+
+def _fingerprint(job: _SlideJob, source_sha256: str, source_bytes: int) -> str:
+    options = job.options
+    overrides = options.mpp_overrides
+    names = (job.source.name, job.source.stem, slide_stem(job.source))
+    identity = {
+        "version": _RESUME_VERSION,
+        "source_sha256": source_sha256,
+        "source_bytes": source_bytes,
+        "settings": asdict(job.settings),
+        "mpp_override": next((overrides[n] for n in names if n in overrides), None),
+        "use_objective_power": options.use_objective_power,
+        "allow_plain_images": options.allow_plain_images,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _load_marker(marker: Path, fingerprint: str) -> dict[str, Any] | None:
+    try:
+        done = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    return done["record"] if done.get("fingerprint") == fingerprint else None
+
+
+def _remove_stale_temporaries(output: Path) -> None:
+    """Temporary folders left by an interrupted run of this slide (see `fsutil.atomic_path`)."""
+    if output.parent.is_dir():
+        for stale in output.parent.glob(f".{output.name}.*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def stored_path(layout: DataLayout, path: Path) -> str:
+    """A path as stored in records: relative to the data folder when it lies inside it (also
+    through a symlinked folder), else absolute."""
+    try:
+        return layout.relative(path)
+    except ValueError:
+        pass
+    absolute = Path(path).absolute()
+    try:
+        return absolute.relative_to(layout.root.absolute()).as_posix()
+    except ValueError:
+        return absolute.as_posix()

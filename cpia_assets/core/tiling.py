@@ -1,0 +1,415 @@
+"""scale_tiles: the multi-scale CPIA tiles (XL 3840, L 960, M 384, S 96) of standardized slides.
+
+Geometry: XL tiles form a non-overlapping grid over the standardized slide (partial tiles at the
+right and bottom edges are not cut). A kept XL tile yields L = its 4x4 grid, M = its 10x10
+grid and S = a uniform sample (`s_fraction`, 10% = 160) of its 40x40 grid, drawn with a seed
+derived from the XL tile's name, so reruns pick the same cells. An S cell is a candidate only
+under a kept M tile (S is cut from M). Blank sub-tiles are dropped (`tissue` module docstring).
+
+Names: `<slide stem>-<size>-<x>-<y>` with the top-left corner at (size * x, size * y) in the
+standardized slide, e.g. `TCGA-A2-A0EY-01A-01-BSA-960-39-6`. Tiles keep their native size.
+
+Each XL region is decoded once; every smaller scale is cut from it in memory. Large tiles are
+JPEG-encoded by libvips and S tiles by Pillow (faster for small images; same libjpeg-turbo,
+quality and 4:2:0 chroma subsampling).
+
+Per slide the work is atomic and resumable. Tiles are written to hidden staging folders
+(`cpia/<L|M|S>/<key>/.<stem>.tiles.tmp/`), then `manifests/<key>/parts/tiles/<stem>.parquet`
+(every candidate's TILES row, kept or not) is written, the staged files are renamed into place,
+and finally `<stem>.json` records the fingerprint (standardized slide record and file,
+settings). A rerun reuses a slide whose fingerprint matches; otherwise it first deletes every
+file the previous part file lists and any staging folder, so no duplicates or stale tiles stay.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyvips
+from PIL import Image
+
+from cpia_assets.core import schema
+from cpia_assets.core.fsutil import atomic_path, write_parquet_atomic
+from cpia_assets.core.layout import DataLayout
+from cpia_assets.core.parallel import map_unordered
+from cpia_assets.core.stage import StageResult, failure
+from cpia_assets.core.tissue import (
+    METRICS,
+    TissueThresholds,
+    cell_sums,
+    coarsen,
+    grid_metrics,
+    metrics_from_sums,
+)
+
+STAGE = "scale_tiles"
+SCALES = ("XL", "L", "M", "S")
+CELLS_PER_XL_EDGE = {"XL": 1, "L": 4, "M": 10, "S": 40}
+_PIL_ENCODE_MAX_PX = 96
+"""Tiles up to this edge are encoded by Pillow (per-call overhead of libvips dominates)."""
+_RESUME_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TilingSettings:
+    xl_size: int = 3840
+    jpeg_quality: int = 75
+    s_fraction: float = 0.1
+    thresholds: TissueThresholds = field(default_factory=TissueThresholds)
+    metric_downsample: int = 4
+    """Metrics are measured on the XL region box-shrunk by this factor (S cells stay whole)."""
+    thumbnail_downsample: int = 32
+    """The slide-level mask is read from the standardized pyramid level nearest this factor."""
+
+    def __post_init__(self) -> None:
+        if self.xl_size % (CELLS_PER_XL_EDGE["S"] * self.metric_downsample):
+            raise ValueError(
+                f"xl_size {self.xl_size} must be a multiple of 40 x metric_downsample "
+                f"({self.metric_downsample}) so that every S cell is whole"
+            )
+        if not 0 < self.s_fraction <= 1:
+            raise ValueError(f"s_fraction must be in (0, 1], got {self.s_fraction}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be 1-100, got {self.jpeg_quality}")
+
+    def size(self, scale: str) -> int:
+        return self.xl_size // CELLS_PER_XL_EDGE[scale]
+
+
+def tile_name(stem: str, size: int, x: int, y: int) -> str:
+    """`<slide stem>-<size>-<x>-<y>`: the tile's top-left is (size * x, size * y)."""
+    return f"{stem}-{size}-{x}-{y}"
+
+
+def sample_cells(name: str, *, grid: int, fraction: float) -> list[int]:
+    """A uniform sample of round(fraction * grid^2) cells (row-major indices, sorted), seeded
+    from `name` so the same tile always gets the same cells."""
+    seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
+    count = round(grid * grid * fraction)
+    chosen = np.random.default_rng(seed).choice(grid * grid, size=count, replace=False)
+    return sorted(int(cell) for cell in chosen)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One candidate tile and its decision; `file` is where it was written (None: rejected)."""
+
+    scale: str
+    name: str
+    size: int
+    x: int
+    y: int
+    parent: str | None
+    metrics: Mapping[str, float | None]
+    file: Path | None
+
+
+def tile_slide(
+    standardized: Path, *, stem: str, out_dirs: Mapping[str, Path], settings: TilingSettings
+) -> list[Candidate]:
+    """Cut one standardized slide into kept tiles written under `out_dirs[scale]`; returns
+    every candidate (kept or rejected) with its metrics."""
+    slide = pyvips.Image.tiffload(str(standardized))
+    xl = settings.xl_size
+    columns, rows = slide.width // xl, slide.height // xl
+    if not columns or not rows:
+        return []
+    thumbnail = _thumbnail(standardized, slide, settings.thumbnail_downsample)
+    fx, fy = thumbnail.shape[1] / slide.width, thumbnail.shape[0] / slide.height
+    for folder in set(out_dirs.values()):
+        folder.mkdir(parents=True, exist_ok=True)
+    candidates: list[Candidate] = []
+    thresholds = settings.thresholds
+    for row in range(rows):
+        for column in range(columns):
+            name = tile_name(stem, xl, column, row)
+            footprint = thumbnail[
+                int(row * xl * fy) : max(int(row * xl * fy) + 1, int((row + 1) * xl * fy)),
+                int(column * xl * fx) : max(int(column * xl * fx) + 1, int((column + 1) * xl * fx)),
+            ]
+            coarse = _cell(grid_metrics(footprint, 1, 1, thresholds), 0, 0)
+            if coarse["tissue_fraction"] < thresholds.thumbnail_min_tissue:
+                coarse["blur"] = None  # meaningless at thumbnail resolution
+                candidates.append(Candidate("XL", name, xl, column, row, None, coarse, None))
+                continue
+            region = slide.crop(column * xl, row * xl, xl, xl).copy_memory()
+            candidates.extend(_cut_region(region, (column, row), stem, out_dirs, settings))
+    return candidates
+
+
+def _cut_region(
+    region: pyvips.Image,
+    position: tuple[int, int],
+    stem: str,
+    out_dirs: Mapping[str, Path],
+    settings: TilingSettings,
+) -> Iterator[Candidate]:
+    """The XL tile at `position` and, when it is kept, its L, M and S candidates."""
+    thresholds = settings.thresholds
+    small = region.shrink(settings.metric_downsample, settings.metric_downsample).numpy()
+    column, row = position
+    xl = settings.xl_size
+    xl_name = tile_name(stem, xl, column, row)
+    finest = CELLS_PER_XL_EDGE["S"]
+    sums = cell_sums(small, finest, finest, thresholds)
+    xl_metrics = _cell(metrics_from_sums(coarsen(sums, finest)), 0, 0)
+    if xl_metrics["tissue_fraction"] < thresholds.xl_min_tissue:
+        yield Candidate("XL", xl_name, xl, column, row, None, xl_metrics, None)
+        return
+    writer = _TileWriter(region, region.numpy(), out_dirs, settings.jpeg_quality)
+    yield Candidate(
+        "XL", xl_name, xl, column, row, None, xl_metrics, writer.save("XL", xl_name, 0, 0, xl)
+    )
+    kept_m: set[tuple[int, int]] = set()
+    for scale in ("L", "M", "S"):
+        cells = CELLS_PER_XL_EDGE[scale]
+        size = settings.size(scale)
+        metrics = metrics_from_sums(coarsen(sums, finest // cells))
+        if scale == "S":
+            chosen = sample_cells(xl_name, grid=cells, fraction=settings.s_fraction)
+        else:
+            chosen = range(cells * cells)
+        for index in chosen:
+            j, i = divmod(index, cells)
+            name = tile_name(stem, size, column * cells + i, row * cells + j)
+            values = _cell(metrics, j, i)
+            parent = xl_name
+            keep = values["tissue_fraction"] >= thresholds.tile_min_tissue
+            if scale == "S":
+                m_cell = (i * size // settings.size("M"), j * size // settings.size("M"))
+                m_position = _global(m_cell, position, CELLS_PER_XL_EDGE["M"])
+                parent = tile_name(stem, settings.size("M"), *m_position)
+                keep = keep and m_cell in kept_m
+            elif scale == "M" and keep:
+                kept_m.add((i, j))
+            file = writer.save(scale, name, i * size, j * size, size) if keep else None
+            yield Candidate(
+                scale, name, size, column * cells + i, row * cells + j, parent, values, file
+            )
+
+
+def _global(cell: tuple[int, int], xl_position: tuple[int, int], cells: int) -> tuple[int, int]:
+    return xl_position[0] * cells + cell[0], xl_position[1] * cells + cell[1]
+
+
+class _TileWriter:
+    """JPEG-encodes crops of one decoded XL region into the scale folders."""
+
+    def __init__(
+        self,
+        region: pyvips.Image,
+        pixels: np.ndarray,
+        out_dirs: Mapping[str, Path],
+        quality: int,
+    ) -> None:
+        self.region, self.pixels, self.out_dirs, self.quality = region, pixels, out_dirs, quality
+
+    def save(self, scale: str, name: str, left: int, top: int, size: int) -> Path:
+        path = self.out_dirs[scale] / f"{name}.jpg"
+        if size <= _PIL_ENCODE_MAX_PX:
+            crop = self.pixels[top : top + size, left : left + size]
+            Image.fromarray(crop).save(path, "JPEG", quality=self.quality)
+        else:
+            self.region.crop(left, top, size, size).jpegsave(str(path), Q=self.quality)
+        return path
+
+
+def _cell(metrics: Mapping[str, np.ndarray], j: int, i: int) -> dict[str, float | None]:
+    return {name: float(metrics[name][j, i]) for name in METRICS}
+
+
+def _thumbnail(path: Path, slide: pyvips.Image, downsample: int) -> np.ndarray:
+    """RGB pixels of the pyramid page closest to (not coarser than) `downsample`."""
+    page = 0
+    for candidate in range(slide.get("n-pages")):
+        width = pyvips.Image.tiffload(str(path), page=candidate).width
+        if slide.width / width <= downsample * 1.01:
+            page = candidate
+    return pyvips.Image.tiffload(str(path), page=page).numpy()
+
+
+@dataclass(frozen=True)
+class _TilingJob:
+    slide: Mapping[str, Any]  # SLIDES record
+    key: str
+    layout: DataLayout
+    settings: TilingSettings
+
+    @property
+    def standardized(self) -> Path:
+        return self.layout.root / self.slide["standardized_file"]
+
+    @property
+    def stem(self) -> str:
+        return Path(self.slide["standardized_file"]).name.split(".", 1)[0]
+
+    @property
+    def part(self) -> Path:
+        return self.layout.manifest_dir(self.key) / "parts" / "tiles" / f"{self.stem}.parquet"
+
+    @property
+    def marker(self) -> Path:
+        return self.part.with_suffix(".json")
+
+    def folders(self) -> dict[str, Path]:
+        return {scale: self.layout.image_dir(scale, self.key) for scale in SCALES}
+
+    def staging(self) -> dict[str, Path]:
+        return {
+            scale: folder / f".{self.stem}.tiles.tmp" for scale, folder in self.folders().items()
+        }
+
+
+@dataclass(frozen=True)
+class _TilingOutcome:
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    failure: dict[str, str] | None = None
+    reused: bool = False
+    message: str = ""
+
+
+def tile_partition(
+    slides: Sequence[Mapping[str, Any]],
+    *,
+    key: str,
+    layout: DataLayout,
+    settings: TilingSettings,
+    executor: Executor | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> StageResult:
+    """Tile a partition's standardized slides (SLIDES records), in parallel over `executor`.
+
+    Records: TILES rows of kept images; rejected: TILES rows (path null) of rejected
+    candidates with their metrics; failures: slides that could not be tiled.
+    """
+    result = StageResult()
+    jobs = [_TilingJob(dict(slide), key, layout, settings) for slide in slides]
+    for outcome in map_unordered(_run_job, jobs, executor):
+        for row in outcome.rows:
+            (result.records if row["path"] else result.rejected).append(row)
+        if outcome.failure is not None:
+            result.failures.append(outcome.failure)
+        result.reused += outcome.reused
+        if progress:
+            progress(outcome.message)
+    result.records.sort(key=_row_order)
+    result.rejected.sort(key=_row_order)
+    return result
+
+
+def _row_order(row: Mapping[str, Any]) -> tuple[str, int, int, int]:
+    return row["source_file"], -row["size_px"], row["y"], row["x"]
+
+
+def _run_job(job: _TilingJob) -> _TilingOutcome:
+    """Worker: tile one slide, or reuse it when its fingerprint matches."""
+    slide_file = job.slide["standardized_file"]
+    try:
+        stat = job.standardized.stat()
+    except OSError as exc:
+        reason = f"{slide_file}: standardized slide missing: {exc}"
+        return _TilingOutcome(failure=failure(slide_file, STAGE, reason), message=reason)
+    fingerprint = _fingerprint(job, stat)
+    if _marker_matches(job.marker, fingerprint) and job.part.is_file():
+        rows = pl.read_parquet(job.part).to_dicts()
+        kept = sum(1 for row in rows if row["path"])
+        message = f"slide {job.stem}: already tiled ({kept} images)"
+        return _TilingOutcome(rows=rows, reused=True, message=message)
+    _remove_previous_outputs(job)
+    try:
+        candidates = tile_slide(
+            job.standardized, stem=job.stem, out_dirs=job.staging(), settings=job.settings
+        )
+    except pyvips.Error as exc:
+        for staging in job.staging().values():
+            shutil.rmtree(staging, ignore_errors=True)
+        reason = f"{slide_file}: cannot read the standardized slide: {exc}"
+        return _TilingOutcome(failure=failure(slide_file, STAGE, reason), message=reason)
+    folders = job.folders()
+    rows = [_tiles_row(job, candidate, folders) for candidate in candidates]
+    write_parquet_atomic(schema.frame(rows, schema.TILES), job.part)
+    for candidate in candidates:
+        if candidate.file is not None:
+            candidate.file.replace(folders[candidate.scale] / candidate.file.name)
+    for staging in job.staging().values():
+        shutil.rmtree(staging, ignore_errors=True)
+    with atomic_path(job.marker) as tmp:
+        tmp.write_text(json.dumps({"fingerprint": fingerprint}))
+    return _TilingOutcome(rows=rows, message=_summary(job.stem, candidates))
+
+
+def _tiles_row(job: _TilingJob, candidate: Candidate, folders: Mapping[str, Path]) -> dict:
+    slide = job.slide
+    row: dict[str, Any] = dict.fromkeys(schema.TILES) | {
+        "image_name": candidate.name,
+        "subdataset": job.key,
+        "kind": "wsi",
+        "scale": candidate.scale,
+        "size_px": candidate.size,
+        "x": candidate.x,
+        "y": candidate.y,
+        "source_file": slide["source_file"],
+        "source_sha256": slide["source_sha256"],
+        "standardized_file": slide["standardized_file"],
+        "path": None,
+        "parent_image": candidate.parent,
+        "split": "none",
+        **candidate.metrics,
+    }
+    if candidate.file is not None:
+        final = folders[candidate.scale] / candidate.file.name
+        row["path"] = job.layout.relative(final)
+        row["bytes"] = candidate.file.stat().st_size
+    return row
+
+
+def _summary(stem: str, candidates: Sequence[Candidate]) -> str:
+    kept = dict.fromkeys(SCALES, 0)
+    for candidate in candidates:
+        kept[candidate.scale] += candidate.file is not None
+    xl_candidates = sum(1 for candidate in candidates if candidate.scale == "XL")
+    if not xl_candidates:
+        return f"slide {stem}: no XL tile fits (smaller than one XL tile)"
+    return (
+        f"slide {stem}: {kept['XL']} XL tiles kept of {xl_candidates} "
+        f"({kept['L']} L, {kept['M']} M, {kept['S']} S)"
+    )
+
+
+def _fingerprint(job: _TilingJob, stat: os.stat_result) -> str:
+    identity = {
+        "version": _RESUME_VERSION,
+        "slide": job.slide,
+        "standardized": [stat.st_size, stat.st_mtime_ns],
+        "settings": asdict(job.settings),
+    }
+    encoded = json.dumps(identity, sort_keys=True, default=str).encode()
+    return hashlib.sha256(encoded).hexdigest()
+
+
+def _marker_matches(marker: Path, fingerprint: str) -> bool:
+    try:
+        return json.loads(marker.read_text()).get("fingerprint") == fingerprint
+    except (OSError, ValueError):
+        return False
+
+
+def _remove_previous_outputs(job: _TilingJob) -> None:
+    """Files listed by an earlier (finished or interrupted) run of this slide, and staging."""
+    job.marker.unlink(missing_ok=True)
+    if job.part.is_file():
+        for path in pl.read_parquet(job.part, columns=["path"])["path"].drop_nulls():
+            (job.layout.root / path).unlink(missing_ok=True)
+        job.part.unlink()
+    for staging in job.staging().values():
+        shutil.rmtree(staging, ignore_errors=True)

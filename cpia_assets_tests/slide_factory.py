@@ -1,0 +1,70 @@
+"""Synthetic pyramidal slides built from the pixels of a real SVS (tests and benchmarks).
+
+The real slides in shared/testdata are too small for XL tiles, so larger slides are made by
+mirror-tiling CMU-1-Small-Region (flipped copies meet without seams) and writing the result as a
+pyramidal tiled JPEG TIFF whose resolution tags carry the MPP (`synthetic.write_slide`), which
+OpenSlide reads as a generic TIFF slide.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pyvips
+
+from cpia_assets.core.fsutil import atomic_path
+from cpia_assets.core.synthetic import write_slide
+
+TESTDATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata"
+REAL_SVS = TESTDATA / "CMU-1-Small-Region.svs"
+
+
+@cache
+def real_pixels(name: str = REAL_SVS.name) -> np.ndarray:
+    """Level-0 RGB pixels of a real test slide."""
+    with openslide.OpenSlide(TESTDATA / name) as slide:
+        return np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
+
+
+def mirrored(width: int, height: int, pixels: np.ndarray | None = None) -> pyvips.Image:
+    """A width x height image tiled from `pixels` (default: the real SVS) and its mirrors."""
+    base = pyvips.Image.new_from_array(real_pixels() if pixels is None else pixels)
+    row = base.join(base.flip("horizontal"), "horizontal")
+    block = row.join(row.flip("vertical"), "vertical")
+    across, down = width // block.width + 1, height // block.height + 1
+    return block.replicate(across, down).crop(0, 0, width, height).copy(interpretation="srgb")
+
+
+def tissue_only(width: int, height: int) -> pyvips.Image:
+    """Tissue everywhere: the densest crop of the real SVS, mirror-tiled."""
+    return mirrored(width, height, real_pixels()[1800:2700, 900:1600])
+
+
+def build_slide(path: Path, image: pyvips.Image, *, mpp: float, quality: int = 90) -> Path:
+    """Write `image` as a pyramidal TIFF slide with `mpp` um/px in its resolution tags
+    (`synthetic.write_slide`; BigTIFF above 1 Gpx, which OpenSlide also reads)."""
+    if image.width * image.height <= 1 << 30:
+        return write_slide(path, image, mpp, quality=quality)
+    with atomic_path(path) as tmp:
+        image.tiffsave(
+            str(tmp),
+            tile=True,
+            tile_width=256,
+            tile_height=256,
+            pyramid=True,
+            compression="jpeg",
+            Q=quality,
+            xres=1000.0 / mpp,
+            yres=1000.0 / mpp,
+            resunit="cm",
+            bigtiff=True,
+        )
+    return path
+
+
+def build_40x_slide(path: Path, size: int, *, mpp: float = 0.25) -> Path:
+    """A size x size mirror-tiled slide from the real SVS, declared at `mpp` (40x by default)."""
+    return build_slide(path, mirrored(size, size), mpp=mpp)

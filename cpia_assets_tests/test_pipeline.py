@@ -1,0 +1,121 @@
+"""Real Dagster runs of the partitioned assets on a small synthetic catalog."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import dagster as dg
+import openslide
+import polars as pl
+import pytest
+from PIL import Image
+
+from cpia_assets.core.catalog import load_catalog
+from cpia_assets.core.layout import DataLayout
+from cpia_assets.definitions import PARTITIONED_ASSETS, build_definitions
+
+TILE_NAME = re.compile(r"^(?P<slide>.+)-(?P<size>3840|960|384|96)-(?P<x>\d+)-(?P<y>\d+)$")
+
+
+@pytest.fixture(scope="module")
+def pipeline(small_catalog_path: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Every partition of the small catalog materialized once, in-process, like `make demo`."""
+    data = tmp_path_factory.mktemp("data")
+    catalog = load_catalog(small_catalog_path)
+    defs = build_definitions(catalog, data, workers=2)
+    job = defs.resolve_implicit_global_asset_job_def()
+    selection = [dg.AssetKey(name) for name in PARTITIONED_ASSETS]
+    with dg.instance_for_test() as instance:
+        results = {
+            key: job.execute_in_process(
+                partition_key=key, asset_selection=selection, instance=instance
+            )
+            for key in catalog.keys
+        }
+        yield DataLayout(data), results, instance
+
+
+def _tiles(layout: DataLayout, key: str) -> pl.DataFrame:
+    return pl.read_parquet(layout.manifest_file(key, "tiles"))
+
+
+def test_every_partition_succeeds_and_records_run_ids(pipeline) -> None:
+    layout, results, _ = pipeline
+    for key, result in results.items():
+        assert result.success, key
+        tiles = _tiles(layout, key)
+        assert tiles["run_id"].unique().to_list() == [result.run_id]
+        assert tiles["code_version"].unique().to_list() == ["1"]
+        assert tiles["subdataset"].unique().to_list() == [key]
+
+
+def test_wsi_partitions_give_named_tiles_on_disk_at_the_paper_ratios(pipeline) -> None:
+    layout, _, _ = pipeline
+    for key in ("wsi-40x", "wsi-20x"):
+        tiles = _tiles(layout, key)
+        counts = dict(tiles.group_by("scale").len().iter_rows())
+        assert counts["XL"] >= 1, key
+        assert counts["L"] <= 16 * counts["XL"]
+        assert counts["M"] <= 100 * counts["XL"]
+        assert counts["S"] <= 160 * counts["XL"]
+        assert counts["M"] > counts["L"] > counts["XL"]
+        for row in tiles.iter_rows(named=True):
+            match = TILE_NAME.match(row["image_name"])
+            assert match, row["image_name"]
+            assert int(match["size"]) == row["size_px"]
+            assert (int(match["x"]), int(match["y"])) == (row["x"], row["y"])
+            path = layout.root / row["path"]
+            folder = {"XL": "L"}.get(row["scale"], row["scale"])
+            assert path.parent == layout.cpia_dir / folder / key
+            assert path.stat().st_size == row["bytes"]
+        # One file per row, nothing else in the scale folders.
+        on_disk = {p.stem for f in ("L", "M", "S") for p in (layout.cpia_dir / f / key).glob("*")}
+        assert on_disk == set(tiles["image_name"])
+        sample = tiles.filter(pl.col("scale") == "S").row(0, named=True)
+        with Image.open(layout.root / sample["path"]) as image:
+            assert image.size == (96, 96)
+
+
+def test_standardized_slides_read_back_at_the_target_mpp(pipeline) -> None:
+    layout, _, _ = pipeline
+    slides = pl.read_parquet(layout.manifest_file("wsi-20x", "slides"))
+    assert slides.height == 2
+    for row in slides.iter_rows(named=True):
+        assert row["mpp_x"] == pytest.approx(0.5)
+        assert row["scale_factor"] == pytest.approx(0.5 / 0.491, rel=1e-3)
+        with openslide.OpenSlide(layout.root / row["standardized_file"]) as slide:
+            assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.491, rel=1e-4)
+            assert slide.dimensions == (row["std_width"], row["std_height"])
+
+
+def test_roi_partitions_keep_labels_splits_and_scales(pipeline) -> None:
+    layout, _, _ = pipeline
+    cells = _tiles(layout, "roi-cells")
+    assert cells.height == 2 * (2 + 1 + 1)
+    assert set(cells["scale"]) == {"S"}
+    assert set(cells["label"]) == {"lymphocyte", "neutrophil"}
+    assert dict(cells.group_by("split").len().iter_rows()) == {"train": 4, "val": 2, "test": 2}
+    tissue = _tiles(layout, "roi-tissue")
+    assert dict(tissue.group_by("scale").len().iter_rows()) == {"L": 8, "M": 8}
+    for row in tissue.iter_rows(named=True):
+        assert row["x"] is None
+        with Image.open(layout.root / row["path"]) as image:
+            assert image.size == (384, 384)
+            assert image.mode == "RGB"
+
+
+def test_rerun_reuses_finished_work(pipeline, small_catalog_path: Path) -> None:
+    layout, _, instance = pipeline
+    before = _tiles(layout, "wsi-20x").drop("run_id").sort("image_name")
+    defs = build_definitions(load_catalog(small_catalog_path), layout.root, workers=1)
+    result = defs.resolve_implicit_global_asset_job_def().execute_in_process(
+        partition_key="wsi-20x",
+        asset_selection=[dg.AssetKey(name) for name in PARTITIONED_ASSETS],
+        instance=instance,
+    )
+    assert result.success
+    materialization = result.asset_materializations_for_node("standardized_wsi")[0]
+    assert materialization.metadata["reused_from_earlier_runs"].value == 2
+    after = _tiles(layout, "wsi-20x").drop("run_id").sort("image_name")
+    assert after.equals(before)

@@ -1,0 +1,241 @@
+from __future__ import annotations
+
+import json
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pytest
+from PIL import Image
+
+from cpia_assets.core.catalog import WsiOptions
+from cpia_assets.core.layout import DataLayout
+from cpia_assets.core.slides import Mpp, SlideInfo
+from cpia_assets.core.standardize import (
+    ResamplePlan,
+    StandardizeSettings,
+    plan_resample,
+    resample_rows,
+    standardize_partition,
+)
+from cpia_assets_tests.slide_factory import TESTDATA, build_40x_slide, real_pixels
+
+KEY = "wsi-test"
+BAD = ["openslide-boxes.tiff", "openslide-unopenable.tiff", "openslide-unreadable.svs"]
+GOOD = ["CMU-1-Small-Region.svs", "openslide-small.svs"]
+
+
+def _raw_dir(tmp_path: Path, names: list[str]) -> list[Path]:
+    raw = tmp_path / "data" / "raw" / KEY
+    raw.mkdir(parents=True)
+    for name in names:
+        (raw / name).symlink_to(TESTDATA / name)
+    return sorted(raw.iterdir())
+
+
+def _info(sizes: list[tuple[int, int]]) -> SlideInfo:
+    downsamples = tuple(sizes[0][0] / width for width, _ in sizes)
+    return SlideInfo(Path("s.svs"), "generic-tiff", tuple(sizes), downsamples, {})
+
+
+def _chunks(pixels: np.ndarray, rows: int):
+    for top in range(0, len(pixels), rows):
+        yield pixels[top : top + rows]
+
+
+@pytest.mark.parametrize(
+    "scale",
+    [
+        (0.25 / 0.491, 0.25 / 0.491),  # 40x: area filter
+        (0.499 / 0.491, 0.499 / 0.491),  # 20x: 1.6% Lanczos enlargement
+        (0.61, 1.07),  # mpp-x != mpp-y: area across, Lanczos down
+    ],
+)
+def test_banded_resampling_equals_one_whole_resize(scale):
+    pixels = real_pixels()[:900, :700]
+    height, width = pixels.shape[:2]
+    output = (int(width * scale[0]), int(height * scale[1]))
+    plan = ResamplePlan(0, (width, height), scale, output, (0.491, 0.491))
+    banded = np.concatenate(list(resample_rows(_chunks(pixels, 128), plan, band_rows=37)))
+    filters = [Image.Resampling.BOX if s <= 1 else Image.Resampling.LANCZOS for s in scale]
+    across = Image.fromarray(pixels).resize(
+        (output[0], height), filters[0], box=(0, 0, output[0] / scale[0], height)
+    )
+    whole = across.resize(output, filters[1], box=(0, 0, output[0], output[1] / scale[1]))
+    difference = np.abs(banded.astype(int) - np.asarray(whole))
+    # Equal except where float rounding moves a filter window edge onto the next pixel.
+    assert difference.max() <= 4
+    assert (difference > 0).mean() < 1e-3
+
+
+def test_resampling_streams_source_rows_instead_of_holding_the_level():
+    pixels = np.zeros((4000, 50, 3), np.uint8)
+    pulled = []
+
+    def source():
+        for chunk in _chunks(pixels, 100):
+            pulled.append(len(chunk))
+            yield chunk
+
+    plan = ResamplePlan(0, (50, 4000), (0.5, 0.5), (25, 2000), (0.5, 0.5))
+    bands = resample_rows(source(), plan, band_rows=50)
+    next(bands)
+    assert sum(pulled) <= 200  # one output band needs ~100 source rows plus the filter margin
+    assert sum(len(band) for band in bands) == 2000 - 50
+
+
+def test_plan_picks_the_coarsest_level_not_coarser_than_the_target():
+    sizes = [(80_000, 40_000), (40_000, 20_000), (20_000, 10_000), (10_000, 5_000)]
+    plan = plan_resample(_info(sizes), Mpp(0.1, 0.1, "openslide"), StandardizeSettings())
+    assert plan.level == 2  # 0.4 um/px; level 3 (0.8) would be coarser than 0.491
+    assert plan.scale == pytest.approx((0.4 / 0.491, 0.4 / 0.491))
+    assert plan.output_size == (int(20_000 * 0.4 / 0.491), int(10_000 * 0.4 / 0.491))
+    forty_x = plan_resample(_info(sizes[:2]), Mpp(0.25, 0.25, "openslide"), StandardizeSettings())
+    assert forty_x.level == 0
+
+
+def test_tolerance_leaves_near_target_slides_alone_and_zero_never_snaps():
+    info, mpp = _info([(2000, 1000)]), Mpp(0.499, 0.499, "openslide")
+    exact = plan_resample(info, mpp, StandardizeSettings())
+    assert exact.resampled and exact.output_size == (2032, 1016)
+    loose = plan_resample(info, mpp, StandardizeSettings(tolerance=0.02))
+    assert not loose.resampled and loose.output_mpp == (0.499, 0.499)
+    assert plan_resample(info, mpp, StandardizeSettings(tolerance=0.01)).resampled
+
+
+def test_partition_standardizes_good_slides_and_records_every_bad_one(tmp_path: Path):
+    layout = DataLayout(tmp_path / "data")
+    files = _raw_dir(tmp_path, GOOD + BAD + ["TCGA-CR-7395-01A-01-TS1.svs"])
+    messages: list[str] = []
+    pool = ProcessPoolExecutor(max_workers=2, mp_context=get_context("spawn"))
+    with pool:
+        result = standardize_partition(
+            files,
+            key=KEY,
+            layout=layout,
+            options=WsiOptions(),
+            settings=StandardizeSettings(),
+            executor=pool,
+            progress=messages.append,
+        )
+    reasons = {Path(row["file"]).name: row["reason"] for row in result.failures}
+    assert sorted(reasons) == sorted([*BAD, "TCGA-CR-7395-01A-01-TS1.svs"])
+    assert "no MPP in the metadata" in reasons["TCGA-CR-7395-01A-01-TS1.svs"]
+    assert "352.778" in reasons["openslide-boxes.tiff"]
+    assert "Unsupported TIFF compression" in reasons["openslide-unopenable.tiff"]
+    assert "Bogus marker length" in reasons["openslide-unreadable.svs"]
+    assert all(reason.startswith(name) for name, reason in reasons.items())
+    assert len(messages) == len(files)
+    records = {Path(row["source_file"]).name: row for row in result.records}
+    assert sorted(records) == sorted(GOOD)
+    cmu = records["CMU-1-Small-Region.svs"]
+    assert cmu["source_file"] == f"raw/{KEY}/CMU-1-Small-Region.svs"
+    assert cmu["standardized_file"] == f"standardized/{KEY}/CMU-1-Small-Region.tiff"
+    assert (cmu["mpp_x"], cmu["mpp_origin"], cmu["level"], cmu["resampled"]) == (
+        0.499,
+        "openslide",
+        0,
+        True,
+    )
+    assert cmu["scale_factor"] == pytest.approx(0.499 / 0.491)
+    assert (cmu["std_width"], cmu["std_height"]) == (2256, 3015)
+    assert cmu["source_bytes"] == (TESTDATA / "CMU-1-Small-Region.svs").stat().st_size
+    with openslide.OpenSlide(layout.root / cmu["standardized_file"]) as slide:
+        assert slide.dimensions == (2256, 3015)
+        assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.491, rel=1e-6)
+        assert float(slide.properties["openslide.mpp-y"]) == pytest.approx(0.491, rel=1e-6)
+        assert slide.level_count > 1
+        written = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
+    expected = Image.fromarray(real_pixels()).resize(
+        (2256, 3015),
+        Image.Resampling.LANCZOS,
+        box=(0, 0, 2256 * 0.491 / 0.499, 3015 * 0.491 / 0.499),
+    )
+    assert np.abs(written.astype(int) - np.asarray(expected)).mean() < 2.0  # JPEG q90 noise
+
+
+def test_rerun_reuses_done_slides_and_redoes_interrupted_or_changed_ones(tmp_path: Path):
+    layout = DataLayout(tmp_path / "data")
+    files = _raw_dir(tmp_path, GOOD)
+    settings = StandardizeSettings()
+
+    def run(settings: StandardizeSettings):
+        return standardize_partition(
+            files, key=KEY, layout=layout, options=WsiOptions(), settings=settings
+        )
+
+    first = run(settings)
+    output = layout.standardized_dir(KEY) / "CMU-1-Small-Region.tiff"
+    written_at = output.stat().st_mtime_ns
+    again = run(settings)
+    assert (again.reused, again.records) == (2, first.records)
+    assert output.stat().st_mtime_ns == written_at
+    # An interrupted run: the marker was never written, a temporary folder was left behind.
+    (layout.manifest_dir(KEY) / "parts" / "standardized" / "CMU-1-Small-Region.json").unlink()
+    stale = output.parent / ".CMU-1-Small-Region.tiff.abc.tmp"
+    stale.mkdir()
+    (stale / "CMU-1-Small-Region.tiff").write_bytes(b"half")
+    resumed = run(settings)
+    assert resumed.reused == 1 and not stale.exists()
+    assert sorted(p.name for p in output.parent.iterdir()) == [
+        "CMU-1-Small-Region.tiff",
+        "openslide-small.tiff",
+    ]
+    changed = run(StandardizeSettings(target_mpp=0.4942))
+    assert changed.reused == 0
+    marker = json.loads(
+        (layout.manifest_dir(KEY) / "parts/standardized/openslide-small.json").read_text()
+    )
+    assert marker["record"]["target_mpp"] == 0.4942
+
+
+def test_tolerance_copies_near_target_slide_at_its_own_mpp(tmp_path: Path):
+    layout = DataLayout(tmp_path / "data")
+    files = _raw_dir(tmp_path, ["CMU-1-Small-Region.svs"])
+    result = standardize_partition(
+        files,
+        key=KEY,
+        layout=layout,
+        options=WsiOptions(),
+        settings=StandardizeSettings(tolerance=0.02),
+    )
+    (record,) = result.records
+    assert (record["resampled"], record["scale_factor"]) == (False, 1.0)
+    with openslide.OpenSlide(layout.root / record["standardized_file"]) as slide:
+        assert slide.dimensions == (2220, 2967)
+        assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.499, rel=1e-6)
+
+
+def test_slide_without_mpp_is_standardized_with_a_catalog_override(tmp_path: Path):
+    layout = DataLayout(tmp_path / "data")
+    files = _raw_dir(tmp_path, ["TCGA-CR-7395-01A-01-TS1.svs"])
+    options = WsiOptions(mpp_overrides={"TCGA-CR-7395-01A-01-TS1.svs": 0.9})
+    result = standardize_partition(
+        files, key=KEY, layout=layout, options=options, settings=StandardizeSettings()
+    )
+    (record,) = result.records
+    assert (record["mpp_origin"], record["level"]) == ("override", 0)  # level 1 is 1.8 um/px
+    assert (record["std_width"], record["std_height"]) == (8143, 6538)
+
+
+def test_synthetic_40x_slide_from_real_pixels(tmp_path: Path):
+    layout = DataLayout(tmp_path / "data")
+    raw = layout.raw_dir(KEY)
+    build_40x_slide(raw / "S40-0001.tiff", 6000)
+    result = standardize_partition(
+        [raw / "S40-0001.tiff"],
+        key=KEY,
+        layout=layout,
+        options=WsiOptions(),
+        settings=StandardizeSettings(target_mpp=0.4942, jpeg_quality=80),
+    )
+    (record,) = result.records
+    assert (record["level"], record["mpp_x"]) == (0, 0.25)
+    assert (record["std_width"], record["std_height"]) == (
+        3035,
+        3035,
+    )  # floor(6000 * 0.25 / 0.4942)
+    with openslide.OpenSlide(layout.root / record["standardized_file"]) as slide:
+        assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.4942, rel=1e-6)

@@ -1,0 +1,191 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pytest
+import pyvips
+from PIL import Image
+
+from cpia_assets.core import tiling
+from cpia_assets.core.catalog import WsiOptions
+from cpia_assets.core.layout import DataLayout
+from cpia_assets.core.standardize import StandardizeSettings, standardize_partition
+from cpia_assets.core.synthetic import he_texture
+from cpia_assets.core.tiling import TilingSettings, sample_cells, tile_name, tile_partition
+from cpia_assets.core.tissue import TissueThresholds, grid_metrics
+from cpia_assets_tests.slide_factory import TESTDATA, build_slide, tissue_only
+
+KEY = "wsi-test"
+STEM = "TS-0001"
+
+
+@pytest.fixture
+def standardized(tmp_path: Path) -> tuple[DataLayout, list[dict]]:
+    """A 0.491 um/px slide of two XL tiles, tissue on the left, glass on the right, plus a
+    ragged edge; and the real CMU SVS (too small for an XL tile)."""
+    layout = DataLayout(tmp_path / "data")
+    raw = layout.raw_dir(KEY)
+    glass = pyvips.Image.black(3900, 3900, bands=3).new_from_image([243, 242, 245])
+    image = tissue_only(3840, 3900).join(glass.cast("uchar"), "horizontal")
+    build_slide(raw / f"{STEM}.tiff", image.copy(interpretation="srgb"), mpp=0.491)
+    (raw / "CMU-1-Small-Region.svs").symlink_to(TESTDATA / "CMU-1-Small-Region.svs")
+    result = standardize_partition(
+        sorted(raw.iterdir()),
+        key=KEY,
+        layout=layout,
+        options=WsiOptions(),
+        settings=StandardizeSettings(),
+    )
+    assert not result.failures
+    return layout, result.records
+
+
+def _tile(layout: DataLayout, slides: list[dict], **settings) -> tiling.StageResult:
+    messages: list[str] = []
+    result = tile_partition(
+        slides,
+        key=KEY,
+        layout=layout,
+        settings=TilingSettings(**settings),
+        progress=messages.append,
+    )
+    assert len(messages) == len(slides)
+    return result
+
+
+def _files(layout: DataLayout) -> list[str]:
+    return sorted(layout.relative(p) for p in layout.cpia_dir.rglob("*") if p.is_file())
+
+
+def test_tile_names_put_the_top_left_at_size_times_index():
+    assert tile_name("TCGA-A2-A0EY-01A-01-BSA", 960, 39, 6) == "TCGA-A2-A0EY-01A-01-BSA-960-39-6"
+
+
+def test_s_sample_is_uniform_deterministic_and_seeded_by_name():
+    cells = sample_cells("A-3840-0-0", grid=40, fraction=0.1)
+    assert cells == sample_cells("A-3840-0-0", grid=40, fraction=0.1)
+    assert len(set(cells)) == 160 and min(cells) >= 0 and max(cells) < 1600
+    assert cells != sample_cells("A-3840-1-0", grid=40, fraction=0.1)
+    rows = {cell // 40 for cell in cells}
+    assert len(rows) > 30  # spread over the tile, not one corner
+
+
+def test_thresholds_keep_synthetic_tissue_and_reject_its_background():
+    thresholds = TissueThresholds()
+    tissue = grid_metrics(
+        he_texture(960, 960, seed=3, tissue_fraction=1.0).numpy(), 4, 4, thresholds
+    )
+    glass = grid_metrics(
+        he_texture(960, 960, seed=3, tissue_fraction=0.0).numpy(), 4, 4, thresholds
+    )
+    assert tissue["tissue_fraction"].min() > 0.9
+    assert glass["tissue_fraction"].max() < 0.01
+    assert glass["mean_r"].min() > 235
+
+
+def test_tissue_xl_gives_1_16_100_160_and_glass_is_rejected(standardized):
+    layout, slides = standardized
+    result = _tile(layout, slides)
+    assert not result.failures
+    kept = {}
+    for row in result.records:
+        kept.setdefault(row["scale"], []).append(row)
+    assert {scale: len(rows) for scale, rows in kept.items()} == {
+        "XL": 1,
+        "L": 16,
+        "M": 100,
+        "S": 160,
+    }
+    (xl,) = kept["XL"]
+    assert (xl["image_name"], xl["x"], xl["y"]) == (f"{STEM}-3840-0-0", 0, 0)
+    assert xl["path"] == f"cpia/L/{KEY}/{STEM}-3840-0-0.jpg"
+    assert {row["parent_image"] for row in kept["L"] + kept["M"]} == {xl["image_name"]}
+    m_names = {row["image_name"] for row in kept["M"]}
+    assert {row["parent_image"] for row in kept["S"]} <= m_names
+    assert _files(layout) == sorted(row["path"] for row in result.records)
+    (glass,) = [row for row in result.rejected if row["scale"] == "XL"]
+    assert glass["image_name"] == f"{STEM}-3840-1-0" and glass["path"] is None
+    assert glass["tissue_fraction"] < 0.01 and glass["mean_r"] > 235
+    for row in result.records + result.rejected:
+        assert row["source_file"] == f"raw/{KEY}/{STEM}.tiff"
+        assert row["kind"] == "wsi" and row["subdataset"] == KEY
+        assert row["size_px"] == int(row["image_name"].split("-")[-3])
+
+
+def test_tile_pixels_equal_the_standardized_slide_at_their_position(standardized):
+    layout, slides = standardized
+    result = _tile(layout, slides)
+    std = layout.standardized_dir(KEY) / f"{STEM}.tiff"
+    picks = {"XL": 1, "L": 3, "M": 3, "S": 3}
+    with openslide.OpenSlide(std) as slide:
+        for scale, count in picks.items():
+            rows = [row for row in result.records if row["scale"] == scale][-count:]
+            for row in rows:
+                size = row["size_px"]
+                tile = np.asarray(Image.open(layout.root / row["path"]))
+                assert tile.shape == (size, size, 3)
+                left, top = size * row["x"], size * row["y"]
+                here = _mean_abs_difference(slide, (left, top), tile)
+                shifted = _mean_abs_difference(slide, (left + 2, top + 1), tile)
+                assert here < 0.7 * shifted  # JPEG q75 noise is smaller than a 2-px offset
+                blocks = _block_means(tile) - _block_means(_region(slide, (left, top), size))
+                assert np.abs(blocks).mean() < 1.5
+                assert tile[..., 0].mean() == pytest.approx(row["mean_r"], abs=2.0)
+
+
+def _region(slide: openslide.OpenSlide, where: tuple[int, int], size: int) -> np.ndarray:
+    return np.asarray(slide.read_region(where, 0, (size, size)).convert("RGB"))
+
+
+def _mean_abs_difference(slide, where: tuple[int, int], tile: np.ndarray) -> float:
+    return float(np.abs(tile.astype(int) - _region(slide, where, len(tile))).mean())
+
+
+def _block_means(pixels: np.ndarray) -> np.ndarray:
+    """8x8-pixel means: JPEG keeps them, any misplacement changes them."""
+    return np.asarray(Image.fromarray(pixels).reduce(8), dtype=float)
+
+
+def test_real_svs_is_smaller_than_one_xl_tile(standardized):
+    layout, slides = standardized
+    cmu = [row for row in slides if "CMU" in row["source_file"]]
+    result = _tile(layout, cmu)
+    assert (result.records, result.rejected, result.failures) == ([], [], [])
+
+
+def test_rerun_reuses_and_an_interrupted_slide_is_redone_cleanly(standardized, monkeypatch):
+    layout, slides = standardized
+    first = _tile(layout, slides)
+    again = _tile(layout, slides)
+    assert again.reused == 2 and again.records == first.records
+    # Kill the slide halfway: some tiles staged, nothing recorded.
+    saved = []
+    original_save = tiling._TileWriter.save
+
+    def crash_after_fifty(self, *args):
+        if len(saved) == 50:
+            raise KeyboardInterrupt
+        saved.append(args)
+        return original_save(self, *args)
+
+    (layout.manifest_dir(KEY) / "parts" / "tiles" / f"{STEM}.json").unlink()
+    monkeypatch.setattr(tiling._TileWriter, "save", crash_after_fifty)
+    with pytest.raises(KeyboardInterrupt):
+        _tile(layout, slides)
+    monkeypatch.undo()
+    assert any(p.name.endswith(".tiles.tmp") for p in layout.cpia_dir.rglob("*"))
+    resumed = _tile(layout, slides)
+    assert resumed.reused == 1 and resumed.records == first.records
+    assert _files(layout) == sorted(row["path"] for row in first.records)
+    assert not any(p.name.startswith(".") for p in layout.cpia_dir.rglob("*"))
+
+
+def test_changed_settings_replace_the_previous_tiles(standardized):
+    layout, slides = standardized
+    _tile(layout, slides)
+    result = _tile(layout, slides, s_fraction=0.2, jpeg_quality=60)
+    assert result.reused == 0
+    assert sum(row["scale"] == "S" for row in result.records) == 320
+    assert _files(layout) == sorted(row["path"] for row in result.records)
