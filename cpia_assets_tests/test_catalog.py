@@ -110,12 +110,12 @@ def test_user_catalog_resolves_local_paths_relative_to_the_file(tmp_path: Path) 
         (
             "subdatasets:" + GOOD_ENTRY.replace("  source: {type: local, path: slides}\n", ""),
             "missing required field 'source'",
-        ),  # fmt: skip
+        ),
         ("subdatasets:" + GOOD_ENTRY.replace("type: local", "type: ftp"), "unknown source type"),
         (
             "subdatasets:" + GOOD_ENTRY.replace("kind: wsi", "kind: roi\n  scale: XXL"),
             "unknown scale 'XXL'",
-        ),  # fmt: skip
+        ),
         ("subdatasets:" + GOOD_ENTRY.replace("kind: wsi", "kind: roi"), "need 'scale'"),
         ("subdatasets:" + GOOD_ENTRY.replace("key: my-slides", "key: My Slides"), "lower-case"),
         ("things: []", "top-level 'subdatasets:' list"),

@@ -45,10 +45,9 @@ def test_weekly_backfill_requests_one_run_per_partition(tmp_path: Path) -> None:
 @pytest.mark.parametrize("catalog", ["demo", "cpia"])
 def test_cli_validates_definitions(tmp_path: Path, catalog: str) -> None:
     env = {**os.environ, "CPIA_CATALOG": catalog, "CPIA_DATA_DIR": str(tmp_path)}
-    result = subprocess.run(
-        [sys.executable, "-m", "dagster", "definitions", "validate", "-m", "cpia_assets.definitions"],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    command = [sys.executable, "-m", "dagster", "definitions", "validate"]
+    command += ["-m", "cpia_assets.definitions"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Validation successful" in result.stdout + result.stderr
 

@@ -619,6 +619,8 @@ subdatasets:
 - {key: roi-b, name: ROI B, kind: roi, organ: skin, scale: M, source: {type: synthetic,
    recipe: roi, layout: folders, classes: [a, b], per_split: {train: 2, val: 1, test: 1}, seed: 4}}
 """
+# Multiprocess executor; step processes fork from one that imported the code once.
+FORKSERVER = '{"execution": {"config": {"multiprocess": {"start_method": {"forkserver": {}}}}}}'
 LOCK_ERRORS = re.compile(r"could not set lock|conflicting lock|database is locked", re.I)
 DUCKDB_STEPS = {"tile_manifest", "manifest_checks"}
 
@@ -632,7 +634,7 @@ def test_partition_runs_beside_manifest_runs_lose_nothing(tmp_path: Path) -> Non
 
     def materialize(*args: str) -> subprocess.Popen[str]:
         command = [sys.executable, "-m", "dagster", "asset", "materialize",
-                   "-m", "cpia_assets.definitions", *args]  # fmt: skip
+                   "-m", "cpia_assets.definitions", "--config-json", FORKSERVER, *args]  # fmt: skip
         return subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)  # fmt: skip
 
