@@ -15,7 +15,6 @@ import numpy as np
 import openslide
 import pyvips
 
-from cpia_assets.core.fsutil import atomic_path
 from cpia_assets.core.synthetic import write_slide
 
 TESTDATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata"
@@ -45,24 +44,8 @@ def tissue_only(width: int, height: int) -> pyvips.Image:
 
 def build_slide(path: Path, image: pyvips.Image, *, mpp: float, quality: int = 90) -> Path:
     """Write `image` as a pyramidal TIFF slide with `mpp` um/px in its resolution tags
-    (`synthetic.write_slide`; BigTIFF above 1 Gpx, which OpenSlide also reads)."""
-    if image.width * image.height <= 1 << 30:
-        return write_slide(path, image, mpp, quality=quality)
-    with atomic_path(path) as tmp:
-        image.tiffsave(
-            str(tmp),
-            tile=True,
-            tile_width=256,
-            tile_height=256,
-            pyramid=True,
-            compression="jpeg",
-            Q=quality,
-            xres=1000.0 / mpp,
-            yres=1000.0 / mpp,
-            resunit="cm",
-            bigtiff=True,
-        )
-    return path
+    (`synthetic.write_slide`, BigTIFF when large, which OpenSlide also reads)."""
+    return write_slide(path, image, mpp, quality=quality)
 
 
 def build_40x_slide(path: Path, size: int, *, mpp: float = 0.25) -> Path:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import openslide
 import pytest
+import pyvips
 from PIL import Image
 
 from cpia_assets.core.catalog import WsiOptions
@@ -18,6 +19,7 @@ from cpia_assets.core.standardize import (
     StandardizeSettings,
     plan_resample,
     resample_rows,
+    shrink_image,
     standardize_partition,
 )
 from cpia_assets_tests.slide_factory import TESTDATA, build_40x_slide, real_pixels
@@ -68,6 +70,40 @@ def test_banded_resampling_equals_one_whole_resize(scale):
     # Equal except where float rounding moves a filter window edge onto the next pixel.
     assert difference.max() <= 4
     assert (difference > 0).mean() < 1e-3
+
+
+def _box_reference(pixels: np.ndarray, output: tuple[int, int], scale) -> np.ndarray:
+    height, width = pixels.shape[:2]
+    box = (0, 0, min(width, output[0] / scale[0]), min(height, output[1] / scale[1]))
+    return np.asarray(Image.fromarray(pixels).resize(output, Image.Resampling.BOX, box=box))
+
+
+@pytest.mark.parametrize(
+    "scale",
+    [
+        (0.25 / 0.491, 0.25 / 0.491),  # 40x: fractional factor 1.964
+        (0.2, 0.25),  # whole factors: exact box averages
+        (0.13, 0.61),  # mpp-x != mpp-y: box of 7 then the fractional rest across
+    ],
+)
+def test_shrinking_in_libvips_is_an_area_average(scale):
+    pixels = real_pixels()[:900, :700]
+    height, width = pixels.shape[:2]
+    output = (int(width * scale[0]), int(height * scale[1]))
+    plan = ResamplePlan(0, (width, height), scale, output, (0.491, 0.491))
+    shrunk = shrink_image(pyvips.Image.new_from_array(pixels), plan).numpy()
+    assert shrunk.shape == (output[1], output[0], 3)
+    difference = np.abs(shrunk.astype(int) - _box_reference(pixels, output, scale))
+    if all((1 / s).is_integer() for s in scale):
+        assert difference.max() <= 1  # the same box averages, up to rounding
+    else:
+        # The fractional rest is weighted by footprint overlap instead of whole pixels.
+        assert difference.mean() < 1.5
+        assert np.percentile(difference, 99) <= 12
+    with pytest.raises(ValueError, match="cannot enlarge"):
+        shrink_image(
+            pyvips.Image.new_from_array(pixels), ResamplePlan(0, (9, 9), (1.1, 1), (9, 9), (1, 1))
+        )
 
 
 def test_resampling_streams_source_rows_instead_of_holding_the_level():

@@ -83,13 +83,13 @@ TABLE_I_COLUMNS = (
 )
 """(column, kind, scale) of the paper's Table I, in its order."""
 
-_CATALOG_DDL = (
-    "CREATE TABLE subdatasets (key VARCHAR, name VARCHAR, kind VARCHAR, organ VARCHAR, "
-    "labelled BOOLEAN, raw_dir VARCHAR)",
-    "CREATE TABLE organs (organ VARCHAR, position INTEGER)",
-    "CREATE TABLE manifest_files (file VARCHAR, subdataset VARCHAR, table_name VARCHAR, "
-    "fingerprint VARCHAR, rows BIGINT, loaded_at TIMESTAMP WITH TIME ZONE)",
-)
+_CATALOG_COLUMNS = {
+    "subdatasets": "key VARCHAR, name VARCHAR, kind VARCHAR, organ VARCHAR, labelled BOOLEAN, "
+    "raw_dir VARCHAR",
+    "organs": "organ VARCHAR, position INTEGER",  # Table I order, then other catalog organs
+    "manifest_files": "file VARCHAR, subdataset VARCHAR, table_name VARCHAR, "
+    "fingerprint VARCHAR, rows BIGINT, loaded_at TIMESTAMP WITH TIME ZONE",  # the load state
+}
 
 _LINEAGE_VIEW = """
 CREATE OR REPLACE VIEW lineage AS
@@ -171,13 +171,16 @@ def _sql_type(dtype: pl.DataType) -> str:
     return _SQL_TYPES[dtype]
 
 
-def _record_table_ddl(table: RecordTable) -> str:
-    columns = ", ".join(f'"{name}" {_sql_type(dtype)}' for name, dtype in table.columns.items())
-    return f"CREATE TABLE {table.name} ({columns})"
-
-
-_TABLES_DDL = (*(_record_table_ddl(table) for table in RECORD_TABLES), *_CATALOG_DDL)
-SCHEMA_VERSION = hashlib.sha256("\n".join(_TABLES_DDL).encode()).hexdigest()[:16]
+_TABLE_COLUMNS = {
+    **{
+        table.name: ", ".join(
+            f'"{name}" {_sql_type(dtype)}' for name, dtype in table.columns.items()
+        )
+        for table in RECORD_TABLES
+    },
+    **_CATALOG_COLUMNS,
+}
+SCHEMA_VERSION = hashlib.sha256(repr(_TABLE_COLUMNS).encode()).hexdigest()[:16]
 """Changes whenever a table's columns change; a database of another version is rebuilt."""
 
 
@@ -217,7 +220,7 @@ def _connect(path: Path, *, read_only: bool, wait_s: float) -> duckdb.DuckDBPyCo
     and two steps that claim the pool's one slot at the same instant on SQLite instance storage.
     """
     # Without insertion order, the multi-file INSERT of a load runs on all cores.
-    config = {} if read_only else {"preserve_insertion_order": False}
+    config = {} if read_only else {"preserve_insertion_order": True}
     deadline = time.monotonic() + wait_s
     delay = 0.05
     while True:
@@ -242,10 +245,9 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
         con.execute("DROP VIEW IF EXISTS lineage")
         con.execute("DROP VIEW IF EXISTS table_i")
         con.execute("DROP MACRO TABLE IF EXISTS table_i_for")
-        for statement in _TABLES_DDL:
-            table_name = statement.split()[2]
-            con.execute(f"DROP TABLE IF EXISTS {table_name}")
-            con.execute(statement)
+        for name, columns in _TABLE_COLUMNS.items():
+            con.execute(f"DROP TABLE IF EXISTS {name}")
+            con.execute(f"CREATE TABLE {name} ({columns})")
         con.execute("DELETE FROM manifest_meta")
         con.execute("INSERT INTO manifest_meta VALUES (?)", [SCHEMA_VERSION])
     for statement in (_LINEAGE_VIEW, *_table_i_sql()):
@@ -318,13 +320,13 @@ def load_manifest(layout: DataLayout, catalog: Catalog, *, wait_s: float = 300) 
     """
     files = find_manifest_files(layout, catalog.keys)
     with _writer(layout.duckdb_path, wait_s=wait_s) as con:
-        ensure_schema(con)
-        known = dict(con.execute("SELECT file, fingerprint FROM manifest_files").fetchall())
-        removed = sorted(set(known) - {file.path for file in files})
-        changed = [file for file in files if known.get(file.path) != file.fingerprint]
-        usable, problems = _probe(con, layout, changed)
         con.begin()
         try:
+            ensure_schema(con)
+            known = dict(con.execute("SELECT file, fingerprint FROM manifest_files").fetchall())
+            removed = sorted(set(known) - {file.path for file in files})
+            changed = [file for file in files if known.get(file.path) != file.fingerprint]
+            usable, problems = _probe(layout, changed, _column_types(con))
             _write_catalog_tables(con, layout, catalog)
             con.execute("DELETE FROM failures WHERE stage = ?", [LOADER_STAGE])
             _drop_files(con, [*removed, *(probed.file.path for probed in usable)])
@@ -361,34 +363,42 @@ class _Probed:
 
 
 def _probe(
-    con: duckdb.DuckDBPyConnection, layout: DataLayout, files: Sequence[ManifestFile]
+    layout: DataLayout, files: Sequence[ManifestFile], expected: Mapping[str, Mapping[str, str]]
 ) -> tuple[list[_Probed], list[dict[str, str]]]:
-    """Read each file's Parquet footer: the columns to load, or a failure naming the file."""
-    expected = _column_types(con)
+    """Read each file's Parquet footer: the columns to load, or a failure naming the file.
+
+    Footers are read on a scratch in-memory connection: an error in the writer's transaction
+    would abort the whole load.
+    """
     usable, problems = [], []
-    for file in files:
-        table = _RECORD_TABLE[file.table]
-        path = str(layout.root / file.path)
-        try:
-            described = con.execute("DESCRIBE SELECT * FROM read_parquet(?)", [path]).fetchall()
-            [(rows,)] = con.execute(
-                "SELECT num_rows FROM parquet_file_metadata(?)", [path]
-            ).fetchall()
-        except duckdb.Error as exc:
-            problems.append(_problem(file, f"not a readable Parquet file: {exc}"))
-            continue
-        found = {name: dtype for name, dtype, *_ in described}
-        loadable = [name for name in table.records | schema.RUN_COLUMNS if name in found]
-        wrong = [
-            f"{name} is {found[name]}, expected {expected[file.table][name]}"
-            for name in loadable
-            if found[name] != expected[file.table][name]
-        ]
-        if wrong:
-            problems.append(_problem(file, "wrong column types: " + "; ".join(wrong)))
-        else:
-            usable.append(_Probed(file, frozenset(loadable), rows))
+    with duckdb.connect() as scratch:
+        for file in files:
+            try:
+                found, rows = _footer(scratch, layout.root / file.path)
+            except duckdb.Error as exc:
+                problems.append(_problem(file, f"not a readable Parquet file: {exc}"))
+                continue
+            table = _RECORD_TABLE[file.table]
+            loadable = [name for name in table.records | schema.RUN_COLUMNS if name in found]
+            wrong = [
+                f"{name} is {found[name]}, expected {expected[file.table][name]}"
+                for name in loadable
+                if found[name] != expected[file.table][name]
+            ]
+            if wrong:
+                problems.append(_problem(file, "wrong column types: " + "; ".join(wrong)))
+            else:
+                usable.append(_Probed(file, frozenset(loadable), rows))
     return usable, problems
+
+
+def _footer(scratch: duckdb.DuckDBPyConnection, path: Path) -> tuple[dict[str, str], int]:
+    """Column types and row count of a Parquet file, from its footer."""
+    described = scratch.execute("DESCRIBE SELECT * FROM read_parquet(?)", [str(path)]).fetchall()
+    [(rows,)] = scratch.execute(
+        "SELECT num_rows FROM parquet_file_metadata(?)", [str(path)]
+    ).fetchall()
+    return {name: dtype for name, dtype, *_ in described}, rows
 
 
 def _problem(file: ManifestFile, reason: str) -> dict[str, str]:

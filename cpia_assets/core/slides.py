@@ -270,21 +270,28 @@ class SlideReader:
     def resolve_mpp(self, options: WsiOptions) -> Mpp:
         return resolve_mpp(self.path, self.info.properties, options)
 
+    def level_image(self, level: int) -> pyvips.Image | None:
+        """The level as a lazy RGB libvips image when libvips can decode it (plain images and
+        the TIFF pages of `_VIPS_READABLE_VENDORS`), else None: read it with `iter_rows`.
+        Decoding errors surface as `pyvips.Error` when its pixels are computed."""
+        if self._slide is None:
+            image = self._plain
+        elif self.info.vendor in _VIPS_READABLE_VENDORS:
+            image = _vips_page(self.path, self.info.level_dimensions[level])
+        else:
+            image = None
+        return None if image is None else _as_rgb(image)
+
     def iter_rows(self, level: int, chunk_rows: int) -> Iterator[np.ndarray]:
         """The level's pixels top to bottom as RGB uint8 arrays of up to `chunk_rows` rows.
 
         Raises `SlideReadError` naming the file when a tile cannot be decoded.
         """
         width, height = self.info.level_dimensions[level]
-        if self._slide is None:
-            image = self._plain
-        elif self.info.vendor in _VIPS_READABLE_VENDORS:
-            image = _vips_page(self.path, (width, height))
-        else:
-            image = None
+        image = self.level_image(level)
         try:
             if image is not None:
-                yield from _vips_rows(_as_rgb(image), chunk_rows)
+                yield from _vips_rows(image, chunk_rows)
             else:
                 yield from self._openslide_rows(level, width, height, chunk_rows)
         except (openslide.OpenSlideError, pyvips.Error) as exc:
@@ -335,10 +342,10 @@ def _vips_page(path: Path, size: tuple[int, int]) -> pyvips.Image | None:
     try:
         pages = pyvips.Image.tiffload(str(path)).get("n-pages")
         for page in range(pages):
-            image = pyvips.Image.tiffload(str(path), page=page, access="sequential")
+            image = pyvips.Image.tiffload(str(path), page=page)
             if (image.width, image.height) == size:
                 # Decode one tile now: JPEG 2000 pages open fine but cannot be decoded.
-                pyvips.Image.tiffload(str(path), page=page).crop(0, 0, 1, 1).avg()
+                image.crop(0, 0, 1, 1).avg()
                 return image
     except pyvips.Error:
         return None

@@ -1,17 +1,27 @@
 """standardized_wsi: every slide resampled to one target MPP and written as a pyramidal TIFF.
 
 Per slide: resolve the MPP (`slides.resolve_mpp`), pick the coarsest pyramid level that is not
-coarser than the target, resample it with an area (box) filter when shrinking or Lanczos-3 when
-enlarging, and write a tiled JPEG TIFF pyramid whose resolution tags make OpenSlide report the
-output MPP. Nothing is snapped: a 0.499 um/px slide is enlarged by 1.63% to reach 0.491, unless a
-`tolerance` is set, in which case slides within it are copied at their own MPP (`resampled` is
-False in the record).
+coarser than the target, resample it and write a tiled JPEG TIFF pyramid whose resolution tags
+make OpenSlide report the output MPP. Nothing is snapped: a 0.499 um/px slide is enlarged by
+1.63% to reach 0.491, unless a `tolerance` is set, in which case slides within it are copied at
+their own MPP (`resampled` is False in the record).
 
-Streaming: source rows arrive in bands of about `_BAND_BYTES`, are resampled band by band with
-enough overlap for the filter support (`resample_rows`, identical to resampling the whole level
-at once) and reach libvips as an uncompressed PNG stream (`png_source`), which libvips reads
-sequentially while it writes the pyramid. Memory therefore depends on the slide width, never on
-its height or area.
+Filters: area-style when shrinking, Lanczos-3 when enlarging.
+- Shrinking on both axes (40x slides, the bulk of the pixels) runs in libvips as one lazy
+  pipeline, decode -> resample -> `tiffsave` (`shrink_image`): an exact box filter (`shrink`)
+  for the integer part of the factor and, for the fractional rest, `reduce` with the linear
+  kernel, which libvips widens to the output pixel's footprint (an area-weighted, non-negative
+  average, no ringing). libvips has no box filter for fractional factors; its `shrink` falls
+  back to Lanczos-3 there. Pillow's fractional box costs about 2 s more per 16k x 16k slide.
+- Any enlarging axis (most 20x slides) needs Lanczos-3, which libvips cannot enlarge with
+  (`reduce` only shrinks; `resize` enlarges with bicubic), so those slides are resampled by
+  Pillow in row bands (`resample_rows`: Lanczos-3 across an enlarging axis, box across a
+  shrinking one) and reach libvips as an uncompressed PNG stream (`_PngRowStream`).
+Levels that libvips cannot decode (OpenSlide-only formats) also arrive as a PNG row stream.
+
+Streaming: libvips pulls source tiles on demand and writes the pyramid strip by strip; Pillow
+bands hold about `_BAND_BYTES` of source rows plus the filter margin. Memory therefore depends
+on the slide width, never on its height or area.
 
 Resume: `manifests/<key>/parts/standardized/<stem>.json` holds the SLIDES record and a
 fingerprint of the source bytes (sha256), the settings and the slide's catalog options. A rerun
@@ -42,13 +52,21 @@ from cpia_assets.core.catalog import WsiOptions
 from cpia_assets.core.fsutil import atomic_path, sha256_file
 from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.parallel import map_unordered
-from cpia_assets.core.slides import Mpp, SlideError, SlideInfo, open_slide, slide_stem
+from cpia_assets.core.slides import (
+    Mpp,
+    SlideError,
+    SlideInfo,
+    SlideReader,
+    SlideReadError,
+    open_slide,
+    slide_stem,
+)
 from cpia_assets.core.stage import StageResult, failure
 
 STAGE = "standardized_wsi"
 _BAND_BYTES = 16 << 20
 """Source pixels held per band (RGB bytes); bounds memory whatever the slide size."""
-_RESUME_VERSION = 1
+_RESUME_VERSION = 2
 """Bump when the output of the same inputs and settings changes, to redo finished slides."""
 _BIGTIFF_ABOVE = 3 << 30
 
@@ -91,6 +109,10 @@ class ResamplePlan:
     @property
     def resampled(self) -> bool:
         return self.scale != (1.0, 1.0)
+
+    @property
+    def enlarges(self) -> bool:
+        return max(self.scale) > 1.0
 
 
 def plan_resample(info: SlideInfo, mpp: Mpp, settings: StandardizeSettings) -> ResamplePlan:
@@ -175,6 +197,22 @@ def _filter_for(scale: float) -> tuple[Image.Resampling, float]:
     return Image.Resampling.LANCZOS, 3.0
 
 
+def shrink_image(image: pyvips.Image, plan: ResamplePlan) -> pyvips.Image:
+    """`image` (the plan's level) brought to the plan's output size by shrinking only: exact
+    box averages over whole blocks of `floor(1 / scale)` pixels, then the linear kernel of
+    `reduce` (widened to the footprint) for the fractional rest."""
+    if plan.enlarges:
+        raise ValueError(f"shrink_image cannot enlarge (scale {plan.scale})")
+    factors = [1 / scale for scale in plan.scale]
+    whole = [max(1, math.floor(factor + 1e-9)) for factor in factors]
+    if max(whole) > 1:
+        image = image.shrink(*whole)
+    rest = [factor / block for factor, block in zip(factors, whole, strict=True)]
+    if max(rest) > 1 + 1e-9:
+        image = image.reduce(*rest, kernel="linear")
+    return image.crop(0, 0, *plan.output_size)
+
+
 class _PngRowStream:
     """An uncompressed PNG built on the fly from RGB row bands, read by libvips via `on_read`.
 
@@ -229,6 +267,25 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
 
 
+def save_pyramid(
+    image: pyvips.Image, dest: Path, *, mpp: tuple[float, float], settings: StandardizeSettings
+) -> None:
+    """Write `image` as a tiled JPEG TIFF pyramid whose resolution tags give `mpp`."""
+    image.tiffsave(
+        str(dest),
+        tile=True,
+        tile_width=settings.tiff_tile_px,
+        tile_height=settings.tiff_tile_px,
+        pyramid=True,
+        compression="jpeg",
+        Q=settings.jpeg_quality,
+        xres=1000.0 / mpp[0],  # pixels per millimetre
+        yres=1000.0 / mpp[1],
+        resunit="cm",
+        bigtiff=image.width * image.height * 3 > _BIGTIFF_ABOVE,
+    )
+
+
 def write_pyramid_tiff(
     dest: Path,
     bands: Iterable[np.ndarray],
@@ -236,25 +293,15 @@ def write_pyramid_tiff(
     size: tuple[int, int],
     mpp: tuple[float, float],
     settings: StandardizeSettings,
+    transform: Callable[[pyvips.Image], pyvips.Image] | None = None,
 ) -> None:
-    """Stream RGB row bands into a tiled JPEG TIFF pyramid with resolution tags giving `mpp`."""
+    """Stream RGB row bands of a `size` image, passed through the lazy libvips `transform`
+    when given, into a pyramid (`save_pyramid`)."""
     width, height = size
     stream = _PngRowStream(width, height, bands)
     try:
         image = pyvips.Image.new_from_source(stream.source(), "", access="sequential")
-        image.tiffsave(
-            str(dest),
-            tile=True,
-            tile_width=settings.tiff_tile_px,
-            tile_height=settings.tiff_tile_px,
-            pyramid=True,
-            compression="jpeg",
-            Q=settings.jpeg_quality,
-            xres=1000.0 / mpp[0],  # pixels per millimetre
-            yres=1000.0 / mpp[1],
-            resunit="cm",
-            bigtiff=width * height * 3 > _BIGTIFF_ABOVE,
-        )
+        save_pyramid(transform(image) if transform else image, dest, mpp=mpp, settings=settings)
     except pyvips.Error as exc:
         if stream.error is not None:
             raise stream.error from exc
@@ -273,18 +320,8 @@ def standardize_slide(
     with open_slide(source, options) as reader:
         mpp = reader.resolve_mpp(options)
         plan = plan_resample(reader.info, mpp, settings)
-        tile_rows = reader.info.tile_height(plan.level)
-        chunk_rows = max(1, _BAND_BYTES // (3 * plan.level_size[0] * tile_rows)) * tile_rows
-        band_rows = max(16, math.floor(chunk_rows * plan.scale[1]))
-        rows = reader.iter_rows(plan.level, chunk_rows)
         with atomic_path(dest) as tmp:
-            write_pyramid_tiff(
-                tmp,
-                resample_rows(rows, plan, band_rows=band_rows),
-                size=plan.output_size,
-                mpp=plan.output_mpp,
-                settings=settings,
-            )
+            _write_standardized(reader, plan, tmp, settings)
         info = reader.info
     return {
         "vendor": info.vendor,
@@ -301,6 +338,38 @@ def standardize_slide(
         "std_width": plan.output_size[0],
         "std_height": plan.output_size[1],
     }
+
+
+def _write_standardized(
+    reader: SlideReader, plan: ResamplePlan, dest: Path, settings: StandardizeSettings
+) -> None:
+    """The plan's level resampled into `dest`: one libvips pipeline unless Lanczos enlargement
+    (Pillow, banded) or an OpenSlide-only level (row stream) is needed (module docstring)."""
+    tile_rows = reader.info.tile_height(plan.level)
+    chunk_rows = max(1, _BAND_BYTES // (3 * plan.level_size[0] * tile_rows)) * tile_rows
+    rows = reader.iter_rows(plan.level, chunk_rows)
+    if plan.enlarges:
+        band_rows = max(16, math.floor(chunk_rows * plan.scale[1]))
+        bands = resample_rows(rows, plan, band_rows=band_rows)
+        write_pyramid_tiff(
+            dest, bands, size=plan.output_size, mpp=plan.output_mpp, settings=settings
+        )
+        return
+    level = reader.level_image(plan.level)
+    if level is None:
+        write_pyramid_tiff(
+            dest,
+            rows,
+            size=plan.level_size,
+            mpp=plan.output_mpp,
+            settings=settings,
+            transform=lambda image: shrink_image(image, plan),
+        )
+        return
+    try:
+        save_pyramid(shrink_image(level, plan), dest, mpp=plan.output_mpp, settings=settings)
+    except pyvips.Error as exc:
+        raise SlideReadError(reader.path, f"cannot read level {plan.level}: {exc}") from exc
 
 
 @dataclass(frozen=True)

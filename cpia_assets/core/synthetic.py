@@ -54,8 +54,12 @@ def _normal_quantile(p: float) -> float:
 
 
 def write_slide(path: Path, image: pyvips.Image, mpp: float, quality: int = 90) -> Path:
-    """Write a pyramidal tiled JPEG TIFF whose resolution tags give `mpp` um/px."""
+    """Write a pyramidal tiled JPEG TIFF whose resolution tags give `mpp` um/px.
+
+    BigTIFF when the file could pass classic TIFF's 4 GB offsets: judged on the uncompressed
+    pixels plus a third for the pyramid (OpenSlide reads both)."""
     pixels_per_mm = 1000.0 / mpp
+    could_exceed_4gb = image.width * image.height * image.bands * 4 // 3 >= 1 << 32
     with atomic_path(path) as tmp:
         image.tiffsave(
             str(tmp),
@@ -68,6 +72,7 @@ def write_slide(path: Path, image: pyvips.Image, mpp: float, quality: int = 90) 
             xres=pixels_per_mm,
             yres=pixels_per_mm,
             resunit="cm",
+            bigtiff=could_exceed_4gb,
         )
     return path
 
