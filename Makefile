@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 ui: $(STAMP)
-	mkdir -p $(DEMO_HOME)
+	DAGSTER_HOME=$(DEMO_HOME) $(BIN)/python -m cpia_assets.defs.instance
 	CPIA_CATALOG=$${CPIA_CATALOG:-demo} DAGSTER_HOME=$(DEMO_HOME) $(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
 
 lint:

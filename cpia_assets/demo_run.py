@@ -12,19 +12,20 @@ import sys
 import time
 from pathlib import Path
 
-import duckdb
+import polars as pl
 
-from cpia_assets.core.catalog import load_catalog
+from cpia_assets.core.catalog import ALL_SCALES, load_catalog
 from cpia_assets.core.layout import DataLayout, default_data_dir
+from cpia_assets.core.manifest import count_tiles, markdown_table, open_manifest, table_i
 from cpia_assets.definitions import PARTITIONED_ASSETS
-from cpia_assets.defs.instance import write_instance_config
+from cpia_assets.defs.instance import prepare_instance
 
 
 def main() -> int:
     catalog = load_catalog(os.environ.setdefault("CPIA_CATALOG", "demo"))
     layout = DataLayout(default_data_dir())
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(layout.root / "dagster_home")))
-    write_instance_config(home)
+    prepare_instance(home)
     logs = layout.root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     print(f"CPIA demo: {len(catalog.keys)} sub-datasets, data in {layout.root}", flush=True)
@@ -62,22 +63,18 @@ def _materialize(selection: str, log_path: Path, partition: str | None = None) -
 
 
 def _print_summary(layout: DataLayout) -> None:
-    with duckdb.connect(str(layout.duckdb_path), read_only=True) as db:
-        rows = db.execute(
-            """
-            select subdataset,
-                   count(*) filter (where scale = 'XL') as XL,
-                   count(*) filter (where scale = 'L') as L,
-                   count(*) filter (where scale = 'M') as M,
-                   count(*) filter (where scale = 'S') as S
-            from tiles group by subdataset order by subdataset
-            """
-        ).fetchall()
-    print(f"\n{'sub-dataset':<20}{'XL':>7}{'L':>7}{'M':>7}{'S':>7}")
-    for subdataset, *counts in rows:
-        print(f"{subdataset:<20}" + "".join(f"{n:>7}" for n in counts))
+    with open_manifest(layout) as con:
+        counts = count_tiles(con, by=("subdataset", "scale"))
+        organs = table_i(con).filter(pl.col("sub-datasets") > 0)  # the demo covers few organs
+        table = markdown_table(organs)
+    per_scale = counts.pivot(on="scale", index="subdataset", values="images").fill_null(0)
+    columns = [scale for scale in ALL_SCALES if scale in per_scale.columns]
+    print(f"\n{'sub-dataset':<20}" + "".join(f"{scale:>7}" for scale in columns))
+    for row in per_scale.sort("subdataset").iter_rows(named=True):
+        print(f"{row['subdataset']:<20}" + "".join(f"{row[scale]:>7}" for scale in columns))
+    print(f"\nTable I (organ x scale):\n{table}")
     print(f"\nImages:   {layout.cpia_dir}/{{L,M,S}}/<sub-dataset>/")
-    print(f"Manifest: {layout.duckdb_path} (python -m cpia_assets table1)")
+    print(f"Manifest: {layout.duckdb_path} (query it: .venv/bin/cpia table1 / tiles / lineage)")
 
 
 if __name__ == "__main__":

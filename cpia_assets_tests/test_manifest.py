@@ -36,8 +36,8 @@ from cpia_assets.core.manifest import (
 )
 from cpia_assets.core.mosaic import EMPTY_CELL, UNREADABLE, MosaicStyle, build_mosaic
 from cpia_assets.definitions import PARTITIONED_ASSETS, build_definitions
-from cpia_assets.defs.assets.manifest import POOL, ensure_pool_limits
-from cpia_assets.defs.instance import write_instance_config
+from cpia_assets.defs.instance import DUCKDB_POOL as POOL
+from cpia_assets.defs.instance import ensure_pool_limits, prepare_instance
 
 TESTDATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata"
 SLIDE = TESTDATA / "CMU-1-Small-Region.svs"  # Aperio, 2220x2967, MPP 0.499
@@ -271,8 +271,10 @@ def test_changed_partition_is_reloaded_alone(loaded: DataFolder) -> None:
         runs = con.execute(
             "SELECT subdataset, run_id, count(*) FROM tiles GROUP BY ALL ORDER BY ALL"
         ).fetchall()
+        colon = table_i(con).filter(pl.col("organ") == "colon")
     assert runs == [("roi-blood", "run-tiles-1", 4), ("wsi-breast", "run-tiles-1", 12),
                     ("wsi-colon", "run-tiles-2", 5)]  # fmt: skip
+    assert colon.select("WSIs-XL", "WSIs-S", "total").row(0) == (1, 0, 5)
 
 
 def test_removed_files_and_partitions_leave_the_manifest(loaded: DataFolder) -> None:
@@ -285,6 +287,11 @@ def test_removed_files_and_partitions_leave_the_manifest(loaded: DataFolder) -> 
     assert report.rows["tiles"] == 18 and report.rows["roi_images"] == 0
     assert set(report.touched) == {"wsi-colon", "roi-blood"}
     assert report.reloaded_partitions == ["wsi-colon"]
+    with open_manifest(layout) as con:
+        totals = table_i(con).filter(pl.col("organ").is_in(["blood", "Total"]))
+    assert totals.select("organ", "sub-datasets", "total").rows() == [
+        ("blood", 0, 0), ("Total", 2, 18),
+    ]  # fmt: skip
 
 
 def test_unusable_file_is_recorded_kept_and_retried(loaded: DataFolder) -> None:
@@ -628,7 +635,7 @@ DUCKDB_STEPS = {"tile_manifest", "manifest_checks"}
 def test_partition_runs_beside_manifest_runs_lose_nothing(tmp_path: Path) -> None:
     home, data, catalog_file = tmp_path / "home", tmp_path / "data", tmp_path / "catalog.yaml"
     catalog_file.write_text(CONCURRENT_CATALOG)
-    write_instance_config(home)
+    prepare_instance(home)
     env = {**os.environ, "DAGSTER_HOME": str(home), "CPIA_CATALOG": str(catalog_file),
            "CPIA_DATA_DIR": str(data), "CPIA_WORKERS": "1"}  # fmt: skip
 
@@ -640,7 +647,6 @@ def test_partition_runs_beside_manifest_runs_lose_nothing(tmp_path: Path) -> Non
 
     keys = load_catalog(catalog_file).keys
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        ensure_pool_limits(instance)
         # Two manifest runs (each: tile_manifest and its 4 checks) start with the 4 partition
         # runs; they compete for the pool; a last one loads whatever they missed.
         concurrent = [

@@ -7,6 +7,7 @@ counts and a few examples); the Dagster shell turns them into asset check result
 from __future__ import annotations
 
 import os
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,8 @@ EXAMPLES = 10
 
 @dataclass(frozen=True)
 class CheckOutcome:
+    """A check's verdict, a one-line summary and JSON-friendly details (counts, examples)."""
+
     passed: bool
     summary: str
     details: Mapping[str, Any] = field(default_factory=dict)
@@ -50,17 +53,15 @@ class FileComparison:
 
     rows: int = 0
     files: int = 0
-    missing: int = 0  # rows whose file does not exist
-    wrong_size: int = 0  # rows whose file size differs from the recorded bytes
-    orphans: int = 0  # files no row points to
-    examples: dict[str, list[Any]] = field(
-        default_factory=lambda: {"missing": [], "wrong_size": [], "orphans": []}
-    )
+    # "missing": rows without their file; "wrong_size": files of another size than recorded;
+    # "orphans": files no row points to.
+    problems: Counter[str] = field(default_factory=Counter)
+    examples: defaultdict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
 
     def note(self, kind: str, items: list[Any]) -> None:
-        setattr(self, kind, getattr(self, kind) + len(items))
-        room = EXAMPLES - len(self.examples[kind])
-        self.examples[kind].extend(items[:room])
+        """Count `items` as problems of `kind`; keep the first few as examples."""
+        self.problems[kind] += len(items)
+        self.examples[kind].extend(items[: EXAMPLES - len(self.examples[kind])])
 
 
 def compare_files(con: duckdb.DuckDBPyConnection, layout: DataLayout) -> FileComparison:
@@ -90,11 +91,10 @@ def _compare_subdataset(
     rows = con.sql(
         "SELECT path, bytes FROM tiles WHERE subdataset = ? AND path IS NOT NULL", params=[key]
     ).pl()
-    listed = [
-        (layout.relative(Path(path)), size)
-        for folder in SCALE_FOLDERS
-        for path, size in _walk_files(layout.cpia_dir / folder / key)
-    ]
+    listed: list[tuple[str, int]] = []
+    for folder in SCALE_FOLDERS:
+        images = layout.image_dir(folder, key)
+        listed += _walk_files(images, f"{layout.relative(images)}/")
     files = pl.DataFrame(listed, schema={"path": pl.String, "size": pl.Int64}, orient="row")
     comparison.rows += rows.height
     comparison.files += files.height
@@ -117,28 +117,32 @@ def _visible_entries(folder: Path) -> Iterator[os.DirEntry[str]]:
         return
 
 
-def _walk_files(folder: Path) -> Iterator[tuple[str, int]]:
-    """(path, size) of every visible file below `folder`, recursively."""
+def _walk_files(folder: Path, prefix: str) -> Iterator[tuple[str, int]]:
+    """(prefix + path below `folder`, size) of every visible file below it, recursively.
+
+    Paths are built as strings: resolving each of millions of paths would cost more than the
+    walk itself.
+    """
     for entry in _visible_entries(folder):
         if entry.is_dir(follow_symlinks=False):
-            yield from _walk_files(Path(entry.path))
+            yield from _walk_files(Path(entry.path), f"{prefix}{entry.name}/")
         else:
-            yield entry.path, entry.stat().st_size
+            yield prefix + entry.name, entry.stat().st_size
 
 
 def rows_have_files(comparison: FileComparison) -> CheckOutcome:
     """Every kept-image row has its file, of the recorded size."""
-    bad = comparison.missing + comparison.wrong_size
+    missing, wrong_size = comparison.problems["missing"], comparison.problems["wrong_size"]
     return CheckOutcome(
-        passed=bad == 0,
+        passed=missing + wrong_size == 0,
         summary=(
-            f"{comparison.rows} rows: {comparison.missing} files missing, "
-            f"{comparison.wrong_size} of another size than recorded"
+            f"{comparison.rows} rows: {missing} files missing, "
+            f"{wrong_size} of another size than recorded"
         ),
         details={
             "rows": comparison.rows,
-            "missing": comparison.missing,
-            "wrong_size": comparison.wrong_size,
+            "missing": missing,
+            "wrong_size": wrong_size,
             "missing_examples": comparison.examples["missing"],
             "wrong_size_examples": [
                 {"path": path, "recorded": recorded, "actual": actual}
@@ -150,12 +154,13 @@ def rows_have_files(comparison: FileComparison) -> CheckOutcome:
 
 def no_orphan_files(comparison: FileComparison) -> CheckOutcome:
     """No image file under cpia/ lacks a manifest row."""
+    orphans = comparison.problems["orphans"]
     return CheckOutcome(
-        passed=comparison.orphans == 0,
-        summary=f"{comparison.files} files: {comparison.orphans} without a manifest row",
+        passed=orphans == 0,
+        summary=f"{comparison.files} files: {orphans} without a manifest row",
         details={
             "files": comparison.files,
-            "orphans": comparison.orphans,
+            "orphans": orphans,
             "orphan_examples": comparison.examples["orphans"],
         },
     )

@@ -6,12 +6,14 @@ each Parquet file's fingerprint (size, mtime, inode: an atomic rewrite always ch
 with the one recorded when the file was last loaded, and replaces the rows of changed files only,
 in one transaction: readers see the manifest before or after a load, never half of one.
 
-Record tables hold the Parquet columns (schema.py) plus `subdataset` (the partition key, from the
-folder) and `manifest_file` (the Parquet file each row came from). Catalog tables `subdatasets`
-and `organs` are rewritten on every load. Views: `lineage` (a tile, its parent tiles, standardized
-slide and source file, with each stage's run id and code version) and `table_i` (image counts in
-the shape of the paper's Table I). User values reach SQL only as bound parameters; identifiers
-come from this module's constants.
+Record tables (`tiles`, `rejected_tiles`, `roi_images`, `slides`, `raw_files`, `failures`) hold
+the Parquet columns (schema.py) plus `subdataset` (the partition key, from the folder) and
+`manifest_file` (the Parquet file each row came from). `subdatasets` and `organs` come from the
+catalog; `manifest_files` is the load state; `tile_counts` keeps image counts per file so Table I
+never scans the tiles. Views: `lineage` (a kept image, its parent tiles, standardized slide and
+source file, with each stage's run id and code version; filter it by `subdataset` as well as
+`image_name` and DuckDB reads one partition's row groups) and `table_i` (the paper's Table I).
+User values reach SQL only as bound parameters; identifiers come from this module's constants.
 """
 
 from __future__ import annotations
@@ -83,12 +85,15 @@ TABLE_I_COLUMNS = (
 )
 """(column, kind, scale) of the paper's Table I, in its order."""
 
-_CATALOG_COLUMNS = {
+_SUPPORT_COLUMNS = {
     "subdatasets": "key VARCHAR, name VARCHAR, kind VARCHAR, organ VARCHAR, labelled BOOLEAN, "
     "raw_dir VARCHAR",
     "organs": "organ VARCHAR, position INTEGER",  # Table I order, then other catalog organs
     "manifest_files": "file VARCHAR, subdataset VARCHAR, table_name VARCHAR, "
     "fingerprint VARCHAR, rows BIGINT, loaded_at TIMESTAMP WITH TIME ZONE",  # the load state
+    # Kept images per file and category, kept with the tiles: Table I never scans them.
+    "tile_counts": "manifest_file VARCHAR, subdataset VARCHAR, kind VARCHAR, scale VARCHAR, "
+    "in_mini BOOLEAN, images BIGINT",
 }
 
 _LINEAGE_VIEW = """
@@ -132,9 +137,9 @@ def _table_i_sql() -> list[str]:
     macro = f"""
 CREATE OR REPLACE MACRO table_i_for(mini_only) AS TABLE
 WITH images AS (
-    SELECT subdataset, kind, scale, count(*) AS images
-    FROM tiles
-    WHERE path IS NOT NULL AND (NOT mini_only OR in_mini)
+    SELECT subdataset, kind, scale, sum(images) AS images
+    FROM tile_counts
+    WHERE NOT mini_only OR in_mini
     GROUP BY ALL
 ), organ_rows AS (
     SELECT o.position, o.organ, count(DISTINCT s.key)::BIGINT AS "sub-datasets",
@@ -178,7 +183,7 @@ _TABLE_COLUMNS = {
         )
         for table in RECORD_TABLES
     },
-    **_CATALOG_COLUMNS,
+    **_SUPPORT_COLUMNS,
 }
 SCHEMA_VERSION = hashlib.sha256(repr(_TABLE_COLUMNS).encode()).hexdigest()[:16]
 """Changes whenever a table's columns change; a database of another version is rebuilt."""
@@ -220,7 +225,7 @@ def _connect(path: Path, *, read_only: bool, wait_s: float) -> duckdb.DuckDBPyCo
     and two steps that claim the pool's one slot at the same instant on SQLite instance storage.
     """
     # Without insertion order, the multi-file INSERT of a load runs on all cores.
-    config = {} if read_only else {"preserve_insertion_order": True}
+    config = {} if read_only else {"preserve_insertion_order": False}
     deadline = time.monotonic() + wait_s
     delay = 0.05
     while True:
@@ -421,10 +426,9 @@ def _drop_files(con: duckdb.DuckDBPyConnection, paths: list[str]) -> None:
     """Delete the rows loaded from these Parquet files, and their load state."""
     if not paths:
         return
-    for table in RECORD_TABLES:
+    for table in (*(table.name for table in RECORD_TABLES), "tile_counts"):
         con.execute(
-            f"DELETE FROM {table.name} WHERE manifest_file IN (SELECT unnest(?::VARCHAR[]))",
-            [paths],
+            f"DELETE FROM {table} WHERE manifest_file IN (SELECT unnest(?::VARCHAR[]))", [paths]
         )
     con.execute("DELETE FROM manifest_files WHERE file IN (SELECT unnest(?::VARCHAR[]))", [paths])
 
@@ -452,6 +456,14 @@ def _insert_batch(
         "FROM read_parquet(?, filename = true, union_by_name = true)",
         [len(root) + 1, [root + probed.file.path for probed in batch]],
     )
+    if table.name == "tiles":
+        con.execute(
+            "INSERT INTO tile_counts SELECT manifest_file, subdataset, kind, scale, "
+            "coalesce(in_mini, false), count(*) FROM tiles "
+            "WHERE path IS NOT NULL AND manifest_file IN (SELECT unnest(?::VARCHAR[])) "
+            "GROUP BY ALL",
+            [[probed.file.path for probed in batch]],
+        )
 
 
 def _record(

@@ -14,26 +14,11 @@ from collections.abc import Iterator
 import dagster as dg
 
 from cpia_assets.core import integrity, manifest, mosaic
+from cpia_assets.defs.instance import DUCKDB_POOL as POOL
 from cpia_assets.defs.records import failures_markdown
 from cpia_assets.defs.resources import CpiaStore
 
-POOL = "duckdb"
-"""Concurrency pool of every step that opens manifest.duckdb; its limit must be 1."""
-
 UPSTREAM = ("raw_download", "standardized_wsi", "scale_tiles")
-
-
-def ensure_pool_limits(instance: dg.DagsterInstance) -> None:
-    """Give the pool "duckdb" one slot on `instance` (what `dagster instance concurrency set
-    duckdb 1` does). Without a limit, Dagster runs steps of an unlimited pool freely."""
-    storage = instance.event_log_storage
-    if not storage.supports_global_concurrency_limits:
-        raise dg.DagsterInvariantViolationError(
-            f"this Dagster instance's storage ({type(storage).__name__}) cannot enforce pool "
-            f"limits; the pool {POOL!r} needs a limit of 1 so one process writes manifest.duckdb"
-        )
-    if storage.get_concurrency_info(POOL).slot_count != 1:
-        storage.set_concurrency_slots(POOL, 1)
 
 
 def build_manifest_assets() -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:

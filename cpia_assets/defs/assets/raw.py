@@ -9,6 +9,7 @@ from cpia_assets.core.downloads import (
     fetch_source,
     source_data_version,
 )
+from cpia_assets.defs.instance import DOWNLOADS_POOL
 from cpia_assets.defs.records import (
     config_class,
     failures_markdown,
@@ -25,7 +26,7 @@ DownloadConfig = config_class(DownloadSettings, "DownloadConfig")
 def build_raw_download(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
     @dg.asset(
         partitions_def=partitions,
-        pool="downloads",
+        pool=DOWNLOADS_POOL,
         group_name="ingest",
         code_version="1",
         kinds={"python", "file"},
