@@ -56,6 +56,8 @@ def _materialize(selection: str, log_path: Path, partition: str | None = None) -
             log.write(line)
             if partition and f"[{partition}]" in line:
                 print("    " + line.split(f"[{partition}] ", 1)[-1].rstrip(), flush=True)
+            elif "ASSET_CHECK_EVALUATION - " in line:
+                print("    " + line.split("ASSET_CHECK_EVALUATION - ", 1)[1].rstrip(), flush=True)
             elif "STEP_FAILURE" in line or "Error" in line.split(" - ")[-1][:40]:
                 print("    " + line.rstrip(), flush=True)
         if process.wait() != 0:
