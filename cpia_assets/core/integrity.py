@@ -202,6 +202,14 @@ links AS (
 """
 
 
+def xl_ratio_text(counts: Mapping[str, int]) -> str:
+    """`1:L:M:S` per XL tile, e.g. `1:16.0:100.0:160.0` (the spec's full-CPIA ratio)."""
+    xl = counts.get("XL", 0)
+    if not xl:
+        return "no XL tiles"
+    return "1:" + ":".join(f"{counts.get(scale, 0) / xl:.1f}" for scale in PARENT_SCALE)
+
+
 def ratios_within_spec(con: duckdb.DuckDBPyConnection) -> CheckOutcome:
     """Each WSI L/M/S tile lies inside an existing parent; children per XL within the spec."""
     broken = con.execute(
@@ -230,7 +238,7 @@ def ratios_within_spec(con: duckdb.DuckDBPyConnection) -> CheckOutcome:
         + ", ".join(f"count(*) FILTER (WHERE scale = '{scale}')" for scale in PARENT_SCALE)
         + " FROM tiles WHERE kind = 'wsi' AND path IS NOT NULL"
     ).fetchall()
-    ratio = "1:" + ":".join(f"{n / xl:.1f}" for n in children) if xl else "no XL tiles"
+    ratio = xl_ratio_text(dict(zip(("XL", *PARENT_SCALE), (xl, *children), strict=True)))
     broken_count = broken[0][-1] if broken else 0
     crowded_count = crowded[0][-1] if crowded else 0
     return CheckOutcome(

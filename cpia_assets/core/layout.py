@@ -59,3 +59,16 @@ class DataLayout:
     def relative(self, path: Path) -> str:
         """A path as stored in manifests: relative to the data folder, POSIX separators."""
         return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
+
+    def stored(self, path: Path) -> str:
+        """A path as records store it: relative to the data folder when it lies inside it (also
+        through a symlinked folder, e.g. raw/<key> linked to a user's folder), else absolute."""
+        try:
+            return self.relative(path)
+        except ValueError:
+            pass
+        absolute = Path(path).absolute()
+        try:
+            return absolute.relative_to(self.root.absolute()).as_posix()
+        except ValueError:
+            return absolute.as_posix()

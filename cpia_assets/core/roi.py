@@ -49,7 +49,7 @@ from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.parallel import map_unordered
 from cpia_assets.core.stage import StageResult, failure
 
-STAGE = "roi_standardize"
+STAGE = "standardized_wsi"  # the asset that runs ROI standardization
 ROI_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 _ALGORITHM_VERSION = 1
 """Part of every stamp: bump it when a change to this module changes the pixels it writes."""
@@ -225,7 +225,7 @@ def _plan_jobs(
 ) -> tuple[list[_ImageJob], list[dict[str, str]]]:
     """Jobs for the used source images, and failures for images a rule cannot label or split."""
     annotator = Annotator(labels=entry.labels, splits=entry.splits, source_dir=source_dir)
-    source_prefix = _stored_path(layout, source_dir)
+    source_prefix = layout.stored(source_dir)
     jobs, failures = [], []
     for scale, sources in _sources_by_scale(entry, source_dir).items():
         output_dir = layout.image_dir(scale, entry.key)
@@ -262,14 +262,6 @@ def _sources_by_scale(entry: SubDataset, source_dir: Path) -> dict[str, list[str
         if scale is not None:
             by_scale[scale].append(relative)
     return dict(by_scale)
-
-
-def _stored_path(layout: DataLayout, path: Path) -> str:
-    """A path as records store it: relative to the data folder, absolute if outside it."""
-    try:
-        return layout.relative(path)
-    except ValueError:
-        return Path(path).resolve().as_posix()
 
 
 def _remove_stale_outputs(folders: Iterable[Path], kept: set[Path]) -> None:

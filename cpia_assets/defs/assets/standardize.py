@@ -3,7 +3,7 @@
 import dagster as dg
 
 from cpia_assets.core import schema
-from cpia_assets.core.roi import RoiSettings, find_roi_images, standardize_roi_partition
+from cpia_assets.core.roi import RoiSettings, standardize_roi_partition
 from cpia_assets.core.slides import find_slides
 from cpia_assets.core.stage import StageResult
 from cpia_assets.core.standardize import StandardizeSettings, standardize_partition
@@ -53,19 +53,12 @@ def build_standardized_wsi(partitions: dg.PartitionsDefinition) -> dg.AssetsDefi
         layout = store.layout
         raw_dir = layout.raw_dir(key)
         progress = progress_logger(context)
-        if entry.kind == "wsi":
-            inputs = find_slides(raw_dir, entry.wsi)
-            table, columns = "slides", schema.SLIDES
-        else:
-            inputs = find_roi_images(raw_dir)
-            table, columns = "roi_images", schema.TILES
-        if not inputs:
-            raise dg.Failure(f"no {entry.kind.upper()} input files under {raw_dir} for {key!r}")
-        progress(f"{len(inputs)} input files")
         with workers.executor() as executor:
             if entry.kind == "wsi":
+                slides = find_slides(raw_dir, entry.wsi)
+                progress(f"{len(slides)} slide files")
                 result: StageResult = standardize_partition(
-                    inputs,
+                    slides,
                     key=key,
                     layout=layout,
                     options=entry.wsi,
@@ -73,6 +66,7 @@ def build_standardized_wsi(partitions: dg.PartitionsDefinition) -> dg.AssetsDefi
                     executor=executor,
                     progress=progress,
                 )
+                table, columns = "slides", schema.SLIDES
             else:
                 result = standardize_roi_partition(
                     entry,
@@ -82,12 +76,14 @@ def build_standardized_wsi(partitions: dg.PartitionsDefinition) -> dg.AssetsDefi
                     executor=executor,
                     progress=progress,
                 )
+                table, columns = "roi_images", schema.TILES
         write_records(context, layout, table, result.records, columns)
         write_failures(context, layout, result.failures)
         if not result.records:
             raise dg.Failure(
-                f"every input of {key!r} failed",
-                metadata={"failures": failures_markdown(result.failures)},
+                f"no usable {entry.kind.upper()} input for {key!r} under {raw_dir} "
+                f"({len(result.failures)} failed)",
+                metadata={"failures": dg.MetadataValue.md(failures_markdown(result.failures))},
             )
         return dg.MaterializeResult(
             metadata={

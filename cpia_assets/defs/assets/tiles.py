@@ -6,6 +6,7 @@ import dagster as dg
 
 from cpia_assets.core import schema
 from cpia_assets.core.catalog import ALL_SCALES
+from cpia_assets.core.integrity import xl_ratio_text
 from cpia_assets.core.stage import StageResult
 from cpia_assets.core.tiling import TilingSettings, tile_partition
 from cpia_assets.defs.records import (
@@ -62,19 +63,20 @@ def build_scale_tiles(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinitio
             write_failures(context, layout, result.failures)
         write_records(context, layout, "tiles", result.records, schema.TILES)
         write_records(context, layout, "rejected_tiles", result.rejected, schema.TILES)
+        if entry.kind == "wsi" and not result.records and result.failures:
+            raise dg.Failure(
+                f"no slide of {key!r} could be tiled",
+                metadata={"failures": dg.MetadataValue.md(failures_markdown(result.failures))},
+            )
         counts = Counter(row["scale"] for row in result.records)
         metadata: dict[str, dg.RawMetadataValue] = {
             f"images_{scale}": counts.get(scale, 0) for scale in ALL_SCALES
         }
         metadata["images"] = len(result.records)
         if entry.kind == "wsi":
-            xl = counts.get("XL", 0)
+            metadata["ratio_XL_L_M_S"] = xl_ratio_text(counts)
             metadata["rejected_candidates"] = len(result.rejected)
-            metadata["ratio_XL_L_M_S"] = (
-                "1:" + ":".join(f"{counts.get(s, 0) / xl:.1f}" for s in ("L", "M", "S"))
-                if xl
-                else "no XL tile kept"
-            )
+            metadata["reused_from_earlier_runs"] = result.reused
             metadata["failures"] = dg.MetadataValue.md(failures_markdown(result.failures))
         return dg.MaterializeResult(metadata=metadata)
 
