@@ -115,7 +115,8 @@ def test_rerun_reuses_finished_work(pipeline, small_catalog_path: Path) -> None:
         instance=instance,
     )
     assert result.success
-    materialization = result.asset_materializations_for_node("standardized_wsi")[0]
-    assert materialization.metadata["reused_from_earlier_runs"].value == 2
+    for asset in ("standardized_wsi", "scale_tiles"):
+        materialization = result.asset_materializations_for_node(asset)[0]
+        assert materialization.metadata["reused_from_earlier_runs"].value == 2, asset
     after = _tiles(layout, "wsi-20x").drop("run_id").sort("image_name")
     assert after.equals(before)

@@ -11,6 +11,7 @@ import pytest
 import pyvips
 from PIL import Image
 
+from cpia_assets.core import standardize
 from cpia_assets.core.catalog import WsiOptions
 from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.slides import Mpp, SlideInfo
@@ -275,3 +276,59 @@ def test_synthetic_40x_slide_from_real_pixels(tmp_path: Path):
     )  # floor(6000 * 0.25 / 0.4942)
     with openslide.OpenSlide(layout.root / record["standardized_file"]) as slide:
         assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.4942, rel=1e-6)
+
+
+def test_rerun_deletes_outputs_of_removed_and_now_failing_slides(tmp_path: Path):
+    layout = DataLayout(tmp_path / "data")
+    files = _raw_dir(tmp_path, GOOD)
+    outputs = layout.standardized_dir(KEY)
+    markers = layout.manifest_dir(KEY) / "parts" / "standardized"
+
+    def run(slide_files: list[Path]):
+        return standardize_partition(
+            slide_files,
+            key=KEY,
+            layout=layout,
+            options=WsiOptions(),
+            settings=StandardizeSettings(),
+        )
+
+    run(files)
+    small = [path for path in files if path.name == "openslide-small.svs"]
+    kept = run(small)
+    assert kept.reused == 1 and not kept.failures
+    assert sorted(p.name for p in outputs.iterdir()) == ["openslide-small.tiff"]
+    assert sorted(p.name for p in markers.iterdir()) == ["openslide-small.json"]
+    # The input now is corrupt (a new file: the shared test slide behind the link is untouched).
+    small[0].unlink()
+    small[0].write_bytes(b"not a slide")
+    broken = run(small)
+    assert broken.records == [] and broken.reused == 0
+    (row,) = broken.failures
+    assert row["file"] == f"raw/{KEY}/openslide-small.svs"
+    assert row["reason"].startswith("openslide-small.svs")
+    assert list(outputs.iterdir()) == [] and list(markers.iterdir()) == []
+    assert sorted(p.name for p in layout.raw_dir(KEY).iterdir()) == sorted(GOOD)
+
+
+def test_an_unexpected_error_fails_only_its_slide(tmp_path: Path, monkeypatch):
+    layout = DataLayout(tmp_path / "data")
+    files = _raw_dir(tmp_path, GOOD)
+    original = standardize.standardize_slide
+
+    def fail_cmu(source: Path, dest: Path, **kwargs):
+        if source.name == "CMU-1-Small-Region.svs":
+            raise RuntimeError("out of file handles")
+        return original(source, dest, **kwargs)
+
+    monkeypatch.setattr(standardize, "standardize_slide", fail_cmu)
+    result = standardize_partition(
+        files, key=KEY, layout=layout, options=WsiOptions(), settings=StandardizeSettings()
+    )
+    (row,) = result.failures
+    assert row["file"] == f"raw/{KEY}/CMU-1-Small-Region.svs"
+    assert row["reason"] == "CMU-1-Small-Region.svs: RuntimeError: out of file handles"
+    assert [record["source_file"] for record in result.records] == [
+        f"raw/{KEY}/openslide-small.svs"
+    ]
+    assert [p.name for p in layout.standardized_dir(KEY).iterdir()] == ["openslide-small.tiff"]

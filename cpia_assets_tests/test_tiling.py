@@ -189,3 +189,69 @@ def test_changed_settings_replace_the_previous_tiles(standardized):
     assert result.reused == 0
     assert sum(row["scale"] == "S" for row in result.records) == 320
     assert _files(layout) == sorted(row["path"] for row in result.records)
+
+
+def _mtimes(layout: DataLayout) -> dict[str, int]:
+    """Every file this stage wrote (tiles, part files, markers) and when."""
+    folders = [layout.cpia_dir, layout.manifest_dir(KEY) / "parts" / "tiles"]
+    return {str(p): p.stat().st_mtime_ns for f in folders for p in f.rglob("*") if p.is_file()}
+
+
+def _copy_slide(layout: DataLayout, slides: list[dict], stem: str) -> dict:
+    """A second tissue slide: the standardized file of the first one under another stem."""
+    (slide,) = [slide for slide in slides if STEM in slide["source_file"]]
+    source = layout.root / slide["standardized_file"]
+    copy = source.with_name(f"{stem}.tiff")
+    copy.write_bytes(source.read_bytes())
+    return slide | {
+        "source_file": f"raw/{KEY}/{stem}.tiff",
+        "standardized_file": layout.relative(copy),
+    }
+
+
+def test_lineage_columns_from_the_shell_do_not_invalidate_finished_slides(standardized):
+    layout, slides = standardized
+    first = _tile(layout, slides)
+    written = _mtimes(layout)
+    rerun = [slide | {"run_id": "another-run", "code_version": "v2"} for slide in slides]
+    again = _tile(layout, rerun)
+    assert again.reused == len(slides) and again.records == first.records
+    assert _mtimes(layout) == written
+
+
+def test_slides_gone_from_the_partition_lose_their_tiles_and_parts(standardized):
+    layout, slides = standardized
+    second = _copy_slide(layout, slides, "TS-0002")
+    _tile(layout, [*slides, second])
+    assert any("TS-0002-" in path for path in _files(layout))
+    one = _tile(layout, slides)
+    assert one.reused == 2 and not one.failures
+    assert _files(layout) == sorted(row["path"] for row in one.records)
+    assert not any("TS-0002" in path for path in _files(layout))
+    parts = layout.manifest_dir(KEY) / "parts" / "tiles"
+    assert sorted(p.name for p in parts.iterdir()) == [
+        f"{stem}.{ext}" for stem in ("CMU-1-Small-Region", STEM) for ext in ("json", "parquet")
+    ]
+    assert (layout.root / second["standardized_file"]).is_file()  # inputs are never touched
+
+
+def test_an_unexpected_error_fails_only_its_slide(standardized, monkeypatch):
+    layout, slides = standardized
+    second = _copy_slide(layout, slides, "TS-0002")
+    original_save = tiling._TileWriter.save
+
+    def fail_second_slide_midway(self, scale, name, *args):
+        if name.startswith("TS-0002-") and scale == "M":
+            raise RuntimeError("disk on fire")
+        return original_save(self, scale, name, *args)
+
+    monkeypatch.setattr(tiling._TileWriter, "save", fail_second_slide_midway)
+    result = _tile(layout, [*slides, second])
+    (row,) = result.failures
+    assert row["file"] == second["standardized_file"] and row["stage"] == tiling.STAGE
+    assert row["reason"].startswith(second["standardized_file"])
+    assert "RuntimeError: disk on fire" in row["reason"]
+    assert {r["source_file"] for r in result.records} == {f"raw/{KEY}/{STEM}.tiff"}
+    assert len(result.records) == 1 + 16 + 100 + 160
+    assert _files(layout) == sorted(row["path"] for row in result.records)
+    assert not any(p.name.startswith(".") for p in layout.cpia_dir.rglob("*"))

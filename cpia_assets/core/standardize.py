@@ -27,7 +27,9 @@ Resume: `manifests/<key>/parts/standardized/<stem>.json` holds the SLIDES record
 fingerprint of the source bytes (sha256), the settings and the slide's catalog options. A rerun
 reuses a slide whose marker matches and whose TIFF is present; anything else is redone. The TIFF
 is written to a temporary sibling and renamed into place before its marker is written, so an
-interrupted slide leaves nothing at its final name.
+interrupted slide leaves nothing at its final name. At the end of a partition the TIFF and
+marker of every slide that is no longer an input or failed this time are deleted, so the
+TIFFs on disk are exactly the records.
 """
 
 from __future__ import annotations
@@ -404,13 +406,14 @@ def standardize_partition(
 ) -> StageResult:
     """Standardize a partition's slides (in parallel over `executor`) into
     `standardized/<key>/<stem>.tiff`; one SLIDES record per slide done or reused, one failure
-    per slide that could not be used (the others finish)."""
+    per slide that could not be used (the others finish). Afterwards the outputs of slides
+    without a record are deleted (module docstring)."""
     result = StageResult()
     jobs = []
     owners: dict[str, Path] = {}
     for source in sorted(Path(p) for p in slide_files):
         stem = slide_stem(source)
-        stored = stored_path(layout, source)
+        stored = layout.stored(source)
         if stem in owners:
             reason = f"slide name {stem!r} is already used by {owners[stem].name}; rename one"
             result.failures.append(failure(stored, STAGE, f"{source.name}: {reason}"))
@@ -421,9 +424,9 @@ def standardize_partition(
             _SlideJob(
                 source=source,
                 output=output,
-                marker=layout.manifest_dir(key) / "parts" / "standardized" / f"{stem}.json",
+                marker=_markers_dir(layout, key) / f"{stem}.json",
                 source_file=stored,
-                standardized_file=stored_path(layout, output),
+                standardized_file=layout.stored(output),
                 options=options,
                 settings=settings,
             )
@@ -436,13 +439,30 @@ def standardize_partition(
         result.reused += outcome.reused
         if progress:
             progress(outcome.message)
+    _remove_unrecorded_slides(
+        layout, key, keep={Path(record["standardized_file"]).stem for record in result.records}
+    )
     result.records.sort(key=lambda record: record["source_file"])
     result.failures.sort(key=lambda row: row["file"])
     return result
 
 
 def _run_job(job: _SlideJob) -> _SlideOutcome:
-    """Worker: one slide, reused when its marker matches, failures recorded not raised."""
+    """Worker: one slide, reused when its marker matches, failures recorded not raised (an
+    unexpected error too, so that the siblings still finish)."""
+    try:
+        return _standardize_or_reuse(job)
+    except Exception as exc:  # recorded, not raised: see the docstring
+        _remove_stale_temporaries(job.output)
+        error = f"{type(exc).__name__}: {exc}"
+        return _SlideOutcome(
+            job.source_file,
+            failure=failure(job.source_file, STAGE, f"{job.source.name}: {error}"),
+            message=f"slide {job.source.name}: failed: {error}",
+        )
+
+
+def _standardize_or_reuse(job: _SlideJob) -> _SlideOutcome:
     name = job.source.name
     try:
         source_bytes = job.source.stat().st_size
@@ -509,22 +529,25 @@ def _load_marker(marker: Path, fingerprint: str) -> dict[str, Any] | None:
     return done["record"] if done.get("fingerprint") == fingerprint else None
 
 
+def _markers_dir(layout: DataLayout, key: str) -> Path:
+    return layout.manifest_dir(key) / "parts" / "standardized"
+
+
+def _remove_unrecorded_slides(layout: DataLayout, key: str, *, keep: set[str]) -> None:
+    """Delete the TIFF and marker of every slide whose stem is not in `keep`, and every
+    temporary folder (all jobs have finished). Only this stage's output and marker folders
+    are looked at, never the inputs."""
+    outputs, markers = layout.standardized_dir(key), _markers_dir(layout, key)
+    for folder, suffix in ((outputs, ".tiff"), (markers, ".json")):
+        for path in folder.glob(f"*{suffix}"):
+            if path.stem not in keep:
+                path.unlink(missing_ok=True)
+        for stale in folder.glob(f".*{suffix}.*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def _remove_stale_temporaries(output: Path) -> None:
     """Temporary folders left by an interrupted run of this slide (see `fsutil.atomic_path`)."""
     if output.parent.is_dir():
         for stale in output.parent.glob(f".{output.name}.*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
-
-
-def stored_path(layout: DataLayout, path: Path) -> str:
-    """A path as stored in records: relative to the data folder when it lies inside it (also
-    through a symlinked folder), else absolute."""
-    try:
-        return layout.relative(path)
-    except ValueError:
-        pass
-    absolute = Path(path).absolute()
-    try:
-        return absolute.relative_to(layout.root.absolute()).as_posix()
-    except ValueError:
-        return absolute.as_posix()

@@ -19,6 +19,8 @@ Per slide the work is atomic and resumable. Tiles are written to hidden staging 
 and finally `<stem>.json` records the fingerprint (standardized slide record and file,
 settings). A rerun reuses a slide whose fingerprint matches; otherwise it first deletes every
 file the previous part file lists and any staging folder, so no duplicates or stale tiles stay.
+At the end of a partition the same is done for every slide that has a part file or marker but
+is no longer in the partition or failed this time, so the files on disk are exactly the records.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ CELLS_PER_XL_EDGE = {"XL": 1, "L": 4, "M": 10, "S": 40}
 _PIL_ENCODE_MAX_PX = 96
 """Tiles up to this edge are encoded by Pillow (per-call overhead of libvips dominates)."""
 _RESUME_VERSION = 1
+_STAGING_SUFFIX = ".tiles.tmp"
 
 
 @dataclass(frozen=True)
@@ -255,7 +258,7 @@ class _TilingJob:
 
     @property
     def part(self) -> Path:
-        return self.layout.manifest_dir(self.key) / "parts" / "tiles" / f"{self.stem}.parquet"
+        return _part_file(self.layout, self.key, self.stem)
 
     @property
     def marker(self) -> Path:
@@ -266,12 +269,22 @@ class _TilingJob:
 
     def staging(self) -> dict[str, Path]:
         return {
-            scale: folder / f".{self.stem}.tiles.tmp" for scale, folder in self.folders().items()
+            scale: folder / f".{self.stem}{_STAGING_SUFFIX}"
+            for scale, folder in self.folders().items()
         }
+
+
+def _parts_dir(layout: DataLayout, key: str) -> Path:
+    return layout.manifest_dir(key) / "parts" / "tiles"
+
+
+def _part_file(layout: DataLayout, key: str, stem: str) -> Path:
+    return _parts_dir(layout, key) / f"{stem}.parquet"
 
 
 @dataclass(frozen=True)
 class _TilingOutcome:
+    stem: str
     rows: list[dict[str, Any]] = field(default_factory=list)
     failure: dict[str, str] | None = None
     reused: bool = False
@@ -290,18 +303,23 @@ def tile_partition(
     """Tile a partition's standardized slides (SLIDES records), in parallel over `executor`.
 
     Records: TILES rows of kept images; rejected: TILES rows (path null) of rejected
-    candidates with their metrics; failures: slides that could not be tiled.
+    candidates with their metrics; failures: slides that could not be tiled. Afterwards the
+    outputs of slides that are not in `slides` or failed are deleted (module docstring).
     """
     result = StageResult()
     jobs = [_TilingJob(dict(slide), key, layout, settings) for slide in slides]
+    tiled: set[str] = set()
     for outcome in map_unordered(_run_job, jobs, executor):
         for row in outcome.rows:
             (result.records if row["path"] else result.rejected).append(row)
-        if outcome.failure is not None:
+        if outcome.failure is None:
+            tiled.add(outcome.stem)
+        else:
             result.failures.append(outcome.failure)
         result.reused += outcome.reused
         if progress:
             progress(outcome.message)
+    result.failures.extend(_remove_untiled_slides(layout, key, keep=tiled))
     result.records.sort(key=_row_order)
     result.rejected.sort(key=_row_order)
     return result
@@ -312,40 +330,47 @@ def _row_order(row: Mapping[str, Any]) -> tuple[str, int, int, int]:
 
 
 def _run_job(job: _TilingJob) -> _TilingOutcome:
-    """Worker: tile one slide, or reuse it when its fingerprint matches."""
+    """Worker: tile one slide, or reuse it when its fingerprint matches; any error becomes
+    the slide's failure (its staging folders removed) so that its siblings still finish."""
+    slide_file = job.slide["standardized_file"]
+    try:
+        return _tile_or_reuse(job)
+    except pyvips.Error as exc:
+        reason = f"{slide_file}: cannot read the standardized slide: {exc}"
+    except Exception as exc:  # recorded, not raised: see the docstring
+        reason = f"{slide_file}: {type(exc).__name__}: {exc}"
+    _remove_staging(job)
+    return _TilingOutcome(job.stem, failure=failure(slide_file, STAGE, reason), message=reason)
+
+
+def _tile_or_reuse(job: _TilingJob) -> _TilingOutcome:
     slide_file = job.slide["standardized_file"]
     try:
         stat = job.standardized.stat()
     except OSError as exc:
         reason = f"{slide_file}: standardized slide missing: {exc}"
-        return _TilingOutcome(failure=failure(slide_file, STAGE, reason), message=reason)
+        return _TilingOutcome(job.stem, failure=failure(slide_file, STAGE, reason), message=reason)
     fingerprint = _fingerprint(job, stat)
     if _marker_matches(job.marker, fingerprint) and job.part.is_file():
         rows = pl.read_parquet(job.part).to_dicts()
         kept = sum(1 for row in rows if row["path"])
         message = f"slide {job.stem}: already tiled ({kept} images)"
-        return _TilingOutcome(rows=rows, reused=True, message=message)
-    _remove_previous_outputs(job)
-    try:
-        candidates = tile_slide(
-            job.standardized, stem=job.stem, out_dirs=job.staging(), settings=job.settings
-        )
-    except pyvips.Error as exc:
-        for staging in job.staging().values():
-            shutil.rmtree(staging, ignore_errors=True)
-        reason = f"{slide_file}: cannot read the standardized slide: {exc}"
-        return _TilingOutcome(failure=failure(slide_file, STAGE, reason), message=reason)
+        return _TilingOutcome(job.stem, rows=rows, reused=True, message=message)
+    _remove_previous_outputs(job.layout, job.key, job.stem)
+    _remove_staging(job)
+    candidates = tile_slide(
+        job.standardized, stem=job.stem, out_dirs=job.staging(), settings=job.settings
+    )
     folders = job.folders()
     rows = [_tiles_row(job, candidate, folders) for candidate in candidates]
     write_parquet_atomic(schema.frame(rows, schema.TILES), job.part)
     for candidate in candidates:
         if candidate.file is not None:
             candidate.file.replace(folders[candidate.scale] / candidate.file.name)
-    for staging in job.staging().values():
-        shutil.rmtree(staging, ignore_errors=True)
+    _remove_staging(job)
     with atomic_path(job.marker) as tmp:
         tmp.write_text(json.dumps({"fingerprint": fingerprint}))
-    return _TilingOutcome(rows=rows, message=_summary(job.stem, candidates))
+    return _TilingOutcome(job.stem, rows=rows, message=_summary(job.stem, candidates))
 
 
 def _tiles_row(job: _TilingJob, candidate: Candidate, folders: Mapping[str, Path]) -> dict:
@@ -387,9 +412,11 @@ def _summary(stem: str, candidates: Sequence[Candidate]) -> str:
 
 
 def _fingerprint(job: _TilingJob, stat: os.stat_result) -> str:
+    """Hash of what the tiles depend on: the slide's SLIDES fields (not the lineage columns,
+    such as `run_id`, that the caller may pass along), its file and the settings."""
     identity = {
         "version": _RESUME_VERSION,
-        "slide": job.slide,
+        "slide": {name: job.slide.get(name) for name in schema.SLIDES},
         "standardized": [stat.st_size, stat.st_mtime_ns],
         "settings": asdict(job.settings),
     }
@@ -404,12 +431,37 @@ def _marker_matches(marker: Path, fingerprint: str) -> bool:
         return False
 
 
-def _remove_previous_outputs(job: _TilingJob) -> None:
-    """Files listed by an earlier (finished or interrupted) run of this slide, and staging."""
-    job.marker.unlink(missing_ok=True)
-    if job.part.is_file():
-        for path in pl.read_parquet(job.part, columns=["path"])["path"].drop_nulls():
-            (job.layout.root / path).unlink(missing_ok=True)
-        job.part.unlink()
+def _remove_staging(job: _TilingJob) -> None:
     for staging in job.staging().values():
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_previous_outputs(layout: DataLayout, key: str, stem: str) -> None:
+    """The part file and marker of an earlier (finished or interrupted) run of slide `stem`
+    and the tile files that part file lists: only files this stage wrote."""
+    part = _part_file(layout, key, stem)
+    part.with_suffix(".json").unlink(missing_ok=True)
+    if part.is_file():
+        for path in pl.read_parquet(part, columns=["path"])["path"].drop_nulls():
+            (layout.root / path).unlink(missing_ok=True)
+        part.unlink()
+
+
+def _remove_untiled_slides(layout: DataLayout, key: str, *, keep: set[str]) -> list[dict[str, str]]:
+    """Delete the outputs of every slide with a part file or marker whose stem is not in
+    `keep`, and all staging folders (every job has finished); returns a failure per slide
+    whose outputs could not be removed."""
+    parts = _parts_dir(layout, key)
+    stems = {path.stem for pattern in ("*.parquet", "*.json") for path in parts.glob(pattern)}
+    failures = []
+    for stem in sorted(stems - keep):
+        try:
+            _remove_previous_outputs(layout, key, stem)
+        except (OSError, pl.exceptions.PolarsError) as exc:
+            part = layout.relative(_part_file(layout, key, stem))
+            reason = f"{part}: cannot remove the tiles of a slide no longer tiled: {exc}"
+            failures.append(failure(part, STAGE, reason))
+    for folder in {layout.image_dir(scale, key) for scale in SCALES}:
+        for staging in folder.glob(f".*{_STAGING_SUFFIX}"):
+            shutil.rmtree(staging, ignore_errors=True)
+    return failures
