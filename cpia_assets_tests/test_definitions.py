@@ -60,3 +60,20 @@ def test_loading_definitions_imports_no_heavy_libraries() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ""
+
+
+def test_run_config_mirrors_the_core_settings(tmp_path: Path) -> None:
+    defs = build_definitions(load_catalog("demo"), tmp_path)
+    job = defs.resolve_job_def("build_subdatasets")
+    config = {
+        "ops": {
+            "standardized_wsi": {"config": {"wsi": {"target_mpp": 0.4942}, "roi": {"size": 224}}},
+            "scale_tiles": {"config": {"jpeg_quality": 95, "thresholds": {"xl_min_tissue": 0.5}}},
+        }
+    }
+    resolved = dg.validate_run_config(job, config)["ops"]
+    assert resolved["standardized_wsi"]["config"]["wsi"]["target_mpp"] == 0.4942
+    assert resolved["standardized_wsi"]["config"]["wsi"]["jpeg_quality"] == 90  # core default
+    assert resolved["scale_tiles"]["config"]["thresholds"]["saturation"] == 0.08
+    with pytest.raises(dg.DagsterInvalidConfigError):
+        dg.validate_run_config(job, {"ops": {"scale_tiles": {"config": {"xl_sise": 1}}}})
