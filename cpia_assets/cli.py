@@ -1,4 +1,5 @@
-"""`cpia` / `python -m cpia_assets`: query the manifest (Table I, images, lineage, failures).
+"""`cpia` / `python -m cpia_assets`: query the manifest (Table I, images, lineage, failures,
+built vs published counts).
 
 Reads `manifest.duckdb` under --data-dir (default: $CPIA_DATA_DIR or ./data) read-only and
 prints Polars frames; `tiles --output FILE` writes the selection as Parquet or CSV instead.
@@ -19,6 +20,7 @@ from cpia_assets.core.manifest import (
     GROUP_COLUMNS,
     ManifestError,
     TileFilter,
+    built_vs_published,
     count_tiles,
     failures,
     markdown_table,
@@ -54,6 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _table1(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> pl.DataFrame:
     return table_i(con, mini_only=args.mini)
+
+
+def _compare(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> pl.DataFrame:
+    return built_vs_published(con, built_only=args.built_only)
 
 
 def _tile_filter(args: argparse.Namespace) -> TileFilter:
@@ -146,6 +152,15 @@ def _parser() -> argparse.ArgumentParser:
     failed.add_argument("--subdataset", action="append", default=[], help="repeatable")
     failed.add_argument("--stage", action="append", default=[], help="repeatable")
     failed.set_defaults(command=_failures)
+
+    compare = commands.add_parser(
+        "compare", parents=[common],
+        help="images built per sub-dataset and scale vs the paper's published counts",
+    )  # fmt: skip
+    compare.add_argument(
+        "--built-only", action="store_true", help="only sub-datasets with built images"
+    )
+    compare.set_defaults(command=_compare)
     return parser
 
 

@@ -101,6 +101,25 @@ def test_failures_and_data_dir_from_the_environment(
     assert "raw/wsi-colon/COL-0002.svs" in lines[2] and "no MPP" in lines[2]
 
 
+def test_compare_built_with_published(
+    capsys: pytest.CaptureFixture[str], loaded: DataFolder
+) -> None:
+    code, out = run(capsys, loaded, "compare", "--built-only", "--markdown")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == (
+        "| subdataset | organ | kind | built_xl | published_xl | ratio_xl | built_l | published_l "
+        "| ratio_l | built_m | published_m | ratio_m | built_s | published_s | ratio_s |"
+    )
+    assert lines[2:] == [
+        "| roi-blood | blood | roi | 0 |  |  | 0 |  |  | 0 | 0 |  | 4 | 8 | 0.5 |",
+        "| wsi-breast | breast | wsi | 2 | 4 | 0.5 | 4 | 16 | 0.25 | 4 | 40 | 0.1 | 2 | 2 | 1 |",
+        "| wsi-colon | colon | wsi | 1 |  |  | 2 |  |  | 2 |  |  | 1 |  |  |",
+    ]
+    code, out = run(capsys, loaded, "compare")
+    assert code == 0 and "shape: (3, 15)" in out
+
+
 def test_python_dash_m_runs_the_cli(loaded: DataFolder) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "cpia_assets", "--data-dir", str(loaded.layout.root), "count",

@@ -14,6 +14,7 @@ import duckdb
 import numpy as np
 import openslide
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -25,6 +26,7 @@ from cpia_assets.core.manifest import (
     LOADER_STAGE,
     ManifestUnavailableError,
     TileFilter,
+    built_vs_published,
     count_tiles,
     failures,
     load_manifest,
@@ -188,9 +190,18 @@ def build_data_folder(root: Path) -> DataFolder:
     catalog = Catalog(
         path=root / "catalog.yaml",
         subdatasets=(
-            entry("wsi-breast", "wsi", "breast"),
-            entry("wsi-colon", "wsi", "colon"),
-            entry("roi-blood", "roi", "blood", scale="S", labelled=True),
+            entry(
+                "wsi-breast", "wsi", "breast", published_counts={"XL": 4, "L": 16, "M": 40, "S": 2}
+            ),
+            entry("wsi-colon", "wsi", "colon"),  # nothing published
+            entry(
+                "roi-blood",
+                "roi",
+                "blood",
+                scale="S",
+                labelled=True,
+                published_counts={"M": 0, "S": 8},
+            ),
         ),
     )
     write_wsi_partition(layout, "wsi-breast", "BRS-0001", [(0, 0), (1, 0)])
@@ -319,6 +330,43 @@ def test_unusable_file_is_recorded_kept_and_retried(loaded: DataFolder) -> None:
     ]
 
 
+def corrupt_first_page(path: Path) -> None:
+    """Overwrite the start of the first column's first page (its header and data) with junk,
+    leaving the footer, and so the schema and row count, intact."""
+    column = pq.ParquetFile(path).metadata.row_group(0).column(0)
+    offset = column.dictionary_page_offset or column.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 48] = b"\xff" * 48
+    path.write_bytes(bytes(data))
+
+
+def test_file_with_corrupt_data_pages_is_skipped_and_the_rest_loads(data: DataFolder) -> None:
+    layout = data.layout
+    tiles_file = layout.manifest_file("roi-blood", "tiles")
+    good = tiles_file.read_bytes()
+    corrupt_first_page(tiles_file)
+    assert pq.ParquetFile(tiles_file).metadata.num_rows == 4  # the footer still reads
+    with pytest.raises(pl.exceptions.ComputeError):
+        pl.read_parquet(tiles_file)
+    report = load_manifest(layout, data.catalog)
+    bad = "manifests/roi-blood/tiles.parquet"
+    assert [problem["file"] for problem in report.problems] == [bad]
+    assert "unreadable Parquet data" in report.problems[0]["reason"]
+    assert bad not in [file.path for file in report.loaded] and len(report.loaded) == 12
+    assert report.rows["tiles"] == 18 and report.rows["roi_images"] == 4
+    with open_manifest(layout) as con:
+        per_partition = dict(
+            con.execute("SELECT subdataset, count(*) FROM tiles GROUP BY ALL").fetchall()
+        )
+        recorded = failures(con, stages=[LOADER_STAGE])
+    assert per_partition == {"wsi-breast": 12, "wsi-colon": 6}
+    assert recorded["file"].to_list() == [bad] and recorded["subdataset"].to_list() == ["roi-blood"]
+    tiles_file.write_bytes(good)
+    fixed = load_manifest(layout, data.catalog)
+    assert [file.path for file in fixed.loaded] == [bad] and not fixed.problems
+    assert fixed.rows["tiles"] == 22 and fixed.reloaded_partitions == ["roi-blood"]
+
+
 def test_missing_columns_load_as_null_and_extra_columns_are_ignored(loaded: DataFolder) -> None:
     layout = loaded.layout
     tiles_file = layout.manifest_file("roi-blood", "tiles")
@@ -376,13 +424,39 @@ def test_table_i_counts_per_organ_with_totals(loaded: DataFolder) -> None:
     assert mini.filter(pl.col("organ") == "Total")["ROIs-S"].item() == 2  # the train images
 
 
+def test_built_vs_published_per_subdataset_and_scale(data: DataFolder) -> None:
+    unbuilt = entry("wsi-lung", "wsi", "lung", published_counts={"XL": 10})
+    catalog = replace(data.catalog, subdatasets=(*data.catalog.subdatasets, unbuilt))
+    load_manifest(data.layout, catalog)
+    with open_manifest(data.layout) as con:
+        compared = built_vs_published(con)
+        built_only = built_vs_published(con, built_only=True)
+    assert compared.columns[:6] == ["subdataset", "organ", "kind", "built_xl", "published_xl",
+                                    "ratio_xl"]  # fmt: skip
+    rows = {row["subdataset"]: row for row in compared.to_dicts()}
+    assert list(rows) == ["roi-blood", "wsi-breast", "wsi-colon", "wsi-lung"]
+    breast = rows["wsi-breast"]
+    assert [breast[f"built_{scale}"] for scale in ("xl", "l", "m", "s")] == [2, 4, 4, 2]
+    assert [breast[f"ratio_{scale}"] for scale in ("xl", "l", "m", "s")] == [0.5, 0.25, 0.1, 1.0]
+    blood = rows["roi-blood"]
+    assert (blood["built_s"], blood["published_s"], blood["ratio_s"]) == (4, 8, 0.5)
+    assert (blood["built_m"], blood["published_m"], blood["ratio_m"]) == (0, 0, None)
+    assert (blood["built_xl"], blood["published_xl"], blood["ratio_xl"]) == (0, None, None)
+    colon = rows["wsi-colon"]
+    assert colon["built_xl"] == 1 and colon["published_xl"] is None and colon["ratio_xl"] is None
+    assert (rows["wsi-lung"]["built_xl"], rows["wsi-lung"]["ratio_xl"]) == (0, 0.0)
+    assert built_only["subdataset"].to_list() == ["roi-blood", "wsi-breast", "wsi-colon"]
+
+
 def test_markdown_table_has_header_rule_and_grouped_numbers() -> None:
-    frame = pl.DataFrame({"organ": ["breast", "a|b"], "images": [1234567, 0]})
+    frame = pl.DataFrame(
+        {"organ": ["breast", "a|b"], "images": [1234567, 0], "ratio": [0.123456, None]}
+    )
     assert markdown_table(frame).splitlines() == [
-        "| organ | images |",
-        "|---|---:|",
-        "| breast | 1,234,567 |",
-        "| a\\|b | 0 |",
+        "| organ | images | ratio |",
+        "|---|---:|---:|",
+        "| breast | 1,234,567 | 0.1235 |",
+        "| a\\|b | 0 |  |",
     ]
 
 
@@ -550,6 +624,11 @@ def test_tile_manifest_loads_real_partitions_and_passes_its_checks(pipeline: Pip
     with Image.open(metadata["mosaic"]) as mosaic:
         assert mosaic.format == "PNG" and mosaic.height > 4 * 96
     assert metadata["mosaic_preview"].startswith("![sample images")
+    compared = metadata["built_vs_published"].splitlines()
+    assert compared[0].startswith("| subdataset | organ | kind | built_xl | published_xl |")
+    assert sorted(line.split(" | ")[0][2:] for line in compared[2:]) == sorted(
+        pipeline.partition_runs
+    )
     assert metadata["duckdb"] == str(layout.duckdb_path)
     assert check_results(result) == {
         "rows_have_files": True, "no_orphan_files": True, "ratios_within_spec": True,

@@ -30,7 +30,7 @@ import duckdb
 import polars as pl
 
 from cpia_assets.core import schema
-from cpia_assets.core.catalog import TABLE_I_ORGANS, Catalog
+from cpia_assets.core.catalog import ALL_SCALES, TABLE_I_ORGANS, Catalog
 from cpia_assets.core.layout import DataLayout
 
 LOADER_STAGE = "tile_manifest"
@@ -87,7 +87,8 @@ TABLE_I_COLUMNS = (
 
 _SUPPORT_COLUMNS = {
     "subdatasets": "key VARCHAR, name VARCHAR, kind VARCHAR, organ VARCHAR, labelled BOOLEAN, "
-    "raw_dir VARCHAR",
+    "raw_dir VARCHAR, "  # then the paper's image counts per scale (NULL: none published)
+    + ", ".join(f"published_{scale.lower()} BIGINT" for scale in ALL_SCALES),
     "organs": "organ VARCHAR, position INTEGER",  # Table I order, then other catalog organs
     "manifest_files": "file VARCHAR, subdataset VARCHAR, table_name VARCHAR, "
     "fingerprint VARCHAR, rows BIGINT, loaded_at TIMESTAMP WITH TIME ZONE",  # the load state
@@ -122,6 +123,32 @@ LEFT JOIN roi_images ri
 LEFT JOIN subdatasets d ON d.key = t.subdataset
 LEFT JOIN raw_files r ON r.subdataset = t.subdataset
     AND d.raw_dir || '/' || r.rel_path = coalesce(sl.source_file, t.source_file)
+"""
+
+
+def _built_vs_published_sql() -> str:
+    lows = [scale.lower() for scale in ALL_SCALES]
+    built = ",\n        ".join(
+        f"coalesce(sum(c.images) FILTER (WHERE c.scale = '{scale}'), 0)::BIGINT AS built_{low}"
+        for scale, low in zip(ALL_SCALES, lows, strict=True)
+    )
+    compared = ",\n    ".join(
+        f"built_{low}, published_{low}, built_{low} / nullif(published_{low}, 0) AS ratio_{low}"
+        for low in lows
+    )
+    published = ", ".join(f"s.published_{low}" for low in lows)
+    return f"""
+CREATE OR REPLACE VIEW built_vs_published AS
+WITH built AS (
+    SELECT s.key, s.organ, s.kind, {published},
+        {built}
+    FROM subdatasets s
+    LEFT JOIN tile_counts c ON c.subdataset = s.key
+    GROUP BY ALL
+)
+SELECT key AS subdataset, organ, kind,
+    {compared}
+FROM built
 """
 
 
@@ -249,13 +276,14 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     if found != [(SCHEMA_VERSION,)]:
         con.execute("DROP VIEW IF EXISTS lineage")
         con.execute("DROP VIEW IF EXISTS table_i")
+        con.execute("DROP VIEW IF EXISTS built_vs_published")
         con.execute("DROP MACRO TABLE IF EXISTS table_i_for")
         for name, columns in _TABLE_COLUMNS.items():
             con.execute(f"DROP TABLE IF EXISTS {name}")
             con.execute(f"CREATE TABLE {name} ({columns})")
         con.execute("DELETE FROM manifest_meta")
         con.execute("INSERT INTO manifest_meta VALUES (?)", [SCHEMA_VERSION])
-    for statement in (_LINEAGE_VIEW, *_table_i_sql()):
+    for statement in (_LINEAGE_VIEW, *_table_i_sql(), _built_vs_published_sql()):
         con.execute(statement)
 
 
@@ -318,44 +346,106 @@ def load_manifest(layout: DataLayout, catalog: Catalog, *, wait_s: float = 300) 
     """Bring `manifest.duckdb` up to date with the Parquet records of the catalog's partitions.
 
     Only new, changed and removed files are touched, in one transaction. A file that cannot be
-    used (unreadable, wrong column types) is skipped with a `failures` row (stage
-    `tile_manifest`); the rows it had from an earlier load are kept and it is retried next time.
-    Files of partitions no longer in the catalog are dropped. `wait_s` bounds the wait for
-    readers holding the database file open.
+    used (unreadable, wrong column types, corrupt data pages) is skipped with a `failures` row
+    (stage `tile_manifest`); the rows it had from an earlier load are kept and it is retried
+    next time. Files of partitions no longer in the catalog are dropped. `wait_s` bounds the
+    wait for readers holding the database file open.
     """
     files = find_manifest_files(layout, catalog.keys)
+    unreadable: list[dict[str, str]] = []  # files whose data pages failed a batched insert
     with _writer(layout.duckdb_path, wait_s=wait_s) as con:
-        con.begin()
-        try:
-            ensure_schema(con)
-            known = dict(con.execute("SELECT file, fingerprint FROM manifest_files").fetchall())
-            removed = sorted(set(known) - {file.path for file in files})
-            changed = [file for file in files if known.get(file.path) != file.fingerprint]
-            usable, problems = _probe(layout, changed, _column_types(con))
-            _write_catalog_tables(con, layout, catalog)
-            con.execute("DELETE FROM failures WHERE stage = ?", [LOADER_STAGE])
-            _drop_files(con, [*removed, *(probed.file.path for probed in usable)])
-            for table in RECORD_TABLES:
-                batch = [probed for probed in usable if probed.file.table == table.name]
-                if batch:
-                    _insert_batch(con, layout, table, batch)
-            _record(con, usable, problems)
-            con.commit()
-        except duckdb.Error as exc:
-            con.rollback()
-            raise ManifestError(f"{layout.duckdb_path}: load rolled back: {exc}") from exc
+        while True:
+            con.begin()
+            try:
+                changes = _apply_changes(con, layout, catalog, files, unreadable)
+                con.commit()
+                break
+            except _BatchInsertError as exc:
+                con.rollback()
+                found = _unreadable_files(layout, exc.batch)
+                if not found:  # every file reads: the insert failed for another reason
+                    raise ManifestError(
+                        f"{layout.duckdb_path}: load rolled back: {exc.__cause__}"
+                    ) from exc.__cause__
+                unreadable.extend(found)  # and load again without them
+            except duckdb.Error as exc:
+                con.rollback()
+                raise ManifestError(f"{layout.duckdb_path}: load rolled back: {exc}") from exc
         rows = table_rows(con)
+    usable, problems, removed, unchanged = changes
     touched = {probed.file.subdataset for probed in usable}
     touched.update(Path(path).parent.name for path in removed)  # manifests/<key>/<file>
     return LoadReport(
         loaded=tuple(probed.file for probed in usable),
         removed=tuple(removed),
-        unchanged=len(files) - len(changed),
+        unchanged=unchanged,
         problems=tuple(problems),
         rows=rows,
         partitions=tuple(catalog.keys),
         touched=frozenset(touched),
     )
+
+
+class _BatchInsertError(Exception):
+    """A multi-file insert failed: one of `batch` may have unreadable data pages."""
+
+    def __init__(self, batch: Sequence[_Probed]) -> None:
+        super().__init__(f"inserting {len(batch)} files failed")
+        self.batch = tuple(batch)
+
+
+def _apply_changes(
+    con: duckdb.DuckDBPyConnection,
+    layout: DataLayout,
+    catalog: Catalog,
+    files: Sequence[ManifestFile],
+    unreadable: Sequence[dict[str, str]],
+) -> tuple[list[_Probed], list[dict[str, str]], list[str], int]:
+    """The body of a load's transaction, skipping the files known `unreadable`.
+
+    Returns the files loaded, the problems (unreadable ones included), the removed files and
+    the number unchanged.
+    """
+    ensure_schema(con)
+    known = dict(con.execute("SELECT file, fingerprint FROM manifest_files").fetchall())
+    removed = sorted(set(known) - {file.path for file in files})
+    changed = [file for file in files if known.get(file.path) != file.fingerprint]
+    skipped = {problem["file"] for problem in unreadable}
+    candidates = [file for file in changed if file.path not in skipped]
+    usable, problems = _probe(layout, candidates, _column_types(con))
+    problems = [*unreadable, *problems]
+    _write_catalog_tables(con, layout, catalog)
+    con.execute("DELETE FROM failures WHERE stage = ?", [LOADER_STAGE])
+    _drop_files(con, [*removed, *(probed.file.path for probed in usable)])
+    for table in RECORD_TABLES:
+        batch = [probed for probed in usable if probed.file.table == table.name]
+        if batch:
+            try:
+                _insert_batch(con, layout, table, batch)
+            except duckdb.Error as exc:
+                raise _BatchInsertError(batch) from exc
+    _record(con, usable, problems)
+    return usable, problems, removed, len(files) - len(changed)
+
+
+def _unreadable_files(layout: DataLayout, batch: Sequence[_Probed]) -> list[dict[str, str]]:
+    """Read every loaded column of each file in full: a failure naming each file that fails.
+
+    Only after a batched insert failed. The values are hashed, not counted: DuckDB answers
+    counts from the footer's statistics without reading the pages.
+    """
+    problems = []
+    with duckdb.connect() as scratch:
+        for probed in batch:
+            columns = ", ".join(f'"{name}"' for name in sorted(probed.columns)) or "NULL"
+            try:
+                scratch.execute(
+                    f"SELECT bit_xor(hash({columns})) FROM read_parquet(?)",
+                    [str(layout.root / probed.file.path)],
+                ).fetchall()
+            except duckdb.Error as exc:
+                problems.append(_problem(probed.file, f"unreadable Parquet data: {exc}"))
+    return problems
 
 
 @dataclass(frozen=True)
@@ -487,13 +577,15 @@ def _write_catalog_tables(
     con: duckdb.DuckDBPyConnection, layout: DataLayout, catalog: Catalog
 ) -> None:
     con.execute("DELETE FROM subdatasets")
+    placeholders = ", ".join("?" for _ in range(6 + len(ALL_SCALES)))
     con.executemany(
-        "INSERT INTO subdatasets VALUES (?, ?, ?, ?, ?, ?)",
+        f"INSERT INTO subdatasets VALUES ({placeholders})",
         [
-            [e.key, e.name, e.kind, e.organ, e.labelled, layout.relative(layout.raw_dir(e.key))]
+            [e.key, e.name, e.kind, e.organ, e.labelled, layout.relative(layout.raw_dir(e.key)),
+             *(e.published_counts.get(scale) for scale in ALL_SCALES)]
             for e in catalog.subdatasets
         ],
-    )
+    )  # fmt: skip
     extra = sorted({e.organ for e in catalog.subdatasets} - set(TABLE_I_ORGANS))
     con.execute("DELETE FROM organs")
     con.executemany(
@@ -517,6 +609,20 @@ def table_rows(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
 def table_i(con: duckdb.DuckDBPyConnection, *, mini_only: bool = False) -> pl.DataFrame:
     """Kept images per organ in the paper's Table I columns, with a Total row."""
     return con.sql("SELECT * FROM table_i_for(?)", params=[mini_only]).pl()
+
+
+def built_vs_published(con: duckdb.DuckDBPyConnection, *, built_only: bool = False) -> pl.DataFrame:
+    """Kept images per sub-dataset and scale beside the paper's published counts.
+
+    Columns: subdataset, organ, kind, then per scale (xl, l, m, s) built_<scale>,
+    published_<scale> and ratio_<scale> = built / published (NULL where nothing is published).
+    `built_only` keeps the sub-datasets with at least one kept image.
+    """
+    built = " + ".join(f"built_{scale.lower()}" for scale in ALL_SCALES)
+    return con.sql(
+        f"SELECT * FROM built_vs_published WHERE NOT ? OR {built} > 0 ORDER BY subdataset",
+        params=[built_only],
+    ).pl()
 
 
 _FILTER_COLUMNS = {
@@ -686,7 +792,7 @@ def _lineage_steps(row: Mapping[str, Any]) -> Iterator[tuple[Any, ...]]:
 
 
 def markdown_table(frame: pl.DataFrame) -> str:
-    """A frame as a GitHub markdown table; integers with thousands separators."""
+    """A frame as a GitHub markdown table (integers as 1,234; floats to 4 significant digits)."""
     header = "| " + " | ".join(frame.columns) + " |"
     rule = "|" + "|".join("---:" if dtype.is_numeric() else "---" for dtype in frame.dtypes) + "|"
     body = ["| " + " | ".join(_markdown_cell(value) for value in row) + " |"
@@ -699,4 +805,6 @@ def _markdown_cell(value: Any) -> str:
         return ""
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
     return str(value).replace("|", "\\|")
