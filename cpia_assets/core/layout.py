@@ -38,10 +38,6 @@ class DataLayout:
         return self.cpia_dir / SCALE_FOLDER_OF[scale] / key
 
     @property
-    def mini_dir(self) -> Path:
-        return self.root / "cpia-mini"
-
-    @property
     def manifests_dir(self) -> Path:
         return self.root / "manifests"
 

@@ -21,12 +21,6 @@ class StageResult:
     rejected: list[dict[str, Any]] = field(default_factory=list)
     reused: int = 0
 
-    def extend(self, other: StageResult) -> None:
-        self.records.extend(other.records)
-        self.failures.extend(other.failures)
-        self.rejected.extend(other.rejected)
-        self.reused += other.reused
-
 
 def failure(file: str, stage: str, reason: str) -> dict[str, str]:
     return {"file": file, "stage": stage, "reason": reason}
