@@ -188,7 +188,7 @@ def standardize_roi_partition(
         raise RoiError(f"sub-dataset {entry.key!r} is a {entry.kind} sub-dataset, not roi")
     jobs, unplaced = _plan_jobs(entry, source_dir=Path(source_dir), layout=layout)
     result = StageResult(failures=unplaced)
-    crop_fraction = float(entry.crop["fraction"]) if entry.crop else 1.0
+    crop_fraction = entry.crop.fraction if entry.crop else 1.0
     chunks = [
         _Chunk(
             jobs=tuple(jobs[start : start + settings.chunk_size]),
