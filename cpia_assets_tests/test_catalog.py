@@ -133,7 +133,7 @@ ENTRY_1 = "entry 'my-slides' (#1): "
          "entry 'My Slides' (#1): field 'key': 'My Slides' must be lower-case letters, digits "
          "and '-'"),
         (_entry(key='"my-slides\\n"'),
-         "entry 'my-slides\\n' (#1): field 'key': 'my-slides\n' must be lower-case letters"),
+         "entry 'my-slides\\n' (#1): field 'key': 'my-slides\\n' must be lower-case letters"),
         # Wrong types are refused, not coerced: YAML's '*.svs' is not a list of characters.
         (_entry(wsi="{patterns: '*.svs'}"),
          ENTRY_1 + "field 'wsi.patterns': should be a list (got '*.svs')"),

@@ -92,9 +92,9 @@ def _check_pattern(pattern: str) -> str:
         reason = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
         raise PydanticCustomError(
             "catalog_pattern",
-            "'{pattern}' is not a supported regular expression ({reason}); catalog patterns use "
+            "{pattern} is not a supported regular expression ({reason}); catalog patterns use "
             "RE2 syntax, without backreferences or lookaround",
-            {"pattern": pattern, "reason": reason},
+            {"pattern": repr(pattern), "reason": reason},
         ) from None
     return pattern
 
@@ -118,7 +118,7 @@ def _text_from_scalar(value: Any) -> Any:
 def _check_key(key: str) -> str:
     if not KEY_PATTERN.fullmatch(key):
         raise PydanticCustomError(
-            "catalog_key", "'{key}' must be lower-case letters, digits and '-'", {"key": key}
+            "catalog_key", "{key} must be lower-case letters, digits and '-'", {"key": repr(key)}
         )
     return key
 
@@ -212,8 +212,8 @@ class RegexRule(_Rule):
         if "value" not in compile_pattern(self.pattern).groupindex:
             raise PydanticCustomError(
                 "catalog_value_group",
-                "'{pattern}' needs a (?P<value>...) group",
-                {"field": "pattern", "pattern": self.pattern},
+                "{pattern} needs a (?P<value>...) group",
+                {"field": "pattern", "pattern": repr(self.pattern)},
             )
         return self
 

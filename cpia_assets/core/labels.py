@@ -21,7 +21,6 @@ from pathlib import Path, PurePosixPath
 
 from cpia_assets.core.catalog import (
     RULE_SPLITS,
-    SPLITS,
     CsvRule,
     ParentFolderRule,
     RegexRule,
@@ -29,8 +28,8 @@ from cpia_assets.core.catalog import (
     compile_pattern,
 )
 
-NO_SPLIT = SPLITS[-1]
-"""The split of every image of an entry without a split rule ('none')."""
+NO_SPLIT = "none"
+"""The split of every image of an entry without a split rule."""
 
 
 class LabelRuleError(ValueError):
