@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 EXPORT_FORMATS[export.suffix](frame, tmp)
             print(f"{frame.height} images written to {export}")
             return 0
-    except (CliError, ManifestError) as exc:
+    except (CliError, ManifestError, OSError) as exc:  # OSError: e.g. a full disk on --output
         print(f"cpia: {exc}", file=sys.stderr)
         return 2
     except duckdb.Error as exc:  # e.g. a table missing from a damaged manifest
@@ -151,13 +151,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
+    if not (text.isascii() and text.isdigit()):  # no sign, no decimals
         raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
-    return value
+    return int(text)
 
 
 def _parser() -> argparse.ArgumentParser:
