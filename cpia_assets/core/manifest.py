@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ import polars as pl
 
 from cpia_assets.core import schema
 from cpia_assets.core.catalog import ALL_SCALES, TABLE_I_ORGANS, Catalog
+from cpia_assets.core.fsutil import output_fault
 from cpia_assets.core.layout import DataLayout
 
 LOADER_STAGE = "tile_manifest"
@@ -361,16 +362,14 @@ def load_manifest(layout: DataLayout, catalog: Catalog, *, wait_s: float = 300) 
                 con.commit()
                 break
             except _BatchInsertError as exc:
-                con.rollback()
+                _rollback(con)
                 found = _unreadable_files(layout, exc.batch)
                 if not found:  # every file reads: the insert failed for another reason
-                    raise ManifestError(
-                        f"{layout.duckdb_path}: load rolled back: {exc.__cause__}"
-                    ) from exc.__cause__
+                    raise _load_error(layout, exc.__cause__) from exc.__cause__
                 unreadable.extend(found)  # and load again without them
             except duckdb.Error as exc:
-                con.rollback()
-                raise ManifestError(f"{layout.duckdb_path}: load rolled back: {exc}") from exc
+                _rollback(con)
+                raise _load_error(layout, exc) from exc
         rows = table_rows(con)
     usable, problems, removed, unchanged = changes
     touched = {probed.file.subdataset for probed in usable}
@@ -384,6 +383,19 @@ def load_manifest(layout: DataLayout, catalog: Catalog, *, wait_s: float = 300) 
         partitions=tuple(catalog.keys),
         touched=frozenset(touched),
     )
+
+
+def _rollback(con: duckdb.DuckDBPyConnection) -> None:
+    """Undo the load's transaction. A failed COMMIT (e.g. disk full) has already ended it, and
+    "no transaction is active" must not hide the error that ended it."""
+    with suppress(duckdb.TransactionException):
+        con.rollback()
+
+
+def _load_error(layout: DataLayout, exc: BaseException | None) -> ManifestError:
+    """The error of a rolled-back load, saying "disk full" and the path when it is one."""
+    cause = output_fault(exc, layout.duckdb_path) if exc is not None else None
+    return ManifestError(f"{layout.duckdb_path}: load rolled back: {cause or exc}")
 
 
 class _BatchInsertError(Exception):
