@@ -371,9 +371,8 @@ def _write_standardized(
     try:
         save_pyramid(shrink_image(level, plan), dest, mpp=plan.output_mpp, settings=settings)
     except pyvips.Error as exc:
-        fault = output_fault(exc, dest)
-        if fault is not None:
-            raise fault from exc
+        if output_fault(exc, dest):
+            raise  # disk full ...: no fault of the slide; `atomic_path` names the final path
         raise SlideReadError(reader.path, f"cannot read level {plan.level}: {exc}") from exc
 
 
