@@ -3,15 +3,29 @@ a DuckDB database fails at once; slots of runs whose process is gone are freed."
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
+import dagster as dg
 import duckdb
 import pytest
 
 from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.manifest import ManifestError, ManifestUnavailableError, open_manifest
+from cpia_assets.defs.instance import DUCKDB_POOL, prepare_instance
+from cpia_assets.defs.pools import (
+    announce_waits,
+    free_dead_run_slots,
+    slot_holders,
+    waiting_steps,
+)
+
+T = TypeVar("T")
 
 HOLD_THE_LOCK = """
 import sys, duckdb
@@ -52,3 +66,77 @@ def test_waiting_for_the_file_lock_names_the_process_that_holds_it(tmp_path: Pat
     finally:
         holder.communicate("")
     open_manifest(layout).close()  # free again once the holder is gone
+
+
+IN_PROCESS = '{"execution": {"config": {"in_process": {}}}}'
+
+
+def _wait_for(condition: Callable[[], T | None], what: str, process: subprocess.Popen) -> T:
+    """Poll until `condition` gives a value (bounded, so a broken run fails the test)."""
+    for _ in range(1200):
+        value = condition()
+        if value:
+            return value
+        assert process.poll() is None, f"exited before {what}: {process.communicate()[0]}"
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _messages(instance: dg.DagsterInstance, run_id: str) -> list[str]:
+    return [record.message or "" for record in instance.all_logs(run_id)]
+
+
+def test_a_killed_manifest_run_frees_its_pool_slot_and_waiting_steps_name_it(
+    tmp_path: Path, small_catalog_path: Path
+) -> None:
+    home, layout = tmp_path / "home", DataLayout(tmp_path / "data")
+    prepare_instance(home)
+    assert "free_slots_after_run_end_seconds: 30" in (home / "dagster.yaml").read_text()
+    env = {**os.environ, "DAGSTER_HOME": str(home), "CPIA_CATALOG": str(small_catalog_path),
+           "CPIA_DATA_DIR": str(layout.root), "CPIA_WORKERS": "1"}  # fmt: skip
+    command = [sys.executable, "-m", "dagster", "asset", "materialize", "-m",
+               "cpia_assets.definitions", "--select", "tile_manifest",
+               "--config-json", IN_PROCESS]  # fmt: skip
+
+    def materialize() -> subprocess.Popen[str]:
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+    layout.root.mkdir()
+    duckdb.connect(str(layout.duckdb_path)).close()
+    lock = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(layout.duckdb_path)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert lock.stdout.readline().strip() == "ready"
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        # 1. A manifest run takes the pool's slot, then waits for the file lock and says who
+        #    holds it; it is killed there.
+        first = materialize()
+        (holder,) = _wait_for(lambda: slot_holders(instance), "the slot is taken", first)
+        waiting = f"to open it for writing: process {lock.pid} ("
+        _wait_for(
+            lambda: any(waiting in m for m in _messages(instance, holder.run_id)),
+            "the lock wait is logged",
+            first,
+        )
+        first.kill()
+        first.communicate()
+        assert slot_holders(instance) == [holder]  # the dead run keeps its slot
+
+        # 2. The next manifest run waits for the pool and is told which run holds it.
+        second = materialize()
+        (blocked,) = _wait_for(lambda: waiting_steps(instance), "the step waits", second)
+        assert blocked.pool == DUCKDB_POOL and blocked.step_key == "tile_manifest"
+        (line,) = announce_waits(instance)
+        assert f"held by run {holder.run_id} (step tile_manifest, STARTED)" in line
+        assert any(line.endswith(m) for m in _messages(instance, blocked.run_id) if m)
+
+        # 3. The dead run's slot is freed and it is marked failed; the waiting run completes.
+        assert free_dead_run_slots(instance) == [
+            f"freed the pool slots of run {holder.run_id} (STARTED, process gone)"
+        ]
+        lock.communicate("")
+        output = second.communicate(timeout=300)[0]
+        assert second.returncode == 0, output
+        assert instance.get_run_by_id(holder.run_id).status == dg.DagsterRunStatus.FAILURE
+        assert instance.get_run_by_id(blocked.run_id).status == dg.DagsterRunStatus.SUCCESS
+        assert slot_holders(instance) == [] and free_dead_run_slots(instance) == []
