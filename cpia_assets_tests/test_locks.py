@@ -21,6 +21,7 @@ from cpia_assets.defs.instance import DUCKDB_POOL, prepare_instance
 from cpia_assets.defs.pools import (
     announce_waits,
     free_dead_run_slots,
+    pool_watch,
     slot_holders,
     waiting_steps,
 )
@@ -130,13 +131,24 @@ def test_a_killed_manifest_run_frees_its_pool_slot_and_waiting_steps_name_it(
         assert f"held by run {holder.run_id} (step tile_manifest, STARTED)" in line
         assert any(line.endswith(m) for m in _messages(instance, blocked.run_id) if m)
 
-        # 3. The dead run's slot is freed and it is marked failed; the waiting run completes.
-        assert free_dead_run_slots(instance) == [
-            f"freed the pool slots of run {holder.run_id} (STARTED, process gone)"
-        ]
+        # 3. By hand (the pool_watch sensor does the same): the dead run's slot is freed and
+        #    the run marked failed; the waiting run then completes.
+        freed = subprocess.run(
+            [sys.executable, "-m", "cpia_assets.defs.instance", str(home), "--pools"],
+            capture_output=True, text=True, check=True,
+        ).stdout.splitlines()  # fmt: skip
+        assert freed[0] == f"freed the pool slots of run {holder.run_id} (STARTED, process gone)"
         lock.communicate("")
         output = second.communicate(timeout=300)[0]
         assert second.returncode == 0, output
         assert instance.get_run_by_id(holder.run_id).status == dg.DagsterRunStatus.FAILURE
         assert instance.get_run_by_id(blocked.run_id).status == dg.DagsterRunStatus.SUCCESS
         assert slot_holders(instance) == [] and free_dead_run_slots(instance) == []
+
+
+def test_pool_watch_runs_by_default_and_skips_when_nothing_waits() -> None:
+    assert pool_watch.default_status == dg.DefaultSensorStatus.RUNNING
+    with dg.instance_for_test() as instance:
+        result = pool_watch(dg.build_sensor_context(instance=instance))
+    assert isinstance(result, dg.SkipReason)
+    assert result.skip_message == "no dead slot holder, no step waiting for a pool"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from cpia_assets.defs.pools import announce_waits, free_dead_run_slots
+from cpia_assets.defs.pools import announce_waits, describe_holders, free_dead_run_slots
 
 DUCKDB_POOL = "duckdb"
 DOWNLOADS_POOL = "downloads"
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--pools",
         action="store_true",
-        help="free the pool slots of runs whose process is gone, and list the steps waiting",
+        help="free the pool slots of runs whose process is gone; list slot holders and waiters",
     )
     args = parser.parse_args(argv)
     home = Path(args.home or os.environ["DAGSTER_HOME"])
@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"Dagster instance ready: {prepare_instance(home)}")
         return
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        lines = [*free_dead_run_slots(instance), *announce_waits(instance)]
-    print("\n".join(lines) or "no dead run holds a pool slot; no step waits for a pool")
+        freed = free_dead_run_slots(instance)
+        lines = [*freed, *describe_holders(instance), *announce_waits(instance)]
+    print("\n".join(lines) or "no pool slot is held; no step waits for a pool")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ recorded process no longer exists on this host is marked failed and its slots ar
 
 The `pool_watch` sensor (running by default under the daemon, i.e. `make ui`) does that every
 minute and writes an INFO line into every run whose step waits for a pool, naming the runs that
-hold the pool's slots. By hand: `python -m cpia_assets.defs.instance --pools` (same thing,
-printed), or `dagster instance concurrency get duckdb` to see the holders.
+hold the pool's slots. By hand: `python -m cpia_assets.defs.instance --pools` does the same and
+lists the slot holders.
 """
 
 from __future__ import annotations
@@ -50,6 +50,14 @@ def waiting_steps(instance: dg.DagsterInstance) -> list[PoolStep]:
     ]
 
 
+def describe_holders(instance: dg.DagsterInstance) -> list[str]:
+    """One line per claimed slot: pool, run, step and the run's status."""
+    return [
+        f"pool {holder.pool!r}: slot held by {_holder_text(instance, holder)}"
+        for holder in slot_holders(instance)
+    ]
+
+
 def free_dead_run_slots(instance: dg.DagsterInstance) -> list[str]:
     """Free every slot held by a run that ended or whose process is gone; a run left STARTED by
     a killed process is marked failed first. Returns one line per run freed.
@@ -77,9 +85,7 @@ def announce_waits(instance: dg.DagsterInstance) -> list[str]:
     lines = []
     for waiting in waiting_steps(instance):
         held_by = [
-            f"run {holder.run_id} (step {holder.step_key}, {_status(instance, holder.run_id)})"
-            for holder in holders
-            if holder.pool == waiting.pool
+            _holder_text(instance, holder) for holder in holders if holder.pool == waiting.pool
         ]
         line = (
             f"step {waiting.step_key} waits for a slot of pool {waiting.pool!r}, held by "
@@ -92,9 +98,10 @@ def announce_waits(instance: dg.DagsterInstance) -> list[str]:
     return lines
 
 
-def _status(instance: dg.DagsterInstance, run_id: str) -> str:
-    run = instance.get_run_by_id(run_id)
-    return run.status.value if run is not None else "deleted"
+def _holder_text(instance: dg.DagsterInstance, holder: PoolStep) -> str:
+    run = instance.get_run_by_id(holder.run_id)
+    status = run.status.value if run is not None else "deleted"
+    return f"run {holder.run_id} (step {holder.step_key}, {status})"
 
 
 def _run_pid(instance: dg.DagsterInstance, run_id: str) -> int | None:
