@@ -3,16 +3,19 @@ completes: real Dagster runs writing onto real, small tmpfs mounts."""
 
 from __future__ import annotations
 
+import errno
 import os
+import subprocess
 from pathlib import Path
 
 import dagster as dg
 import polars as pl
 import pytest
+import pyvips
 
 from cpia_assets.core import schema
 from cpia_assets.core.catalog import Catalog, SubDataset, WsiOptions, load_catalog
-from cpia_assets.core.fsutil import OutputWriteError, write_parquet_atomic
+from cpia_assets.core.fsutil import OutputWriteError, output_fault, write_parquet_atomic, writing
 from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.manifest import ManifestError, load_manifest
 from cpia_assets.core.stage import StageResult
@@ -143,3 +146,24 @@ def test_disk_full_while_the_manifest_commits_reports_the_real_error(tmp_path: P
 def _free_bytes(folder: Path) -> int:
     stats = os.statvfs(folder)
     return stats.f_bavail * stats.f_frsize
+
+
+def test_a_read_only_file_system_is_an_output_fault_naming_the_final_path(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "out", "1m") as folder:
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        with pytest.raises(OutputWriteError, match="output device error") as raised:
+            write_parquet_atomic(pl.DataFrame({"a": [1]}), folder / "x.parquet")
+        assert raised.value.path == str(folder / "x.parquet")
+        assert raised.value.reason == "Read-only file system"
+
+
+def test_faults_of_the_input_are_not_blamed_on_the_disk(tmp_path: Path) -> None:
+    output = tmp_path / "out" / "slide.tiff"
+    failing_read = OSError(errno.EIO, os.strerror(errno.EIO), str(tmp_path / "raw" / "a.svs"))
+    assert output_fault(failing_read, output) is None
+    failing_write = OSError(errno.EIO, os.strerror(errno.EIO), str(output))
+    assert output_fault(failing_write, output).reason == "Input/output error"
+    corrupt = pyvips.Error("unable to call tiffsave", "a.svs: JPEG decode error\nEOF")
+    assert output_fault(corrupt, output) is None
+    with pytest.raises(pyvips.Error), writing(output):
+        raise corrupt
