@@ -85,6 +85,7 @@ def test_disk_full_fails_standardize_and_tiling_and_a_rerun_with_room_completes(
             assert "cannot read the standardized slide" not in message
             assert _files(layout.cpia_dir) == []  # no tile, no staging folder
             assert not layout.manifest_file(KEY, "tiles").exists()
+            assert list(layout.manifest_dir(KEY).glob("parts/tiles/*")) == []
 
             resize(layout.cpia_dir, "64m")
             result = _materialize(defs, instance, "scale_tiles")

@@ -433,7 +433,7 @@ def standardize_partition(
                 settings=settings,
             )
         )
-    for outcome in map_unordered(_run_job, jobs, executor, on_lost=_lost_job):
+    for outcome in map_unordered(_run_job, jobs, executor, on_lost=_failed_job):
         if outcome.record is not None:
             result.records.append(outcome.record)
         if outcome.failure is not None:
@@ -458,10 +458,10 @@ def _run_job(job: _SlideJob) -> _SlideOutcome:
     except OutputWriteError:
         raise
     except Exception as exc:  # recorded, not raised: see the docstring
-        return _lost_job(job, f"{type(exc).__name__}: {exc}")
+        return _failed_job(job, f"{type(exc).__name__}: {exc}")
 
 
-def _lost_job(job: _SlideJob, cause: str) -> _SlideOutcome:
+def _failed_job(job: _SlideJob, cause: str) -> _SlideOutcome:
     """The failure of a slide whose work raised unexpectedly or whose worker process died
     twice (`parallel.map_unordered`); its temporaries are removed."""
     _remove_stale_temporaries(job.output)

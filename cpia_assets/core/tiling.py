@@ -310,7 +310,7 @@ def tile_partition(
     result = StageResult()
     jobs = [_TilingJob(dict(slide), key, layout, settings) for slide in slides]
     tiled: set[str] = set()
-    for outcome in map_unordered(_run_job, jobs, executor, on_lost=_lost_job):
+    for outcome in map_unordered(_run_job, jobs, executor, on_lost=_failed_job):
         for row in outcome.rows:
             (result.records if row["path"] else result.rejected).append(row)
         if outcome.failure is None:
@@ -336,16 +336,17 @@ def _run_job(job: _TilingJob) -> _TilingOutcome:
     except an output-side fault (disk full), which is no fault of the slide and is raised."""
     try:
         return _tile_or_reuse(job)
-    except OutputWriteError:
+    except OutputWriteError:  # the slide's outputs were removed before it was redone
+        _remove_previous_outputs(job.layout, job.key, job.stem)
         _remove_staging(job)
         raise
     except pyvips.Error as exc:
-        return _lost_job(job, f"cannot read the standardized slide: {exc}")
+        return _failed_job(job, f"cannot read the standardized slide: {exc}")
     except Exception as exc:  # recorded, not raised: see the docstring
-        return _lost_job(job, f"{type(exc).__name__}: {exc}")
+        return _failed_job(job, f"{type(exc).__name__}: {exc}")
 
 
-def _lost_job(job: _TilingJob, cause: str) -> _TilingOutcome:
+def _failed_job(job: _TilingJob, cause: str) -> _TilingOutcome:
     """The failure of a slide that raised or whose worker process died twice
     (`parallel.map_unordered`); its staging folders are removed."""
     _remove_staging(job)
