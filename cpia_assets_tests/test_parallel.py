@@ -11,8 +11,10 @@ from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
 
+import dask
 import psutil
 import pytest
+from distributed import Client, LocalCluster
 
 from cpia_assets.core.catalog import WsiOptions
 from cpia_assets.core.layout import DataLayout
@@ -33,6 +35,10 @@ def _square_or_die(item: tuple[int, str]) -> int:
     return number * number
 
 
+def _number_and_cause(item: tuple[int, str], cause: str) -> tuple[int, str]:
+    return item[0], cause
+
+
 def _raise_value_error(number: int) -> int:
     raise ValueError(f"bad item {number}")
 
@@ -46,9 +52,7 @@ def test_a_killed_worker_loses_only_the_item_that_kills_it_again(tmp_path: Path)
     marker.write_text("5")  # 5 kills every worker it runs in; 3 only its first one
     items = [(number, str(marker)) for number in range(8)]
     with _pool() as pool:
-        results = list(
-            map_unordered(_square_or_die, items, pool, on_lost=lambda item, cause: (item[0], cause))
-        )
+        results = list(map_unordered(_square_or_die, items, pool, on_lost=_number_and_cause))
     lost = [result for result in results if isinstance(result, tuple)]
     assert lost == [(5, "worker died: signal 9, possibly out of memory")]
     squares = sorted(result for result in results if isinstance(result, int))
@@ -123,3 +127,21 @@ def test_standardize_records_a_slide_whose_worker_is_killed_and_keeps_the_rest(
     ]
     outputs = sorted(p.name for p in layout.standardized_dir("wsi-test").iterdir())
     assert outputs == ["S40-0001.tiff", "S40-0003.tiff", "S40-0004.tiff"]  # no temporaries
+
+
+def test_on_a_dask_cluster_only_the_item_whose_workers_all_die_is_lost(tmp_path: Path) -> None:
+    marker = tmp_path / "kill.txt"
+    marker.write_text("5")
+    items = [(number, str(marker)) for number in range(8)]
+    retry_once = {"distributed.scheduler.allowed-failures": 1}
+    with (
+        dask.config.set(retry_once),
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        executor = client.get_executor()
+        results = list(map_unordered(_square_or_die, items, executor, on_lost=_number_and_cause))
+    lost = [result for result in results if isinstance(result, tuple)]
+    assert lost == [(5, "worker died: every Dask worker that ran it died, possibly out of memory")]
+    squares = sorted(result for result in results if isinstance(result, int))
+    assert squares == [number * number for number in range(8) if number != 5]

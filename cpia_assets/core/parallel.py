@@ -3,12 +3,14 @@
 A local worker process that dies (killed for memory, SIGKILL, a crash in a C library) breaks
 the whole `ProcessPoolExecutor`: every item still pending fails with `BrokenProcessPool`, and
 nothing says which item killed it. `map_unordered` therefore runs each lost item once more,
-alone in a fresh process, so that only the item that kills its worker again is lost.
+alone in a fresh process, so that only the item that kills its worker again is lost. A Dask
+cluster retries an item whose worker died by itself and then fails only that item.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -36,7 +38,8 @@ def map_unordered(
     inside `function`. Items lost with a dead pool worker are retried once, each alone in a
     fresh process (at most as many at a time as the pool has workers); an item whose retry
     dies too yields `on_lost(item, cause)`, e.g. "worker died: signal 9, possibly out of
-    memory". Without `on_lost` the `BrokenProcessPool` propagates.
+    memory"; so does an item that Dask gave up on (`KilledWorker`). Without `on_lost` the
+    `BrokenProcessPool` or `KilledWorker` propagates.
     """
     if executor is None:
         for item in items:
@@ -58,6 +61,10 @@ def map_unordered(
             except BrokenProcessPool:
                 lost.append(futures[future])
                 continue
+            except Exception as exc:
+                if on_lost is None or not _killed_dask_workers(exc):
+                    raise
+                result = on_lost(futures[future], _DASK_WORKERS_DIED)
             yield result
     finally:
         for future in futures:
@@ -66,6 +73,16 @@ def map_unordered(
         raise BrokenProcessPool(f"a worker died; {len(lost)} items lost")
     if lost:
         yield from _retry_alone(function, lost, on_lost, workers=_pool_size(executor))
+
+
+_DASK_WORKERS_DIED = "worker died: every Dask worker that ran it died, possibly out of memory"
+
+
+def _killed_dask_workers(exc: BaseException) -> bool:
+    """Dask's `KilledWorker`: the scheduler already retried the item on fresh workers (up to
+    `distributed.scheduler.allowed-failures`) and every one of them died."""
+    distributed = sys.modules.get("distributed")  # not imported: no Dask executor in use
+    return distributed is not None and isinstance(exc, distributed.KilledWorker)
 
 
 def _pool_size(executor: Executor) -> int:
