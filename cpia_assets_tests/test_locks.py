@@ -19,6 +19,7 @@ from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.manifest import ManifestError, ManifestUnavailableError, open_manifest
 from cpia_assets.defs.instance import DUCKDB_POOL, prepare_instance
 from cpia_assets.defs.pools import (
+    PoolStep,
     announce_waits,
     free_dead_run_slots,
     pool_watch,
@@ -137,7 +138,8 @@ def test_a_killed_manifest_run_frees_its_pool_slot_and_waiting_steps_name_it(
             [sys.executable, "-m", "cpia_assets.defs.instance", str(home), "--pools"],
             capture_output=True, text=True, check=True,
         ).stdout.splitlines()  # fmt: skip
-        assert freed[0] == f"freed the pool slots of run {holder.run_id} (STARTED, process gone)"
+        gone = f"STARTED, but its process {first.pid} is gone"
+        assert freed[0] == f"freed the pool slots of run {holder.run_id} ({gone})"
         lock.communicate("")
         output = second.communicate(timeout=300)[0]
         assert second.returncode == 0, output
@@ -152,3 +154,20 @@ def test_pool_watch_runs_by_default_and_skips_when_nothing_waits() -> None:
         result = pool_watch(dg.build_sensor_context(instance=instance))
     assert isinstance(result, dg.SkipReason)
     assert result.skip_message == "no dead slot holder, no step waiting for a pool"
+
+
+def test_slots_of_ended_or_deleted_runs_are_freed_and_live_runs_keep_theirs() -> None:
+    with dg.instance_for_test() as instance:
+        storage = instance.event_log_storage
+        storage.set_concurrency_slots(DUCKDB_POOL, 3)
+        ended = instance.add_run(dg.DagsterRun("job", status=dg.DagsterRunStatus.CANCELED))
+        live = instance.add_run(dg.DagsterRun("job", status=dg.DagsterRunStatus.STARTED))
+        for run_id in (ended.run_id, live.run_id, "deleted-run"):
+            assert storage.claim_concurrency_slot(DUCKDB_POOL, run_id, "tile_manifest").is_claimed
+        freed = free_dead_run_slots(instance)
+        assert sorted(freed) == sorted([
+            f"freed the pool slots of run {ended.run_id} (the run ended: CANCELED)",
+            "freed the pool slots of run deleted-run (the run was deleted)",
+        ])  # fmt: skip
+        # The live run has no RUN_START event yet (no process known): it keeps its slot.
+        assert slot_holders(instance) == [PoolStep(DUCKDB_POOL, live.run_id, "tile_manifest")]

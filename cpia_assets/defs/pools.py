@@ -67,14 +67,18 @@ def free_dead_run_slots(instance: dg.DagsterInstance) -> list[str]:
     freed = []
     for run_id in sorted({holder.run_id for holder in slot_holders(instance)}):
         run = instance.get_run_by_id(run_id)
-        if run is not None and not run.is_finished:
+        if run is None:
+            why = "the run was deleted"
+        elif run.is_finished:
+            why = f"the run ended: {run.status.value}"
+        else:
             pid = _run_pid(instance, run_id)
             if pid is None or _process_exists(pid):
                 continue
+            why = f"{run.status.value}, but its process {pid} is gone"
             instance.report_run_failed(run, f"its process {pid} is gone (killed?)")
         instance.event_log_storage.free_concurrency_slots_for_run(run_id)
-        status = run.status.value if run is not None else "deleted"
-        freed.append(f"freed the pool slots of run {run_id} ({status}, process gone)")
+        freed.append(f"freed the pool slots of run {run_id} ({why})")
     return freed
 
 
