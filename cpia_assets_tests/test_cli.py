@@ -150,11 +150,12 @@ def test_databases_the_pipeline_did_not_write_are_named_at_once(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     database = tmp_path / "manifest.duckdb"
-    for content, state in ((b"", "an empty file"), (b"SQLite format 3\x00" * 64, "not a DuckDB")):
+    for content, state in ((b"", "an empty file"), (b"SQLite format 3\x00" * 64, "wrong header")):
         database.write_bytes(content)
         assert main(["table1", "--data-dir", str(tmp_path)]) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"cpia: {database} is {state}") and "move it away" in err
+        assert err.startswith(f"cpia: {database} is not a DuckDB database file: {state}")
+        assert "move it away" in err
     database.unlink()
     duckdb.connect(str(database)).close()  # a valid database without tables
     assert main(["failures", "--data-dir", str(tmp_path)]) == 2

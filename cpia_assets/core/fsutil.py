@@ -1,8 +1,16 @@
-"""Small file-system helpers: hashing and atomic writes, so nothing half-written is ever seen."""
+"""Small file-system helpers: hashing, atomic writes, and telling a fault of the output side
+(disk full, quota, read-only or failing disk) from a fault of the input.
+
+A full disk is not a bad slide: stages record per-item failures only for faults of the item
+and re-raise `OutputWriteError`, which fails the whole step with the path and the reason.
+"""
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -12,6 +20,68 @@ from pathlib import Path
 import polars as pl
 
 _CHUNK = 1 << 20
+
+OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO})
+"""Errors of the device written to. EIO counts only when the error says it was a write."""
+_ALWAYS_OUTPUT_ERRNOS = OUTPUT_ERRNOS - {errno.EIO}
+_STRERRORS = frozenset(os.strerror(code) for code in OUTPUT_ERRNOS)
+# How libraries that do not raise OSError report a failed write: libvips ("<file>: write error
+# system error: No space left on device"), DuckDB ('Could not write file "<file>": No space left
+# on device'), Polars ("underlying IO error: No space left on device (os error 28)").
+_WRITE_FAILED = re.compile(
+    r'(?:write error\s*system error: |Could not write file "[^"]*": |IO error: )(?P<reason>[^\n(]+)'
+)
+
+
+class OutputWriteError(Exception):
+    """Writing an output failed on the output side (e.g. the disk is full): no input is at
+    fault, so a stage fails instead of recording a per-item failure."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        self.path, self.reason = str(path), reason
+        disk_full = reason == os.strerror(errno.ENOSPC)
+        what = "disk full" if disk_full else "output device error"
+        super().__init__(f"{what}: cannot write {self.path}: {reason}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # crosses process pools intact
+        return type(self), (self.path, self.reason)
+
+
+def output_fault(exc: BaseException, path: Path | str) -> OutputWriteError | None:
+    """`exc`, raised while writing `path`, as an `OutputWriteError` when the output side is at
+    fault (one of `OUTPUT_ERRNOS`), else None (a fault of the input, or a bug)."""
+    if isinstance(exc, OutputWriteError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno in OUTPUT_ERRNOS:
+        writes = exc.errno in _ALWAYS_OUTPUT_ERRNOS or _names(exc.filename, path)
+        return OutputWriteError(path, os.strerror(exc.errno)) if writes else None
+    text = "\n".join(str(part) for part in (exc, getattr(exc, "detail", "")))
+    for match in _WRITE_FAILED.finditer(text):
+        reason = match["reason"].strip()
+        if reason in _STRERRORS:
+            return OutputWriteError(path, reason)
+    return None
+
+
+def _names(filename: object, path: Path | str) -> bool:
+    """Whether an error's `filename` is `path` or lies inside its folder (its temporaries)."""
+    if not filename:
+        return False
+    folder = Path(path).parent
+    return Path(str(filename)) == Path(path) or folder in Path(str(filename)).parents
+
+
+@contextmanager
+def writing(path: Path | str) -> Iterator[None]:
+    """Re-raise an output-side fault inside the block as `OutputWriteError` (see
+    `output_fault`); any other error passes unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        fault = output_fault(exc, path)
+        if fault is None or fault is exc:
+            raise
+        raise fault from exc
 
 
 def sha256_file(path: Path) -> str:
@@ -26,19 +96,22 @@ def sha256_file(path: Path) -> str:
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling path; on success it is renamed onto `final` in one step.
 
-    Works for files and folders. On error the temporary path is removed and `final` is untouched.
+    Works for files and folders. On error the temporary path is removed and `final` is
+    untouched; an output-side fault (disk full ...) is raised as `OutputWriteError` naming
+    `final`.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    target = tmp / final.name
-    try:
-        yield target
-        if final.is_dir() and not final.is_symlink():
-            shutil.rmtree(final)
-        target.replace(final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with writing(final):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        target = tmp / final.name
+        try:
+            yield target
+            if final.is_dir() and not final.is_symlink():
+                shutil.rmtree(final)
+            target.replace(final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_parquet_atomic(frame: pl.DataFrame, path: Path) -> Path:

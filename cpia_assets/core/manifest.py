@@ -19,9 +19,10 @@ User values reach SQL only as bound parameters; identifiers come from this modul
 from __future__ import annotations
 
 import hashlib
+import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ import polars as pl
 
 from cpia_assets.core import schema
 from cpia_assets.core.catalog import ALL_SCALES, TABLE_I_ORGANS, Catalog
+from cpia_assets.core.fsutil import output_fault
 from cpia_assets.core.layout import DataLayout
 
 LOADER_STAGE = "tile_manifest"
@@ -220,19 +222,22 @@ SCHEMA_VERSION = hashlib.sha256(repr(_TABLE_COLUMNS).encode()).hexdigest()[:16]
 # Connections
 
 
-def open_manifest(layout: DataLayout, *, wait_s: float = 60) -> duckdb.DuckDBPyConnection:
+def open_manifest(
+    layout: DataLayout, *, wait_s: float = 60, on_wait: Callable[[str], None] | None = None
+) -> duckdb.DuckDBPyConnection:
     """A read-only connection to `manifest.duckdb` (the caller closes it).
 
     While tile_manifest writes, DuckDB refuses every other process even a read-only open; this
-    waits up to `wait_s` for the writer to finish. A database tile_manifest did not write (no
-    tables, or those of another code version) is refused at once.
+    waits up to `wait_s` for the writer to finish, telling `on_wait` which process holds it.
+    A database tile_manifest did not write (no tables, or those of another code version) is
+    refused at once.
     """
     path = layout.duckdb_path
     if not path.is_file():
         raise ManifestUnavailableError(
             f"{path} does not exist yet: materialize the tile_manifest asset first"
         )
-    con = _connect(path, read_only=True, wait_s=wait_s)
+    con = _connect(path, read_only=True, wait_s=wait_s, on_wait=on_wait)
     has_meta = con.execute(
         "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'manifest_meta'"
     ).fetchall() == [(1,)]
@@ -249,10 +254,12 @@ def open_manifest(layout: DataLayout, *, wait_s: float = 60) -> duckdb.DuckDBPyC
 
 
 @contextmanager
-def _writer(path: Path, *, wait_s: float) -> Iterator[duckdb.DuckDBPyConnection]:
+def _writer(
+    path: Path, *, wait_s: float, on_wait: Callable[[str], None] | None
+) -> Iterator[duckdb.DuckDBPyConnection]:
     """The read-write connection, waiting for short-lived readers (CLI, checks) to let go."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    con = _connect(path, read_only=False, wait_s=wait_s)
+    con = _connect(path, read_only=False, wait_s=wait_s, on_wait=on_wait)
     try:
         yield con
     finally:
@@ -261,10 +268,17 @@ def _writer(path: Path, *, wait_s: float) -> Iterator[duckdb.DuckDBPyConnection]
 
 DUCKDB_MAGIC = b"DUCK"
 """Bytes 8-11 of every DuckDB database file."""
+_NOT_A_DATABASE = "it is not a valid DuckDB database file"
+_LOCK_HOLDER = re.compile(r"Conflicting lock is held in (?P<program>.+?) \(PID (?P<pid>\d+)\)")
+_WAIT_NOTICE_S = 30
+"""How often `on_wait` hears that the open still waits for the file lock."""
 
 
-def _connect(path: Path, *, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConnection:
-    """Open the database, retrying while another process holds it (a file lock conflict).
+def _connect(
+    path: Path, *, read_only: bool, wait_s: float, on_wait: Callable[[str], None] | None
+) -> duckdb.DuckDBPyConnection:
+    """Open the database, retrying while another process holds it (a file lock conflict) and
+    telling `on_wait` (at once, then every `_WAIT_NOTICE_S`) which process that is.
 
     The Dagster pool keeps manifest steps apart; this also covers what it cannot: CLI readers,
     and two steps that claim the pool's one slot at the same instant on SQLite instance storage.
@@ -273,18 +287,27 @@ def _connect(path: Path, *, read_only: bool, wait_s: float) -> duckdb.DuckDBPyCo
     _require_duckdb_file(path)
     # Without insertion order, the multi-file INSERT of a load runs on all cores.
     config = {} if read_only else {"preserve_insertion_order": False}
+    mode = "reading" if read_only else "writing"
     deadline = time.monotonic() + wait_s
+    next_notice = time.monotonic()
     delay = 0.05
     while True:
         try:
             return duckdb.connect(str(path), read_only=read_only, config=config)
         except duckdb.IOException as exc:
-            if time.monotonic() >= deadline:
-                mode = "reading" if read_only else "writing"
-                raise ManifestUnavailableError(
-                    f"{path}: could not open for {mode} within {wait_s:.0f} s "
-                    f"(another process holds it): {exc}"
+            if _NOT_A_DATABASE in str(exc):
+                raise ManifestError(
+                    f"{path} is not a DuckDB database file (empty or damaged): move it away; "
+                    "the next tile_manifest run rebuilds it from the Parquet records"
                 ) from exc
+            holder = _lock_holder(exc)
+            if time.monotonic() >= deadline:
+                raise ManifestUnavailableError(
+                    f"{path}: could not open for {mode} within {wait_s:.0f} s ({holder}): {exc}"
+                ) from exc
+            if on_wait is not None and time.monotonic() >= next_notice:
+                on_wait(f"{path}: waiting up to {wait_s:.0f} s to open it for {mode}: {holder}")
+                next_notice = time.monotonic() + _WAIT_NOTICE_S
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
 
@@ -299,11 +322,19 @@ def _require_duckdb_file(path: Path) -> None:
     except OSError as exc:
         raise ManifestError(f"{path}: cannot read: {exc.strerror}") from exc
     if header[8:] != DUCKDB_MAGIC:
-        state = "an empty file" if not header else "not a DuckDB database file"
+        state = "not a DuckDB database file: " + ("an empty file" if not header else "wrong header")
         raise ManifestError(
             f"{path} is {state}: move it away; tile_manifest then rebuilds the manifest "
             "from the Parquet records"
         )
+
+
+def _lock_holder(exc: duckdb.IOException) -> str:
+    """Who holds the file lock, from DuckDB's message."""
+    found = _LOCK_HOLDER.search(str(exc))
+    if found is None:
+        return "another process holds it"
+    return f"process {found['pid']} ({found['program']}) holds it"
 
 
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
@@ -379,18 +410,24 @@ def find_manifest_files(layout: DataLayout, keys: Sequence[str]) -> list[Manifes
     return found
 
 
-def load_manifest(layout: DataLayout, catalog: Catalog, *, wait_s: float = 300) -> LoadReport:
+def load_manifest(
+    layout: DataLayout,
+    catalog: Catalog,
+    *,
+    wait_s: float = 300,
+    on_wait: Callable[[str], None] | None = None,
+) -> LoadReport:
     """Bring `manifest.duckdb` up to date with the Parquet records of the catalog's partitions.
 
     Only new, changed and removed files are touched, in one transaction. A file that cannot be
     used (unreadable, wrong column types, corrupt data pages) is skipped with a `failures` row
     (stage `tile_manifest`); the rows it had from an earlier load are kept and it is retried
     next time. Files of partitions no longer in the catalog are dropped. `wait_s` bounds the
-    wait for readers holding the database file open.
+    wait for readers holding the database file open; `on_wait` hears who holds it.
     """
     files = find_manifest_files(layout, catalog.keys)
     unreadable: list[dict[str, str]] = []  # files whose data pages failed a batched insert
-    with _writer(layout.duckdb_path, wait_s=wait_s) as con:
+    with _writer(layout.duckdb_path, wait_s=wait_s, on_wait=on_wait) as con:
         while True:
             con.begin()
             try:
@@ -398,16 +435,14 @@ def load_manifest(layout: DataLayout, catalog: Catalog, *, wait_s: float = 300) 
                 con.commit()
                 break
             except _BatchInsertError as exc:
-                con.rollback()
+                _rollback(con)
                 found = _unreadable_files(layout, exc.batch)
                 if not found:  # every file reads: the insert failed for another reason
-                    raise ManifestError(
-                        f"{layout.duckdb_path}: load rolled back: {exc.__cause__}"
-                    ) from exc.__cause__
+                    raise _load_error(layout, exc.__cause__) from exc.__cause__
                 unreadable.extend(found)  # and load again without them
             except duckdb.Error as exc:
-                con.rollback()
-                raise ManifestError(f"{layout.duckdb_path}: load rolled back: {exc}") from exc
+                _rollback(con)
+                raise _load_error(layout, exc) from exc
         rows = table_rows(con)
     usable, problems, removed, unchanged = changes
     touched = {probed.file.subdataset for probed in usable}
@@ -421,6 +456,19 @@ def load_manifest(layout: DataLayout, catalog: Catalog, *, wait_s: float = 300) 
         partitions=tuple(catalog.keys),
         touched=frozenset(touched),
     )
+
+
+def _rollback(con: duckdb.DuckDBPyConnection) -> None:
+    """Undo the load's transaction. A failed COMMIT (e.g. disk full) has already ended it, and
+    "no transaction is active" must not hide the error that ended it."""
+    with suppress(duckdb.TransactionException):
+        con.rollback()
+
+
+def _load_error(layout: DataLayout, exc: BaseException | None) -> ManifestError:
+    """The error of a rolled-back load, saying "disk full" and the path when it is one."""
+    cause = output_fault(exc, layout.duckdb_path) if exc is not None else None
+    return ManifestError(f"{layout.duckdb_path}: load rolled back: {cause or exc}")
 
 
 class _BatchInsertError(Exception):

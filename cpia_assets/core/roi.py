@@ -199,7 +199,7 @@ def standardize_roi_partition(
         for start in range(0, len(jobs), settings.chunk_size)
     ]
     done = 0
-    for outcomes in map_unordered(_standardize_chunk, chunks, executor):
+    for outcomes in map_unordered(_standardize_chunk, chunks, executor, on_lost=_lost_chunk):
         for outcome in outcomes:
             result.reused += outcome.reused
             if outcome.record is not None:
@@ -351,6 +351,16 @@ def _standardize_chunk(chunk: _Chunk) -> list[_Outcome]:
                 continue
         outcomes.append(_Outcome(record=_record(job, chunk, stamp), reused=reused))
     return outcomes
+
+
+def _lost_chunk(chunk: _Chunk, cause: str) -> list[_Outcome]:
+    """Failures for the images of a chunk whose worker process died twice
+    (`parallel.map_unordered`): which image killed it is unknown, so all are named."""
+    reason = f"{cause} (while standardizing a chunk of {len(chunk.jobs)} images)"
+    return [
+        _Outcome(failure=failure(job.source_file, STAGE, f"{job.source_file}: {reason}"))
+        for job in chunk.jobs
+    ]
 
 
 def _encode(job: _ImageJob, chunk: _Chunk, *, source_sha256: str, fingerprint: str) -> _Stamp:

@@ -51,7 +51,7 @@ import pyvips
 from PIL import Image
 
 from cpia_assets.core.catalog import WsiOptions
-from cpia_assets.core.fsutil import atomic_path, sha256_file
+from cpia_assets.core.fsutil import OutputWriteError, atomic_path, output_fault, sha256_file
 from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.parallel import map_unordered
 from cpia_assets.core.slides import (
@@ -371,6 +371,8 @@ def _write_standardized(
     try:
         save_pyramid(shrink_image(level, plan), dest, mpp=plan.output_mpp, settings=settings)
     except pyvips.Error as exc:
+        if output_fault(exc, dest):
+            raise  # disk full ...: no fault of the slide; `atomic_path` names the final path
         raise SlideReadError(reader.path, f"cannot read level {plan.level}: {exc}") from exc
 
 
@@ -431,7 +433,7 @@ def standardize_partition(
                 settings=settings,
             )
         )
-    for outcome in map_unordered(_run_job, jobs, executor):
+    for outcome in map_unordered(_run_job, jobs, executor, on_lost=_failed_job):
         if outcome.record is not None:
             result.records.append(outcome.record)
         if outcome.failure is not None:
@@ -449,17 +451,25 @@ def standardize_partition(
 
 def _run_job(job: _SlideJob) -> _SlideOutcome:
     """Worker: one slide, reused when its marker matches, failures recorded not raised (an
-    unexpected error too, so that the siblings still finish)."""
+    unexpected error too, so that the siblings still finish). An output-side fault (disk
+    full) is raised: it is no fault of the slide, and fails the stage."""
     try:
         return _standardize_or_reuse(job)
+    except OutputWriteError:
+        raise
     except Exception as exc:  # recorded, not raised: see the docstring
-        _remove_stale_temporaries(job.output)
-        error = f"{type(exc).__name__}: {exc}"
-        return _SlideOutcome(
-            job.source_file,
-            failure=failure(job.source_file, STAGE, f"{job.source.name}: {error}"),
-            message=f"slide {job.source.name}: failed: {error}",
-        )
+        return _failed_job(job, f"{type(exc).__name__}: {exc}")
+
+
+def _failed_job(job: _SlideJob, cause: str) -> _SlideOutcome:
+    """The failure of a slide whose work raised unexpectedly or whose worker process died
+    twice (`parallel.map_unordered`); its temporaries are removed."""
+    _remove_stale_temporaries(job.output)
+    return _SlideOutcome(
+        job.source_file,
+        failure=failure(job.source_file, STAGE, f"{job.source.name}: {cause}"),
+        message=f"slide {job.source.name}: failed: {cause}",
+    )
 
 
 def _standardize_or_reuse(job: _SlideJob) -> _SlideOutcome:

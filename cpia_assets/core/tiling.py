@@ -41,7 +41,7 @@ import pyvips
 from PIL import Image
 
 from cpia_assets.core import schema
-from cpia_assets.core.fsutil import atomic_path, write_parquet_atomic
+from cpia_assets.core.fsutil import OutputWriteError, atomic_path, write_parquet_atomic, writing
 from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.parallel import map_unordered
 from cpia_assets.core.stage import StageResult, failure
@@ -219,11 +219,12 @@ class _TileWriter:
 
     def save(self, scale: str, name: str, left: int, top: int, size: int) -> Path:
         path = self.out_dirs[scale] / f"{name}.jpg"
-        if size <= _PIL_ENCODE_MAX_PX:
-            crop = self.pixels[top : top + size, left : left + size]
-            Image.fromarray(crop).save(path, "JPEG", quality=self.quality)
-        else:
-            self.region.crop(left, top, size, size).jpegsave(str(path), Q=self.quality)
+        with writing(path):
+            if size <= _PIL_ENCODE_MAX_PX:
+                crop = self.pixels[top : top + size, left : left + size]
+                Image.fromarray(crop).save(path, "JPEG", quality=self.quality)
+            else:
+                self.region.crop(left, top, size, size).jpegsave(str(path), Q=self.quality)
         return path
 
 
@@ -309,7 +310,7 @@ def tile_partition(
     result = StageResult()
     jobs = [_TilingJob(dict(slide), key, layout, settings) for slide in slides]
     tiled: set[str] = set()
-    for outcome in map_unordered(_run_job, jobs, executor):
+    for outcome in map_unordered(_run_job, jobs, executor, on_lost=_failed_job):
         for row in outcome.rows:
             (result.records if row["path"] else result.rejected).append(row)
         if outcome.failure is None:
@@ -331,15 +332,26 @@ def _row_order(row: Mapping[str, Any]) -> tuple[str, int, int, int]:
 
 def _run_job(job: _TilingJob) -> _TilingOutcome:
     """Worker: tile one slide, or reuse it when its fingerprint matches; any error becomes
-    the slide's failure (its staging folders removed) so that its siblings still finish."""
-    slide_file = job.slide["standardized_file"]
+    the slide's failure (its staging folders removed) so that its siblings still finish,
+    except an output-side fault (disk full), which is no fault of the slide and is raised."""
     try:
         return _tile_or_reuse(job)
+    except OutputWriteError:  # the slide's outputs were removed before it was redone
+        _remove_previous_outputs(job.layout, job.key, job.stem)
+        _remove_staging(job)
+        raise
     except pyvips.Error as exc:
-        reason = f"{slide_file}: cannot read the standardized slide: {exc}"
+        return _failed_job(job, f"cannot read the standardized slide: {exc}")
     except Exception as exc:  # recorded, not raised: see the docstring
-        reason = f"{slide_file}: {type(exc).__name__}: {exc}"
+        return _failed_job(job, f"{type(exc).__name__}: {exc}")
+
+
+def _failed_job(job: _TilingJob, cause: str) -> _TilingOutcome:
+    """The failure of a slide that raised or whose worker process died twice
+    (`parallel.map_unordered`); its staging folders are removed."""
     _remove_staging(job)
+    slide_file = job.slide["standardized_file"]
+    reason = f"{slide_file}: {cause}"
     return _TilingOutcome(job.stem, failure=failure(slide_file, STAGE, reason), message=reason)
 
 
@@ -366,7 +378,9 @@ def _tile_or_reuse(job: _TilingJob) -> _TilingOutcome:
     write_parquet_atomic(schema.frame(rows, schema.TILES), job.part)
     for candidate in candidates:
         if candidate.file is not None:
-            candidate.file.replace(folders[candidate.scale] / candidate.file.name)
+            final = folders[candidate.scale] / candidate.file.name
+            with writing(final):
+                candidate.file.replace(final)
     _remove_staging(job)
     with atomic_path(job.marker) as tmp:
         tmp.write_text(json.dumps({"fingerprint": fingerprint}))

@@ -1,30 +1,40 @@
-"""Dagster instance settings the platform relies on: concurrency pools.
+"""Dagster instance settings the platform relies on: concurrency pools and run monitoring.
 
 Pools bound concurrency across runs: `duckdb` (limit 1) keeps tile_manifest and its checks the only
 process with manifest.duckdb open; `downloads` bounds how many raw_download steps run at once.
-`make demo` and `make ui` prepare DAGSTER_HOME with `python -m cpia_assets.defs.instance`.
+Run monitoring lets the daemon free the slots of ended runs; `pools.py` frees those of killed ones.
+`make demo` and `make ui` prepare DAGSTER_HOME with `python -m cpia_assets.defs.instance`;
+`python -m cpia_assets.defs.instance --pools` frees the slots of dead runs and lists who waits.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 import dagster as dg
 
+from cpia_assets.defs.pools import announce_waits, describe_holders, free_dead_run_slots
+
 DUCKDB_POOL = "duckdb"
 DOWNLOADS_POOL = "downloads"
 POOL_LIMITS: Mapping[str, int] = {DUCKDB_POOL: 1, DOWNLOADS_POOL: 4}
 
-INSTANCE_YAML = """\
-# Written by cpia_assets (defs/instance.py). A pool without an explicit limit gets 1; the
+_HEADER = "# Written by cpia_assets (defs/instance.py)."
+INSTANCE_YAML = f"""\
+{_HEADER} A pool without an explicit limit gets 1; the
 # explicit limits (duckdb 1, downloads 4) are set with `dagster instance concurrency set`.
 concurrency:
   pools:
     granularity: op
     default_limit: 1
+# The daemon frees the pool slots of runs that ended (failed, canceled) this many seconds ago.
+# Runs killed outright are freed by the pool_watch sensor (cpia_assets/defs/pools.py).
+run_monitoring:
+  enabled: true
+  free_slots_after_run_end_seconds: 30
 """
 
 
@@ -50,17 +60,35 @@ def ensure_pool_limits(
 
 
 def prepare_instance(home: Path) -> Path:
-    """Create DAGSTER_HOME with the platform's dagster.yaml (unless the user has one) and set
-    the pool limits on that instance."""
+    """Create DAGSTER_HOME with the platform's dagster.yaml (unless the user has their own: an
+    earlier version of ours is brought up to date) and set the pool limits on that instance."""
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
-    if not config.exists():
+    if not config.exists() or config.read_text().startswith(_HEADER):
         config.write_text(INSTANCE_YAML)
     with dg.DagsterInstance.from_config(str(home)) as instance:
         ensure_pool_limits(instance)
     return config
 
 
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m cpia_assets.defs.instance")
+    parser.add_argument("home", nargs="?", help="DAGSTER_HOME (default: $DAGSTER_HOME)")
+    parser.add_argument(
+        "--pools",
+        action="store_true",
+        help="free the pool slots of runs whose process is gone; list slot holders and waiters",
+    )
+    args = parser.parse_args(argv)
+    home = Path(args.home or os.environ["DAGSTER_HOME"])
+    if not args.pools:
+        print(f"Dagster instance ready: {prepare_instance(home)}")
+        return
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        freed = free_dead_run_slots(instance)
+        lines = [*freed, *describe_holders(instance), *announce_waits(instance)]
+    print("\n".join(lines) or "no pool slot is held; no step waits for a pool")
+
+
 if __name__ == "__main__":
-    home = Path(sys.argv[1] if len(sys.argv) > 1 else os.environ["DAGSTER_HOME"])
-    print(f"Dagster instance ready: {prepare_instance(home)}")
+    main()

@@ -41,11 +41,11 @@ def build_manifest_assets() -> list[dg.AssetsDefinition | dg.AssetChecksDefiniti
     )
     def tile_manifest(context: dg.AssetExecutionContext, store: CpiaStore) -> dg.MaterializeResult:
         layout = store.layout
-        report = manifest.load_manifest(layout, store.catalog())
+        report = manifest.load_manifest(layout, store.catalog(), on_wait=context.log.warning)
         for problem in report.problems:
             context.log.warning(f"{problem['file']}: {problem['reason']}")
         picture = mosaic.mosaic_path(layout)
-        with manifest.open_manifest(layout) as con:
+        with manifest.open_manifest(layout, on_wait=context.log.warning) as con:
             table = manifest.markdown_table(manifest.table_i(con))
             compared = manifest.markdown_table(manifest.built_vs_published(con, built_only=True))
             if report.touched or not picture.exists():
@@ -81,7 +81,7 @@ def build_manifest_assets() -> list[dg.AssetsDefinition | dg.AssetChecksDefiniti
     ) -> Iterator[dg.AssetCheckResult]:
         """All checks in one step: one read-only connection, one pool slot, one folder walk."""
         selected = [key.name for key in context.selected_asset_check_keys]
-        with manifest.open_manifest(store.layout) as con:
+        with manifest.open_manifest(store.layout, on_wait=context.log.warning) as con:
             outcomes = integrity.run_checks(con, store.layout, selected)
         for name, outcome in outcomes.items():
             yield _check_result(outcome, specs[name])
