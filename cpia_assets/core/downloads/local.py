@@ -10,34 +10,44 @@ from pathlib import Path
 from cpia_assets.core.downloads.errors import FileFetchError, SourceError
 from cpia_assets.core.downloads.paths import is_hidden
 from cpia_assets.core.downloads.state import DownloadState, FileEntry
-from cpia_assets.core.fsutil import atomic_path, sha256_file
+from cpia_assets.core.fsutil import (
+    FolderWalk,
+    atomic_path,
+    printable_path,
+    sha256_file,
+    walk_visible,
+)
 
 _GLOB_CHARS = frozenset("*?[")
 
 
-def list_local(pattern: str) -> list[tuple[Path, str]]:
-    """(file, path relative to the folder or to the glob's fixed part) for a folder or a glob.
+def list_local(pattern: str) -> FolderWalk:
+    """The files of a folder or a glob, with paths relative to the folder or the glob's fixed
+    part, and the entries refused (`fsutil.walk_visible`).
 
-    Hidden files and folders (a name starting with '.') are left out.
+    Hidden files and folders (a name starting with '.') are left out; links to folders are
+    followed.
     """
-    if _GLOB_CHARS & set(pattern):
+    if not _GLOB_CHARS & set(pattern):
+        if not Path(pattern).is_dir():
+            raise SourceError(f"local source {pattern}: no such folder")
+        listing = walk_visible(Path(pattern))
+    else:
         parts = Path(pattern).parts
         fixed = next(i for i, part in enumerate(parts) if _GLOB_CHARS & set(part))
         base = Path(*parts[:fixed])
-        candidates = list(base.glob(Path(*parts[fixed:]).as_posix()))
-    else:
-        base = Path(pattern)
-        if not base.is_dir():
-            raise SourceError(f"local source {pattern}: no such folder")
-        candidates = list(base.rglob("*"))
-    found = []
-    for path in candidates:
-        rel = path.relative_to(base).as_posix()
-        if path.is_file() and not is_hidden(rel):
-            found.append((path, rel))
-    if not found:
+        listing = FolderWalk()
+        for path in sorted(base.glob(Path(*parts[fixed:]).as_posix())):
+            rel = path.relative_to(base).as_posix()
+            if is_hidden(rel) or not path.is_file():
+                continue
+            if printable_path(rel) != rel:
+                listing.refused.append((printable_path(rel), "the name is not valid UTF-8"))
+            else:
+                listing.files.append((path, rel))
+    if not listing.files and not listing.refused:
         raise SourceError(f"local source {pattern}: no files found")
-    return sorted(found, key=lambda item: item[1])
+    return listing
 
 
 def bring_local(
