@@ -129,8 +129,13 @@ def test_find_roi_images_by_extension_recursively_sorted(tmp_path: Path) -> None
     for name in ("labels.csv", "notes.txt", "a/._1.jpeg", ".cache/x.png"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"not an image")
-    found = [path.relative_to(tmp_path).as_posix() for path in find_roi_images(tmp_path)]
+    selection = find_roi_images(tmp_path, {"labels.csv"})
+    found = [path.relative_to(tmp_path).as_posix() for path in selection.used]
     assert found == ["a/1.jpeg", "a/z.tif", "b/2.PNG", "c.bmp", "d.TIFF", "e.jpg"]
+    assert [(rel, reason.split(" (")[0]) for rel, reason in selection.skipped] == [
+        ("labels.csv", "label or split table of the catalog"),
+        ("notes.txt", "not an image of a known type"),
+    ]
     with pytest.raises(RoiError, match="does not exist"):
         find_roi_images(tmp_path / "missing")
 
@@ -271,7 +276,7 @@ def test_demo_labels_splits_and_scales_from_folders_and_csv(tmp_path: Path, key:
         assert len(result.records) == 20
         expected = {
             path.stem: (path.parent.name, path.parent.parent.name, "S")
-            for path in find_roi_images(layout.raw_dir(key))
+            for path in find_roi_images(layout.raw_dir(key)).used
         }
     else:  # <magnification>/<name>, labels.csv
         assert len(result.records) == 24

@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import posixpath
 import shutil
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
@@ -43,11 +43,11 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from cpia_assets.core.catalog import ROI_SCALES, SubDataset
-from cpia_assets.core.fsutil import atomic_path, sha256_file
+from cpia_assets.core.fsutil import atomic_path, sha256_file, walk_visible
 from cpia_assets.core.labels import AnnotationError, Annotator
 from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.parallel import map_unordered
-from cpia_assets.core.stage import StageResult, failure
+from cpia_assets.core.stage import RawSelection, StageResult, failure
 
 STAGE = "standardized_wsi"  # the asset that runs ROI standardization
 ROI_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
@@ -88,24 +88,30 @@ class RoiSettings:
         )
 
 
-def find_roi_images(source_dir: Path) -> list[Path]:
-    """Image files under `source_dir` by extension, recursively, sorted by relative path.
+def find_roi_images(source_dir: Path, annotation_files: Collection[str] = ()) -> RawSelection:
+    """Image files under `source_dir` by extension, recursively, sorted by relative path; every
+    other file is skipped with its reason (`annotation_files`: the catalog's label and split
+    tables, relative paths).
 
     Hidden files and folders (name starting with '.', e.g. macOS `._x.jpg` resource forks) are
-    skipped; symbolic links to folders are followed.
+    not looked at; symbolic links to folders are followed (`fsutil.walk_visible`).
     """
     source_dir = Path(source_dir)
     if not source_dir.is_dir():
         raise RoiError(f"{source_dir}: the ROI source folder does not exist")
-    found = []
-    for folder, subfolders, files in os.walk(source_dir, followlinks=True):
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-        found.extend(
-            Path(folder) / name
-            for name in files
-            if not name.startswith(".") and Path(name).suffix.lower() in ROI_EXTENSIONS
-        )
-    return sorted(found, key=lambda path: path.relative_to(source_dir).as_posix())
+    walk = walk_visible(source_dir)
+    selection = RawSelection(refused=walk.refused)
+    for path, relative in walk.files:
+        suffix = path.suffix.lower()
+        if suffix in ROI_EXTENSIONS:
+            selection.used.append(path)
+        elif relative in annotation_files:
+            selection.skipped.append((relative, "label or split table of the catalog"))
+        else:
+            known = ", ".join(sorted(ROI_EXTENSIONS))
+            reason = f"not an image of a known type ({suffix or 'no extension'}; known: {known})"
+            selection.skipped.append((relative, reason))
+    return selection
 
 
 def output_stems(relative_paths: Iterable[str]) -> dict[str, str]:
@@ -182,12 +188,12 @@ def standardize_roi_partition(
     """Standardize every image of one ROI sub-dataset; TILES records, one per saved image.
 
     Images a label or split rule cannot place and images that cannot be decoded are recorded as
-    failures and skipped. Images whose catalog scale is None are not used and not recorded.
+    failures. Files that are not images, the catalog's label tables and images the catalog gives
+    no scale are recorded as skipped, with the reason.
     """
     if entry.kind != "roi":
         raise RoiError(f"sub-dataset {entry.key!r} is a {entry.kind} sub-dataset, not roi")
-    jobs, unplaced = _plan_jobs(entry, source_dir=Path(source_dir), layout=layout)
-    result = StageResult(failures=unplaced)
+    jobs, result = _plan_jobs(entry, source_dir=Path(source_dir), layout=layout)
     crop_fraction = float(entry.crop["fraction"]) if entry.crop else 1.0
     chunks = [
         _Chunk(
@@ -222,12 +228,25 @@ def standardize_roi_partition(
 
 def _plan_jobs(
     entry: SubDataset, *, source_dir: Path, layout: DataLayout
-) -> tuple[list[_ImageJob], list[dict[str, str]]]:
-    """Jobs for the used source images, and failures for images a rule cannot label or split."""
+) -> tuple[list[_ImageJob], StageResult]:
+    """Jobs for the used source images, and a result holding the skipped files and the
+    failures known before decoding (entries the walk refused, images a rule cannot label or
+    split)."""
     annotator = Annotator(labels=entry.labels, splits=entry.splits, source_dir=source_dir)
     source_prefix = layout.stored(source_dir)
-    jobs, failures = [], []
-    for scale, sources in _sources_by_scale(entry, source_dir).items():
+    tables = {
+        posixpath.normpath(rule["file"])
+        for rule in (entry.labels, entry.splits)
+        if rule and rule.get("from") == "csv"
+    }
+    selection = find_roi_images(source_dir, tables)
+    by_scale = _sources_by_scale(entry, selection, source_dir)
+    planned = StageResult(
+        failures=selection.refused_rows(source_prefix, STAGE),
+        skipped=sorted(selection.skipped_rows(source_prefix), key=lambda row: row["file"]),
+    )
+    jobs = []
+    for scale, sources in by_scale.items():
         output_dir = layout.image_dir(scale, entry.key)
         output_prefix = layout.relative(output_dir)
         stems = output_stems(sources)
@@ -236,7 +255,7 @@ def _plan_jobs(
             try:
                 annotation = annotator.annotate(relative)
             except AnnotationError as exc:
-                failures.append(failure(source_file, STAGE, str(exc)))
+                planned.failures.append(failure(source_file, STAGE, str(exc)))
                 continue
             jobs.append(
                 _ImageJob(
@@ -250,16 +269,21 @@ def _plan_jobs(
                     split=annotation.split,
                 )
             )
-    return jobs, failures
+    return jobs, planned
 
 
-def _sources_by_scale(entry: SubDataset, source_dir: Path) -> dict[str, list[str]]:
-    """Relative POSIX paths of the used source images, grouped by their catalog scale."""
+def _sources_by_scale(
+    entry: SubDataset, selection: RawSelection, source_dir: Path
+) -> dict[str, list[str]]:
+    """Relative POSIX paths of the used source images, grouped by their catalog scale; images
+    the catalog gives no scale are added to the selection's skipped files."""
     by_scale: dict[str, list[str]] = defaultdict(list)
-    for path in find_roi_images(source_dir):
+    for path in selection.used:
         relative = path.relative_to(source_dir).as_posix()
         scale = entry.scale_for(relative)
-        if scale is not None:
+        if scale is None:
+            selection.skipped.append((relative, "the catalog's scale rules give it no scale"))
+        else:
             by_scale[scale].append(relative)
     return dict(by_scale)
 
