@@ -44,6 +44,15 @@ def test_table1_mini_prints_a_frame(capsys: pytest.CaptureFixture[str], loaded: 
     assert "shape: (29, 10)" in out and "multiple organs" in out
 
 
+def test_table1_mini_counts_only_mini_images(
+    capsys: pytest.CaptureFixture[str], loaded: DataFolder
+) -> None:
+    """Every WSI tile of the fixture is in Mini, but only the 2 training ROI images of 4."""
+    code, out = run(capsys, loaded, "table1", "--mini", "--markdown")
+    assert code == 0
+    assert out.splitlines()[-1] == "| Total | 3 | 3 | 6 | 0 | 6 | 0 | 3 | 2 | 20 |"
+
+
 def test_tiles_filters_and_limit(capsys: pytest.CaptureFixture[str], loaded: DataFolder) -> None:
     code, out = run(capsys, loaded, "tiles", "--subdataset", "wsi-breast", "--scale", "M",
                     "--limit", "1", "--markdown")  # fmt: skip
