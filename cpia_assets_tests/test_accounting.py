@@ -104,6 +104,10 @@ def test_a_bad_name_fails_alone_and_the_partition_then_accounts_for_every_file(r
     ]  # fmt: skip
     failures = run.records("roi-local", "failures-raw_download").select("file", "reason")
     assert failures.rows() == [("caf\\xff.png", "the name is not valid UTF-8; rename it")]
+    assert run.checks()["raw_files_accounted"]  # not standardized yet: pending, not unaccounted
+    with open_manifest(run.layout) as con:
+        pending = integrity.raw_files_accounted(con).details
+    assert (pending["raw_files"], pending["checked"], pending["pending_partitions"]) == (5, 0, 1)
 
     (run.rois / BAD_NAME).rename(run.rois / "cafe.png")
     (run.rois / "splits.csv").write_text(

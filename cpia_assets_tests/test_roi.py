@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -138,6 +139,20 @@ def test_find_roi_images_by_extension_recursively_sorted(tmp_path: Path) -> None
         ("labels.csv", "label or split table of the catalog"),
         ("notes.txt", "not an image of a known type"),
     ]
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "b" / "up").symlink_to(tmp_path)  # a loop
+    (tmp_path / os.fsdecode(b"caf\xe9.png")).write_bytes(b"latin-1 name")
+    refused = find_roi_images(tmp_path).refused
+    assert refused == [
+        ("b/up", "loops back to a folder above it; not followed"),
+        ("caf\\xe9.png", "the name is not valid UTF-8; rename it"),
+        ("gone.png", f"broken link to {tmp_path / 'nowhere.png'}"),
+    ]
+    assert find_roi_images(tmp_path).refused_rows("raw/k", STAGE)[1] == {
+        "file": "raw/k/caf\\xe9.png",
+        "stage": STAGE,
+        "reason": "the name is not valid UTF-8; rename it",
+    }
     with pytest.raises(RoiError, match="does not exist"):
         find_roi_images(tmp_path / "missing")
 

@@ -175,6 +175,23 @@ def standardize_image(
     return square, upscaled
 
 
+_TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+"""EXIF orientations that swap width and height."""
+
+_JPEG_SHRINKS = (8, 4, 2)
+"""Shrink-on-load factors of libvips' JPEG loader (DCT scaling)."""
+
+_SHRINK_MARGIN = 16
+"""Shrink on load only while the square keeps 16x the output size: the DCT-domain shrink then
+stays within Pillow's tolerance, and the crop's rounding to shrunk pixels moves it by at most
+1/32 of an output pixel."""
+
+_LANCZOS_MIN_FACTOR = 8
+"""libvips box-averages by an integer block first (which keeps the Lanczos kernel short) but
+leaves at least this factor to Lanczos-3: larger blocks move pixels visibly away from Pillow's
+Lanczos."""
+
+
 def load_square(
     path: Path, *, size: int, crop_fraction: float = 1.0, max_pixels: int
 ) -> tuple[Image.Image, bool]:
@@ -201,21 +218,6 @@ def load_square(
                 raise RoiImageError(f"{path}: cannot decode image: {exc}".strip()) from exc
     image = load_rgb(path, max_pixels=max_pixels)
     return standardize_image(image, size=size, crop_fraction=crop_fraction)
-
-
-_TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
-"""EXIF orientations that swap width and height."""
-
-_JPEG_SHRINKS = (8, 4, 2)
-"""Shrink-on-load factors of libvips' JPEG loader (DCT scaling)."""
-
-_SHRINK_MARGIN = 16
-"""Shrink on load only while the square keeps 16x the output size: the DCT-domain shrink then
-stays within Pillow's tolerance, and the crop's rounding to shrunk pixels moves it by at most
-1/32 of an output pixel."""
-
-
-_LANCZOS_MIN_FACTOR = 8
 
 
 def _orientation(image: pyvips.Image) -> int:
@@ -255,12 +257,10 @@ def _vips_square(
     left, top = round(box[0] / shrink), round(box[1] / shrink)
     edge = min(round(side / shrink), image.width - left, image.height - top)
     square = _vips_rgb(image.crop(left, top, edge, edge))
-    # A box average by an integer block keeps the Lanczos kernel short while Lanczos-3 still
-    # does at least 8x of the reduction, on float samples rounded as Pillow does (larger
-    # blocks, and libvips' 8-bit reduce, move pixels visibly away from Pillow's).
     block = int(edge / size / _LANCZOS_MIN_FACTOR)
     if block > 1:
         square = square.shrink(block, block)
+    # On float samples, rounded at the end as Pillow does: libvips' 8-bit reduce runs darker.
     square = square.cast("float").reduce(
         square.width / size, square.height / size, kernel="lanczos3"
     )
@@ -276,7 +276,8 @@ def _check_pixels(path: Path, width: int, height: int, max_pixels: int) -> None:
 
 
 def _vips_rgb(image: pyvips.Image) -> pyvips.Image:
-    """`to_rgb` for libvips images: 8-bit sRGB, alpha composited on white, 16-bit scaled."""
+    """`to_rgb` for libvips images: 8-bit sRGB, alpha composited on white, 16-bit (and wider
+    integer) samples divided by 257."""
     if image.interpretation == "cmyk":
         image = image.colourspace("srgb")
     sixteen_bit = image.format != "uchar"
