@@ -39,7 +39,8 @@ def build_standardized_wsi(partitions: dg.PartitionsDefinition) -> dg.AssetsDefi
             "MPP, its origin, level and scale factor recorded per slide. ROI sub-datasets: this "
             "stage does the ROI crop/resize instead (largest centred square, 384x384 JPEG, kept "
             "under the catalog's scale folder with label and split). Bad files are recorded in "
-            "the failures table and skipped; their siblings finish; a rerun resumes."
+            "the failures table and skipped; their siblings finish; a rerun resumes. Raw files "
+            "this stage does not use are recorded in the skipped table with the reason."
         ),
     )
     def standardized_wsi(
