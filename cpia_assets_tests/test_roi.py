@@ -353,7 +353,13 @@ def test_regex_labels_mapped_splits_and_scale_rules(tmp_path: Path, tissue: np.n
         r["source_file"].removeprefix(f"raw/{entry.key}/"): (r["label"], r["split"], r["scale"])
         for r in result.records
     } == names
-    assert len(result.failures) == 1  # -120- has no scale: not used, not a failure
+    assert len(result.failures) == 1  # -120- has no scale: not used, not a failure, a skip
+    assert result.skipped == [
+        {
+            "file": f"raw/{entry.key}/Training/SOB_B_A-14-1-120-001.png",
+            "reason": "the catalog's scale rules give it no scale",
+        }
+    ]
     (bad,) = result.failures
     assert bad["file"] == f"raw/{entry.key}/Other/SOB_M_x-40-2.png"
     assert bad["stage"] == STAGE
@@ -376,6 +382,9 @@ def test_image_missing_from_the_label_csv_is_a_failure(tmp_path: Path, tissue: n
     }
     (missing,) = result.failures
     assert missing["file"] == f"raw/{KEY}/images/img2.png"
+    assert result.skipped == [
+        {"file": f"raw/{KEY}/meta.csv", "reason": "label or split table of the catalog"}
+    ]
     assert "labels rule (from csv) gives no value" in missing["reason"]
     assert not (tmp_path / f"cpia/M/{KEY}/img2.jpg").exists()
 
