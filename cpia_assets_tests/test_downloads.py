@@ -456,8 +456,13 @@ def test_local_glob_and_missing_folder(tmp_path: Path) -> None:
     for name in ("x.svs", "y.svs", "z.txt"):
         (tmp_path / "in" / "d").mkdir(parents=True, exist_ok=True)
         (tmp_path / "in" / "d" / name).write_bytes(name.encode())
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "w.svs").write_bytes(b"w")
+    (tmp_path / "in" / "linked").symlink_to(tmp_path / "elsewhere")
     rows = fetch({"type": "local", "path": str(tmp_path / "in" / "**" / "*.svs")}, tmp_path / "o")
-    assert [r["rel_path"] for r in rows] == ["d/x.svs", "d/y.svs"]
+    assert [r["rel_path"] for r in rows] == ["d/x.svs", "d/y.svs", "linked/w.svs"]
+    rows = fetch({"type": "local", "path": str(tmp_path / "in" / "*" / "[xz].*")}, tmp_path / "o")
+    assert [r["rel_path"] for r in rows] == ["d/x.svs", "d/z.txt"]
     with pytest.raises(SourceError, match="no such folder"):
         fetch({"type": "local", "path": str(tmp_path / "nope")}, tmp_path / "o2")
 
