@@ -456,10 +456,69 @@ def test_local_glob_and_missing_folder(tmp_path: Path) -> None:
     for name in ("x.svs", "y.svs", "z.txt"):
         (tmp_path / "in" / "d").mkdir(parents=True, exist_ok=True)
         (tmp_path / "in" / "d" / name).write_bytes(name.encode())
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "w.svs").write_bytes(b"w")
+    (tmp_path / "in" / "linked").symlink_to(tmp_path / "elsewhere")
     rows = fetch({"type": "local", "path": str(tmp_path / "in" / "**" / "*.svs")}, tmp_path / "o")
-    assert [r["rel_path"] for r in rows] == ["d/x.svs", "d/y.svs"]
+    assert [r["rel_path"] for r in rows] == ["d/x.svs", "d/y.svs", "linked/w.svs"]
+    rows = fetch({"type": "local", "path": str(tmp_path / "in" / "*" / "[xz].*")}, tmp_path / "o")
+    assert [r["rel_path"] for r in rows] == ["d/x.svs", "d/z.txt"]
     with pytest.raises(SourceError, match="no such folder"):
         fetch({"type": "local", "path": str(tmp_path / "nope")}, tmp_path / "o2")
+
+
+def test_local_folder_links_are_followed_and_loops_refused_by_name(tmp_path: Path) -> None:
+    origin, elsewhere = tmp_path / "mine", tmp_path / "elsewhere"
+    (origin / "real").mkdir(parents=True)
+    (elsewhere / "deep").mkdir(parents=True)
+    (origin / "real" / "a.png").write_bytes(b"aaa")
+    (elsewhere / "deep" / "b.png").write_bytes(b"bb")
+    (origin / "linked").symlink_to(elsewhere)
+    (elsewhere / "back").symlink_to(origin)  # origin/linked/back -> origin: a loop
+    (origin / "gone.png").symlink_to(tmp_path / "missing.png")
+    dest = tmp_path / "raw"
+    with pytest.raises(SourceIncomplete) as caught:
+        fetch({"type": "local", "path": str(origin)}, dest)
+    assert sorted(r["rel_path"] for r in caught.value.rows) == ["linked/deep/b.png", "real/a.png"]
+    assert (dest / "linked" / "deep" / "b.png").read_bytes() == b"bb"
+    reasons = {f["file"]: f["reason"] for f in caught.value.failures}
+    assert reasons == {
+        "gone.png": f"broken link to {tmp_path / 'missing.png'}",
+        "linked/back": "loops back to a folder above it; not followed",
+    }
+    (elsewhere / "back").unlink()
+    (origin / "gone.png").unlink()
+    rows = fetch({"type": "local", "path": str(origin)}, dest)
+    assert [r["rel_path"] for r in rows] == ["linked/deep/b.png", "real/a.png"]
+
+
+@pytest.mark.parametrize("kind", ["local", "manual"])
+def test_a_name_that_is_not_utf8_fails_alone_and_shows_escaped(tmp_path: Path, kind: str) -> None:
+    folder = tmp_path / "files"
+    folder.mkdir()
+    (folder / "good.png").write_bytes(b"good")
+    (folder / os.fsdecode(b"caf\xff.png")).write_bytes(b"bad name")
+    if kind == "local":
+        spec, dest = {"type": "local", "path": str(folder)}, tmp_path / "raw"
+    else:
+        spec, dest = {"type": "manual", "landing_page": "https://example.org/"}, folder
+    with pytest.raises(
+        SourceIncomplete, match=r"caf\\xff\.png: the name is not valid UTF-8"
+    ) as caught:
+        fetch(spec, dest)
+    rows, failures = caught.value.rows, caught.value.failures
+    assert [r["rel_path"] for r in rows] == ["good.png"]
+    assert failures == [
+        {
+            "file": "caf\\xff.png",
+            "stage": "raw_download",
+            "reason": "the name is not valid UTF-8; rename it",
+        }
+    ]
+    # Both tables can be written (the crash was a UnicodeEncodeError in the Parquet writer).
+    schema.frame(rows, schema.RAW_FILES).write_parquet(tmp_path / "raw_files.parquet")
+    schema.frame(failures, schema.FAILURES).write_parquet(tmp_path / "failures.parquet")
+    assert pl.read_parquet(tmp_path / "failures.parquet")["file"].to_list() == ["caf\\xff.png"]
 
 
 def test_synthetic_sources_are_generated_and_recorded(tmp_path: Path) -> None:

@@ -85,15 +85,19 @@ def test_tiles_outside_or_without_their_parent_fail_the_ratio_check(loaded: Data
         # parent XL (0, 1) spans M cells x 0-9, y 10-19: (12, 10) lies outside it
         {"image_name": "COL-0001-384-12-10", "scale": "M", "x": 12, "y": 10,
          "parent_image": "COL-0001-3840-0-1"},
+        # ... and (5, 20) lies below it: right column, wrong row
+        {"image_name": "COL-0001-384-5-20", "scale": "M", "x": 5, "y": 20,
+         "parent_image": "COL-0001-3840-0-1"},
         {"image_name": "COL-0001-960-0-40", "scale": "L", "x": 0, "y": 40,
          "parent_image": "COL-0001-3840-0-10"},
     ])  # fmt: skip
     with open_manifest(loaded.layout) as con:
         outcome = integrity.ratios_within_spec(con)
     assert not outcome.passed
-    assert outcome.details["broken_links"] == 2 and outcome.details["crowded_xl_tiles"] == 0
+    assert outcome.details["broken_links"] == 3 and outcome.details["crowded_xl_tiles"] == 0
     broken = {e["image"]: e for e in outcome.details["broken_examples"]}
     assert broken["COL-0001-384-12-10"]["outside_parent"] is True
+    assert broken["COL-0001-384-5-20"]["outside_parent"] is True
     assert broken["COL-0001-960-0-40"]["parent"] is None
 
 
@@ -123,6 +127,38 @@ def test_an_xl_tile_with_too_many_children_fails_the_ratio_check(loaded: DataFol
     assert names.details["examples"] == [
         {"folder": "L/wsi-colon", "image": "COL-0001-960-0-4", "copies": 2}
     ]
+
+
+@pytest.mark.parametrize(("scale", "edge", "allowed"), [("L", 960, 16), ("M", 384, 100)])
+def test_one_child_over_the_limit_alone_fails_the_ratio_check(
+    loaded: DataFolder, scale: str, edge: int, allowed: int
+) -> None:
+    """Exactly the limit passes, one more fails (no other check fails on the way)."""
+    xl, cells = "COL-0001-3840-0-1", 3840 // edge
+    grid = [(x, y) for y in range(cells, 2 * cells) for x in range(cells)]
+    with open_manifest(loaded.layout) as con:
+        existing = con.execute(
+            "SELECT count(*) FROM tiles WHERE parent_image = ? AND scale = ?", [xl, scale]
+        ).fetchone()[0]
+    names = {f"COL-0001-{edge}-{x}-{y}": (x, y) for x, y in grid}
+    with open_manifest(loaded.layout) as con:
+        taken = {row[0] for row in con.execute("SELECT image_name FROM tiles").fetchall()}
+    free = [(name, xy) for name, xy in names.items() if name not in taken]
+    rows = [
+        {"image_name": name, "scale": scale, "x": x, "y": y, "parent_image": xl, "in_mini": False}
+        for name, (x, y) in free[: allowed - existing]
+    ]
+    add_tile_rows(loaded, "wsi-colon", rows)
+    with open_manifest(loaded.layout) as con:
+        assert integrity.ratios_within_spec(con).passed
+    extra = {"image_name": f"COL-0001-{edge}-dup", "scale": scale, "x": 0, "y": cells,
+             "parent_image": xl, "in_mini": False}  # fmt: skip
+    add_tile_rows(loaded, "wsi-colon", [extra])
+    with open_manifest(loaded.layout) as con:
+        outcome = integrity.ratios_within_spec(con)
+    assert not outcome.passed and outcome.details["broken_links"] == 0
+    [crowded] = outcome.details["crowded_examples"]
+    assert crowded["xl_image"] == xl and crowded[scale] == allowed + 1
 
 
 def test_the_same_name_in_two_folders_is_not_a_duplicate(loaded: DataFolder) -> None:

@@ -238,7 +238,7 @@ def loaded_at(layout: DataLayout) -> dict[str, Any]:
 def test_full_load_reads_every_partition_file(data: DataFolder) -> None:
     report = load_manifest(data.layout, data.catalog)
     assert report.rows == {"tiles": 22, "rejected_tiles": 2, "roi_images": 4, "slides": 2,
-                           "raw_files": 6, "failures": 1}  # fmt: skip
+                           "raw_files": 6, "failures": 1, "skipped": 0}  # fmt: skip
     assert len(report.loaded) == 13 and report.unchanged == 0 and not report.problems
     assert report.reloaded_partitions == ["wsi-breast", "wsi-colon", "roi-blood"]
     with open_manifest(data.layout) as con:
@@ -632,7 +632,7 @@ def test_tile_manifest_loads_real_partitions_and_passes_its_checks(pipeline: Pip
     assert metadata["duckdb"] == str(layout.duckdb_path)
     assert check_results(result) == {
         "rows_have_files": True, "no_orphan_files": True, "ratios_within_spec": True,
-        "unique_names_per_folder": True,
+        "unique_names_per_folder": True, "raw_files_accounted": True,
     }  # fmt: skip
 
 
@@ -685,7 +685,7 @@ def test_the_checks_fail_on_a_deleted_file_and_on_an_orphan(pipeline: PipelineRu
         orphan.unlink()
     assert checks == {
         "rows_have_files": False, "no_orphan_files": False, "ratios_within_spec": True,
-        "unique_names_per_folder": True,
+        "unique_names_per_folder": True, "raw_files_accounted": True,
     }  # fmt: skip
     assert check_results(materialize_manifest(pipeline))["rows_have_files"]
 
@@ -762,7 +762,7 @@ def test_partition_runs_beside_manifest_runs_lose_nothing(tmp_path: Path) -> Non
         results = [event.dagster_event.asset_check_evaluation_data for event in checks]
         assert {result.check_name: result.passed for result in results} == {
             "rows_have_files": True, "no_orphan_files": True, "ratios_within_spec": True,
-            "unique_names_per_folder": True,
+            "unique_names_per_folder": True, "raw_files_accounted": True,
         }  # fmt: skip
 
     layout = DataLayout(data)

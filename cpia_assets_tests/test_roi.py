@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import openslide
 import pytest
 import pyvips
-from PIL import Image
+from PIL import Image, ImageOps
 
 from cpia_assets.core.catalog import SubDataset, load_catalog
 from cpia_assets.core.fsutil import sha256_file
@@ -22,7 +23,9 @@ from cpia_assets.core.roi import (
     RoiSettings,
     crop_box,
     find_roi_images,
+    load_square,
     output_stems,
+    standardize_image,
     standardize_roi_partition,
     to_rgb,
 )
@@ -129,8 +132,27 @@ def test_find_roi_images_by_extension_recursively_sorted(tmp_path: Path) -> None
     for name in ("labels.csv", "notes.txt", "a/._1.jpeg", ".cache/x.png"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"not an image")
-    found = [path.relative_to(tmp_path).as_posix() for path in find_roi_images(tmp_path)]
+    selection = find_roi_images(tmp_path, {"labels.csv"})
+    found = [path.relative_to(tmp_path).as_posix() for path in selection.used]
     assert found == ["a/1.jpeg", "a/z.tif", "b/2.PNG", "c.bmp", "d.TIFF", "e.jpg"]
+    assert [(rel, reason.split(" (")[0]) for rel, reason in selection.skipped] == [
+        ("labels.csv", "label or split table of the catalog"),
+        ("notes.txt", "not an image of a known type"),
+    ]
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "b" / "up").symlink_to(tmp_path)  # a loop
+    (tmp_path / os.fsdecode(b"caf\xe9.png")).write_bytes(b"latin-1 name")
+    refused = find_roi_images(tmp_path).refused
+    assert refused == [
+        ("b/up", "loops back to a folder above it; not followed"),
+        ("caf\\xe9.png", "the name is not valid UTF-8; rename it"),
+        ("gone.png", f"broken link to {tmp_path / 'nowhere.png'}"),
+    ]
+    assert find_roi_images(tmp_path).refused_rows("raw/k", STAGE)[1] == {
+        "file": "raw/k/caf\\xe9.png",
+        "stage": STAGE,
+        "reason": "the name is not valid UTF-8; rename it",
+    }
     with pytest.raises(RoiError, match="does not exist"):
         find_roi_images(tmp_path / "missing")
 
@@ -256,7 +278,12 @@ def test_every_input_format_becomes_rgb(tmp_path: Path, tissue: np.ndarray) -> N
     assert palette_white > (outputs["palette"] > 245).all(axis=2).mean()
     assert records["tiny"]["upscaled"] is True
     assert [name for name, record in records.items() if record["upscaled"]] == ["tiny"]
-    assert np.abs(outputs["tiny"] - expected(rgb[:60, :90])).mean() > 0  # computed, not blank
+    # 90x60: the centred 60 px square (columns 15-74) enlarged to 128
+    tiny_expected = resized(rgb[:60, 15:75], 128)
+    assert luma_error(outputs["tiny"], tiny_expected) < 3
+    assert luma_error(outputs["tiny"], resized(rgb[:60, 16:76], 128)) > 1.5 * luma_error(
+        outputs["tiny"], tiny_expected
+    )
 
 
 @pytest.mark.parametrize("key", ["demo-roi-cells", "demo-roi-tissue"])
@@ -271,7 +298,7 @@ def test_demo_labels_splits_and_scales_from_folders_and_csv(tmp_path: Path, key:
         assert len(result.records) == 20
         expected = {
             path.stem: (path.parent.name, path.parent.parent.name, "S")
-            for path in find_roi_images(layout.raw_dir(key))
+            for path in find_roi_images(layout.raw_dir(key)).used
         }
     else:  # <magnification>/<name>, labels.csv
         assert len(result.records) == 24
@@ -326,7 +353,13 @@ def test_regex_labels_mapped_splits_and_scale_rules(tmp_path: Path, tissue: np.n
         r["source_file"].removeprefix(f"raw/{entry.key}/"): (r["label"], r["split"], r["scale"])
         for r in result.records
     } == names
-    assert len(result.failures) == 1  # -120- has no scale: not used, not a failure
+    assert len(result.failures) == 1  # -120- has no scale: not used, not a failure, a skip
+    assert result.skipped == [
+        {
+            "file": f"raw/{entry.key}/Training/SOB_B_A-14-1-120-001.png",
+            "reason": "the catalog's scale rules give it no scale",
+        }
+    ]
     (bad,) = result.failures
     assert bad["file"] == f"raw/{entry.key}/Other/SOB_M_x-40-2.png"
     assert bad["stage"] == STAGE
@@ -349,6 +382,9 @@ def test_image_missing_from_the_label_csv_is_a_failure(tmp_path: Path, tissue: n
     }
     (missing,) = result.failures
     assert missing["file"] == f"raw/{KEY}/images/img2.png"
+    assert result.skipped == [
+        {"file": f"raw/{KEY}/meta.csv", "reason": "label or split table of the catalog"}
+    ]
     assert "labels rule (from csv) gives no value" in missing["reason"]
     assert not (tmp_path / f"cpia/M/{KEY}/img2.jpg").exists()
 
@@ -386,6 +422,98 @@ def test_colliding_names_are_disambiguated_deterministically(
     for relative, pixels in crops.items():  # each output holds its own source's pixels
         assert luma_error(read_rgb(tmp_path / records[relative]["path"]), pixels) < 3
     assert len(list((tmp_path / f"cpia/M/{KEY}").iterdir())) == 4
+
+
+def reference_square(path: Path, size: int, crop_fraction: float = 1.0) -> np.ndarray:
+    """The standardized square as Pillow computes it from the fully decoded, upright image."""
+    with Image.open(path) as image:
+        upright = to_rgb(ImageOps.exif_transpose(image))
+    square, _ = standardize_image(upright, size=size, crop_fraction=crop_fraction)
+    return np.asarray(square, dtype=np.float64)
+
+
+def test_streamed_decoding_matches_a_full_decode(tmp_path: Path, tissue: np.ndarray) -> None:
+    """Large squares go through libvips (a row stream, JPEG shrunk on load); the result stays
+    within a small tolerance of Pillow's full decode, for every format path."""
+    big = np.asarray(Image.fromarray(tissue).resize((1700, 2550)))  # 2x 640 x 960 of real tissue
+    rgba = np.dstack([big, np.full(big.shape[:2], 255, np.uint8)])
+    rgba[:, :850, 3] = 0  # left half transparent: composited on white
+    sources = {
+        "shrunk.jpg": save(tmp_path / "shrunk.jpg", big, quality=95),  # 1700 >= 16 * 2 * 48
+        "rgba.png": save(tmp_path / "rgba.png", rgba),
+        "grey16.png": save(
+            tmp_path / "grey16.png", Image.fromarray(big[..., 1].astype(np.uint16) * 257)
+        ),
+    }
+    for name, path in sources.items():
+        for size, fraction in ((48, 1.0), (200, 5 / 7)):
+            square, upscaled = load_square(
+                path, size=size, crop_fraction=fraction, max_pixels=10**8
+            )
+            pixels = np.asarray(square, dtype=np.float64)
+            assert pixels.shape == (size, size, 3) and not upscaled
+            expected = reference_square(path, size, fraction)
+            assert np.abs(pixels - expected).mean() < 1.5, (name, size)
+    with Image.open(sources["rgba.png"]) as image:
+        assert image.size == (1700, 2550)
+    square, _ = load_square(sources["rgba.png"], size=48, max_pixels=10**8)
+    assert np.asarray(square)[:, :23].min() > 250  # the transparent left half is white
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_crops_the_upright_centre(
+    tmp_path: Path, tissue: np.ndarray, orientation: int
+) -> None:
+    """501 x 300 stored pixels: an odd leftover, which must fall right and below once upright."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = save(tmp_path / "oriented.jpg", tissue[:300, :501], quality=95, exif=exif)
+    square, _ = load_square(path, size=100, max_pixels=10**6)
+    pixels = np.asarray(square, dtype=np.float64)
+    error = luma_error(pixels, reference_square(path, 100))
+    assert error < 1, orientation
+    with Image.open(path) as image:
+        upright = np.asarray(to_rgb(ImageOps.exif_transpose(image)))
+    height, width = upright.shape[:2]
+    side = min(width, height)
+    left, top = (width - side) // 2 + 1, (height - side) // 2 + (height > width)
+    shifted = resized(np.ascontiguousarray(upright[top : top + side, left : left + side]), 100)
+    assert luma_error(pixels, shifted) > 3 * error
+
+
+def test_images_over_the_pixel_limit_fail_with_the_setting(
+    tmp_path: Path, tissue: np.ndarray
+) -> None:
+    layout = DataLayout(tmp_path)
+    save(layout.raw_dir(KEY) / "big.png", tissue)  # 640 x 960 = 614,400 pixels
+    save(layout.raw_dir(KEY) / "big.bmp", tissue)  # decoded by Pillow
+    save(layout.raw_dir(KEY) / "small.png", tissue[:500, :500])
+    result = run(roi_entry(), layout, RoiSettings(size=64, max_pixels=600_000))
+    assert [r["image_name"] for r in result.records] == ["small"]
+    assert [(Path(f["file"]).name, f["reason"].split(": ", 1)[1]) for f in result.failures] == [
+        (name, "640x960 = 614,400 pixels, over the limit of 600,000 "
+               "(roi.max_pixels in the run config of standardized_wsi)")
+        for name in ("big.bmp", "big.png")
+    ]  # fmt: skip
+    assert len(run(roi_entry(), layout, RoiSettings(size=64, max_pixels=614_400)).records) == 3
+    with pytest.raises(ValueError, match="max_pixels >= 1"):
+        RoiSettings(max_pixels=0)
+
+
+def test_truncated_large_images_fail_instead_of_going_grey(
+    tmp_path: Path, tissue: np.ndarray
+) -> None:
+    layout = DataLayout(tmp_path)
+    source = layout.raw_dir(KEY)
+    for name in ("cut.jpg", "cut.png"):
+        whole = save(source / name, tissue, **({"quality": 90} if name.endswith("jpg") else {}))
+        data = whole.read_bytes()
+        whole.write_bytes(data[: len(data) * 2 // 3])
+    save(source / "whole.jpg", tissue, quality=90)
+    result = run(roi_entry(), layout, RoiSettings(size=64))
+    assert [r["image_name"] for r in result.records] == ["whole"]
+    assert sorted(Path(f["file"]).name for f in result.failures) == ["cut.jpg", "cut.png"]
+    assert all("cannot decode image" in f["reason"] for f in result.failures)
 
 
 def test_corrupt_images_are_recorded_and_skipped(tmp_path: Path, tissue: np.ndarray) -> None:

@@ -12,9 +12,9 @@ from cpia_assets.core.slides import (
     MppError,
     SlideOpenError,
     SlideReadError,
-    find_slides,
     open_slide,
     resolve_mpp,
+    select_slides,
     slide_stem,
 )
 from cpia_assets_tests.slide_factory import TESTDATA, build_slide, mirrored
@@ -27,12 +27,13 @@ def _read_all(reader, level: int = 0, chunk_rows: int = 256) -> np.ndarray:
     return np.concatenate(list(reader.iter_rows(level, chunk_rows)))
 
 
-def test_find_slides_by_extension_skips_hidden_records_and_repeats_of_dicom(tmp_path: Path):
+def test_select_slides_by_extension_and_says_why_every_other_file_is_left_out(tmp_path: Path):
     for name in [
         "b/slide.svs",
         "a.ndpi",
         "c.mrxs",
         "c/Data0001.dat",
+        "c/Slidedat.ini",
         "dicom/one/1.dcm",
         "dicom/one/2.dcm",
         "notes.csv",
@@ -42,12 +43,27 @@ def test_find_slides_by_extension_skips_hidden_records_and_repeats_of_dicom(tmp_
     ]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
-    found = [p.relative_to(tmp_path).as_posix() for p in find_slides(tmp_path, WsiOptions())]
-    assert found == ["a.ndpi", "b/slide.svs", "c.mrxs", "dicom/one/1.dcm"]
-    with_plain = find_slides(tmp_path, WsiOptions(allow_plain_images=True))
-    assert tmp_path / "photo.png" in with_plain
-    by_pattern = find_slides(tmp_path, WsiOptions(patterns=("b/*",)))
-    assert by_pattern == [tmp_path / "b" / "slide.svs"]
+    (tmp_path / "linked").symlink_to(tmp_path / "b")
+    selection = select_slides(tmp_path, WsiOptions())
+    found = [p.relative_to(tmp_path).as_posix() for p in selection.used]
+    assert found == ["a.ndpi", "b/slide.svs", "c.mrxs", "dicom/one/1.dcm", "linked/slide.svs"]
+    assert selection.skipped == [
+        ("c/Data0001.dat", "data file of the MIRAX slide c.mrxs"),
+        ("c/Slidedat.ini", "data file of the MIRAX slide c.mrxs"),
+        ("dicom/one/2.dcm", "another file of the DICOM slide dicom/one/1.dcm"),
+        ("notes.csv", "not a slide file (.csv)"),
+        ("photo.png", "plain image (.png): set wsi.allow_plain_images to read it as a slide"),
+    ]
+    assert selection.skipped_rows("raw/k")[3] == {
+        "file": "raw/k/notes.csv",
+        "reason": "not a slide file (.csv)",
+    }
+    with_plain = select_slides(tmp_path, WsiOptions(allow_plain_images=True))
+    assert tmp_path / "photo.png" in with_plain.used
+    by_pattern = select_slides(tmp_path, WsiOptions(patterns=("b/*",)))
+    assert by_pattern.used == [tmp_path / "b" / "slide.svs"]
+    assert ("a.ndpi", "matches none of the catalog's slide patterns ['b/*']") in by_pattern.skipped
+    assert len(by_pattern.used) + len(by_pattern.skipped) == 10  # every visible file
 
 
 def test_slide_stem_is_name_up_to_first_dot_and_dicom_folder():

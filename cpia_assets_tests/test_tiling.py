@@ -114,6 +114,58 @@ def test_tissue_xl_gives_1_16_100_160_and_glass_is_rejected(standardized):
         assert row["size_px"] == int(row["image_name"].split("-")[-3])
 
 
+TISSUE_RIGHT, TISSUE_BOTTOM = 2300, 3100
+"""The patchy slide's tissue: x < 2300 and y < 3100 of its one XL tile; glass elsewhere."""
+
+
+@pytest.fixture(scope="module")
+def patchy(tmp_path_factory: pytest.TempPathFactory) -> tuple[DataLayout, tiling.StageResult]:
+    """One kept XL tile with glass over its right 1540 and bottom 740 pixels: blank L, M and S
+    cells inside a kept XL tile, placed asymmetrically so that x and y cannot be confused."""
+    layout = DataLayout(tmp_path_factory.mktemp("patchy") / "data")
+    glass = [243, 242, 245]
+    image = tissue_only(3900, 3900)  # a ragged edge: the standardized slide keeps one XL tile
+    image = image.draw_rect(glass, TISSUE_RIGHT, 0, 3900 - TISSUE_RIGHT, 3900, fill=True)
+    image = image.draw_rect(glass, 0, TISSUE_BOTTOM, 3900, 3900 - TISSUE_BOTTOM, fill=True)
+    slide = build_slide(layout.raw_dir(KEY) / f"{STEM}.tiff", image, mpp=0.491)
+    standardized = standardize_partition(
+        [slide], key=KEY, layout=layout, options=WsiOptions(), settings=StandardizeSettings()
+    )
+    return layout, _tile(layout, standardized.records)
+
+
+def test_blank_cells_of_a_kept_xl_are_dropped_and_s_tiles_follow_their_m(patchy):
+    layout, result = patchy
+    assert not result.failures
+    candidates = result.records + result.rejected
+    kept = {row["image_name"] for row in result.records}
+    by_scale = {
+        scale: [row for row in candidates if row["scale"] == scale] for scale in tiling.SCALES
+    }
+    assert [row["image_name"] in kept for row in by_scale["XL"]] == [True]
+    for scale in ("L", "M", "S"):
+        for row in by_scale[scale]:
+            size = row["size_px"]
+            left, top = size * row["x"], size * row["y"]
+            all_glass = left >= TISSUE_RIGHT or top >= TISSUE_BOTTOM
+            all_tissue = left + size <= TISSUE_RIGHT and top + size <= TISSUE_BOTTOM
+            if all_glass:
+                assert row["image_name"] not in kept, row["image_name"]
+            if all_tissue and scale != "S":
+                assert row["image_name"] in kept, row["image_name"]
+        dropped = [row for row in by_scale[scale] if row["image_name"] not in kept]
+        assert 0 < len(dropped) < len(by_scale[scale]), scale
+    m_kept = {row["image_name"] for row in by_scale["M"] if row["image_name"] in kept}
+    for row in by_scale["S"]:
+        parent = tile_name(STEM, 384, row["x"] * 96 // 384, row["y"] * 96 // 384)
+        assert row["parent_image"] == parent
+        if row["image_name"] in kept:
+            assert parent in m_kept
+        elif parent in m_kept and row["tissue_fraction"] >= 0.5:
+            raise AssertionError(f"{row['image_name']}: tissue under a kept M, yet dropped")
+    assert _files(layout) == sorted(row["path"] for row in result.records)
+
+
 def test_tile_pixels_equal_the_standardized_slide_at_their_position(standardized):
     layout, slides = standardized
     result = _tile(layout, slides)

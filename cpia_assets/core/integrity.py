@@ -298,6 +298,58 @@ def unique_names_per_folder(con: duckdb.DuckDBPyConnection) -> CheckOutcome:
 
 
 # ---------------------------------------------------------------------------------------------
+# Raw files accounted for
+
+_UNACCOUNTED = """
+WITH standardized AS (  -- partitions whose standardized_wsi wrote its skipped files
+    SELECT DISTINCT subdataset FROM manifest_files WHERE table_name = 'skipped'
+), raw AS (
+    SELECT r.subdataset, d.raw_dir || '/' || r.rel_path AS file,
+        r.subdataset IN (SELECT subdataset FROM standardized) AS checked
+    FROM raw_files r JOIN subdatasets d ON d.key = r.subdataset
+), ends AS (
+    SELECT subdataset, source_file AS file FROM slides
+    UNION ALL SELECT subdataset, source_file FROM roi_images
+    UNION ALL SELECT subdataset, file FROM failures
+    UNION ALL SELECT subdataset, file FROM skipped
+)
+"""
+
+
+def raw_files_accounted(con: duckdb.DuckDBPyConnection) -> CheckOutcome:
+    """Every raw file of a standardized partition ends as an output (a standardized slide or
+    an ROI image), a failure or a skip with its reason: nothing is left out silently.
+
+    Partitions whose standardized_wsi has not run yet are counted as pending, not checked.
+    """
+    [(raw, checked, pending)] = con.execute(
+        _UNACCOUNTED + "SELECT count(*), count(*) FILTER (WHERE checked), "
+        "count(DISTINCT subdataset) FILTER (WHERE NOT checked) FROM raw"
+    ).fetchall()
+    lost = con.execute(
+        _UNACCOUNTED + "SELECT subdataset, file, count(*) OVER () FROM raw "
+        "WHERE checked AND NOT EXISTS (SELECT 1 FROM ends e "
+        "WHERE e.subdataset = raw.subdataset AND e.file = raw.file) ORDER BY ALL LIMIT ?",
+        [EXAMPLES],
+    ).fetchall()
+    count = lost[0][-1] if lost else 0
+    return CheckOutcome(
+        passed=count == 0,
+        summary=(
+            f"{checked} of {raw} raw files checked: {count} neither an output, a failure nor "
+            f"a skip; {pending} partitions not standardized yet"
+        ),
+        details={
+            "raw_files": raw,
+            "checked": checked,
+            "unaccounted": count,
+            "pending_partitions": pending,
+            "unaccounted_examples": [{"subdataset": key, "file": file} for key, file, _ in lost],
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # All checks
 
 CHECKS = {
@@ -309,6 +361,10 @@ CHECKS = {
     ),
     "unique_names_per_folder": (
         "No image name is used twice in one folder cpia/<L|M|S>/<sub-dataset>/."
+    ),
+    "raw_files_accounted": (
+        "Every raw file of a standardized partition ends as an output (standardized slide or "
+        "ROI image), a failure, or a skip with its reason."
     ),
 }
 """Check name -> what it verifies."""
@@ -332,4 +388,6 @@ def run_checks(
         outcomes["ratios_within_spec"] = ratios_within_spec(con)
     if "unique_names_per_folder" in wanted:
         outcomes["unique_names_per_folder"] = unique_names_per_folder(con)
+    if "raw_files_accounted" in wanted:
+        outcomes["raw_files_accounted"] = raw_files_accounted(con)
     return {name: outcomes[name] for name in CHECKS if name in wanted}

@@ -6,12 +6,12 @@ each Parquet file's fingerprint (size, mtime, inode: an atomic rewrite always ch
 with the one recorded when the file was last loaded, and replaces the rows of changed files only,
 in one transaction: readers see the manifest before or after a load, never half of one.
 
-Record tables (`tiles`, `rejected_tiles`, `roi_images`, `slides`, `raw_files`, `failures`) hold
-the Parquet columns (schema.py) plus `subdataset` (the partition key, from the folder) and
-`manifest_file` (the Parquet file each row came from). `subdatasets` and `organs` come from the
-catalog; `manifest_files` is the load state; `tile_counts` keeps image counts per file so Table I
-never scans the tiles. Views: `lineage` (a kept image, its parent tiles, standardized slide and
-source file, with each stage's run id and code version; filter it by `subdataset` as well as
+Record tables (`tiles`, `rejected_tiles`, `roi_images`, `slides`, `raw_files`, `failures`,
+`skipped`) hold the Parquet columns (schema.py) plus `subdataset` (the partition key, from the
+folder) and `manifest_file` (the Parquet file each row came from). `subdatasets` and `organs` come
+from the catalog; `manifest_files` is the load state; `tile_counts` keeps image counts per file so
+Table I never scans the tiles. Views: `lineage` (a kept image, its parent tiles, standardized slide
+and source file, with each stage's run id and code version; filter it by `subdataset` as well as
 `image_name` and DuckDB reads one partition's row groups) and `table_i` (the paper's Table I).
 User values reach SQL only as bound parameters; identifiers come from this module's constants.
 """
@@ -73,6 +73,7 @@ RECORD_TABLES = (
     RecordTable("slides", "slides.parquet", schema.SLIDES),
     RecordTable("raw_files", "raw_files.parquet", schema.RAW_FILES),
     RecordTable("failures", "failures-*.parquet", schema.FAILURES),
+    RecordTable("skipped", "skipped.parquet", schema.SKIPPED),
 )
 _RECORD_TABLE = {table.name: table for table in RECORD_TABLES}
 

@@ -3,10 +3,16 @@
 Geometry (the paper's rule for ROIs): the largest centred square of the image, or with the entry's
 `crop: {fraction: f}` a centred square of f x the short side (microscope fields of view, e.g. 5/7
 for thick blood smears). Odd leftovers fall right and below: left = (width - side) // 2. The
-square is resized to `RoiSettings.size` with Lanczos (the published scripts' PIL ANTIALIAS; a
-square over 6x the size is first reduced by an integer factor, Pillow's `reducing_gap=3`, which
-is much faster and visually the same); squares smaller than the size are enlarged and flagged
-`upscaled`.
+square is resized to `RoiSettings.size` with Lanczos (the published scripts' PIL ANTIALIAS);
+squares smaller than the size are enlarged and flagged `upscaled`.
+
+Decoding and memory: a square larger than the output is cropped and resized by libvips as a
+row stream (JPEG also shrunk on load by 2, 4 or 8 while the square keeps 16x the output size), so
+a worker holds little more than the output's pixels whatever the input's size (a 13000 x 13000
+RGBA PNG: 3.3 GB peak RSS and 9 s with a full Pillow decode, 0.2 GB and 5 s this way). Squares
+to be enlarged or kept and formats libvips cannot read (BMP) are decoded whole by Pillow. No
+worker decodes an image of more than `RoiSettings.max_pixels` pixels: such an image is a
+failure naming its size and the setting.
 
 Pixels: EXIF orientation is applied; grayscale becomes RGB; 16-bit samples are scaled to 8 bits
 (value / 257; 32-bit integer greyscale, Pillow mode I, is read as 16-bit data); alpha and palette
@@ -30,28 +36,29 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import posixpath
 import shutil
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
+import pyvips
 from PIL import Image, ImageOps
 
-from cpia_assets.core.catalog import ROI_SCALES, SubDataset
-from cpia_assets.core.fsutil import atomic_path, sha256_file
+from cpia_assets.core.catalog import ROI_SCALES, CsvRule, SubDataset
+from cpia_assets.core.fsutil import atomic_path, sha256_file, walk_visible
 from cpia_assets.core.labels import AnnotationError, Annotator
 from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.parallel import map_unordered
-from cpia_assets.core.stage import StageResult, failure
+from cpia_assets.core.stage import RawSelection, StageResult, failure
 
 STAGE = "standardized_wsi"  # the asset that runs ROI standardization
 ROI_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
-_ALGORITHM_VERSION = 1
+_ALGORITHM_VERSION = 2
 """Part of every stamp: bump it when a change to this module changes the pixels it writes."""
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
@@ -69,16 +76,23 @@ class RoiSettings:
     """How ROI images are standardized.
 
     `jpeg_quality` defaults to 90; the published CPIA scripts saved with Pillow's default, 75.
-    `chunk_size` is the number of images per work item sent to the executor.
+    `chunk_size` is the number of images per work item sent to the executor. `max_pixels`
+    bounds the source images a worker decodes (width x height; larger ones fail): with
+    shrink-on-load this bounds time, and memory for the images Pillow decodes whole.
     """
 
     size: int = 384
     jpeg_quality: int = 90
     chunk_size: int = 32
+    max_pixels: int = 400_000_000
 
     def __post_init__(self) -> None:
-        if self.size < 1 or self.chunk_size < 1 or not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"bad ROI settings {self}: size and chunk_size >= 1, quality 1-100")
+        if min(self.size, self.chunk_size, self.max_pixels) < 1 or not (
+            1 <= self.jpeg_quality <= 100
+        ):
+            raise ValueError(
+                f"bad ROI settings {self}: size, chunk_size and max_pixels >= 1, quality 1-100"
+            )
 
     def fingerprint(self, crop_fraction: float) -> str:
         """Everything that decides an output's pixels, as stored in its stamp."""
@@ -88,24 +102,30 @@ class RoiSettings:
         )
 
 
-def find_roi_images(source_dir: Path) -> list[Path]:
-    """Image files under `source_dir` by extension, recursively, sorted by relative path.
+def find_roi_images(source_dir: Path, annotation_files: Collection[str] = ()) -> RawSelection:
+    """Image files under `source_dir` by extension, recursively, sorted by relative path; every
+    other file is skipped with its reason (`annotation_files`: the catalog's label and split
+    tables, relative paths).
 
     Hidden files and folders (name starting with '.', e.g. macOS `._x.jpg` resource forks) are
-    skipped; symbolic links to folders are followed.
+    not looked at; symbolic links to folders are followed (`fsutil.walk_visible`).
     """
     source_dir = Path(source_dir)
     if not source_dir.is_dir():
         raise RoiError(f"{source_dir}: the ROI source folder does not exist")
-    found = []
-    for folder, subfolders, files in os.walk(source_dir, followlinks=True):
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-        found.extend(
-            Path(folder) / name
-            for name in files
-            if not name.startswith(".") and Path(name).suffix.lower() in ROI_EXTENSIONS
-        )
-    return sorted(found, key=lambda path: path.relative_to(source_dir).as_posix())
+    walk = walk_visible(source_dir)
+    selection = RawSelection(refused=walk.refused)
+    for path, relative in walk.files:
+        suffix = path.suffix.lower()
+        if suffix in ROI_EXTENSIONS:
+            selection.used.append(path)
+        elif relative in annotation_files:
+            selection.skipped.append((relative, "label or split table of the catalog"))
+        else:
+            known = ", ".join(sorted(ROI_EXTENSIONS))
+            reason = f"not an image of a known type ({suffix or 'no extension'}; known: {known})"
+            selection.skipped.append((relative, reason))
+    return selection
 
 
 def output_stems(relative_paths: Iterable[str]) -> dict[str, str]:
@@ -155,15 +175,133 @@ def standardize_image(
     return square, upscaled
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Decode an image file fully as upright 8-bit RGB; RoiImageError if it cannot be read."""
+_TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+"""EXIF orientations that swap width and height."""
+
+_JPEG_SHRINKS = (8, 4, 2)
+"""Shrink-on-load factors of libvips' JPEG loader (DCT scaling)."""
+
+_SHRINK_MARGIN = 16
+"""Shrink on load only while the square keeps 16x the output size: the DCT-domain shrink then
+stays within Pillow's tolerance, and the crop's rounding to shrunk pixels moves it by at most
+1/32 of an output pixel."""
+
+_LANCZOS_MIN_FACTOR = 8
+"""libvips box-averages by an integer block first (which keeps the Lanczos kernel short) but
+leaves at least this factor to Lanczos-3: larger blocks move pixels visibly away from Pillow's
+Lanczos."""
+
+
+def load_square(
+    path: Path, *, size: int, crop_fraction: float = 1.0, max_pixels: int
+) -> tuple[Image.Image, bool]:
+    """The standardized square of one image file and whether it was enlarged (module docstring:
+    libvips streams and shrinks what it can, Pillow decodes the rest whole); RoiImageError if
+    the file cannot be decoded or has more than `max_pixels` pixels."""
+    try:
+        header = pyvips.Image.new_from_file(str(path), access="sequential", fail_on="truncated")
+    except pyvips.Error:  # a format libvips cannot read, or a corrupt file: Pillow decides
+        header = None
+    if header is not None:
+        orientation = _orientation(header)
+        width, height = header.width, header.height
+        if orientation in _TRANSPOSING_ORIENTATIONS:
+            width, height = height, width
+        _check_pixels(path, width, height, max_pixels)
+        box = crop_box(width, height, fraction=crop_fraction)
+        if box[2] - box[0] > size:
+            stored_box = _stored_box(box, header.width, header.height, orientation)
+            try:
+                square = _vips_square(path, header, stored_box, size).copy_memory()
+                return Image.fromarray(square.autorot().numpy(), "RGB"), False
+            except pyvips.Error as exc:
+                raise RoiImageError(f"{path}: cannot decode image: {exc}".strip()) from exc
+    image = load_rgb(path, max_pixels=max_pixels)
+    return standardize_image(image, size=size, crop_fraction=crop_fraction)
+
+
+def _orientation(image: pyvips.Image) -> int:
+    return int(image.get("orientation")) if image.get_typeof("orientation") else 1
+
+
+def _stored_box(
+    box: tuple[int, int, int, int], width: int, height: int, orientation: int
+) -> tuple[int, int, int, int]:
+    """`box` of the upright image mapped onto the stored pixels of an image with this EXIF
+    orientation (`width` x `height` stored)."""
+    left, top, right, bottom = box
+    return {
+        2: (width - right, top, width - left, bottom),
+        3: (width - right, height - bottom, width - left, height - top),
+        4: (left, height - bottom, right, height - top),
+        5: (top, left, bottom, right),
+        6: (top, height - right, bottom, height - left),
+        7: (width - bottom, height - right, width - top, height - left),
+        8: (width - bottom, left, width - top, right),
+    }.get(orientation, box)
+
+
+def _vips_square(
+    path: Path, header: pyvips.Image, box: tuple[int, int, int, int], size: int
+) -> pyvips.Image:
+    """The stored pixels of `box` resized to size x size (Lanczos-3) as 8-bit RGB, decoded as a
+    row stream, JPEG shrunk on load by the largest factor that keeps `_SHRINK_MARGIN`."""
+    side = box[2] - box[0]
+    image, shrink = header, 1
+    if header.get("vips-loader").startswith("jpegload"):
+        shrink = next((k for k in _JPEG_SHRINKS if side >= _SHRINK_MARGIN * k * size), 1)
+        if shrink > 1:
+            image = pyvips.Image.new_from_file(
+                str(path), access="sequential", fail_on="truncated", shrink=shrink
+            )
+    left, top = round(box[0] / shrink), round(box[1] / shrink)
+    edge = min(round(side / shrink), image.width - left, image.height - top)
+    square = _vips_rgb(image.crop(left, top, edge, edge))
+    block = int(edge / size / _LANCZOS_MIN_FACTOR)
+    if block > 1:
+        square = square.shrink(block, block)
+    # On float samples, rounded at the end as Pillow does: libvips' 8-bit reduce runs darker.
+    square = square.cast("float").reduce(
+        square.width / size, square.height / size, kernel="lanczos3"
+    )
+    return square.rint().cast("uchar").crop(0, 0, size, size)
+
+
+def _check_pixels(path: Path, width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise RoiImageError(
+            f"{path}: {width}x{height} = {width * height:,} pixels, over the limit of "
+            f"{max_pixels:,} (roi.max_pixels in the run config of standardized_wsi)"
+        )
+
+
+def _vips_rgb(image: pyvips.Image) -> pyvips.Image:
+    """`to_rgb` for libvips images: 8-bit sRGB, alpha composited on white, 16-bit (and wider
+    integer) samples divided by 257."""
+    if image.interpretation == "cmyk":
+        image = image.colourspace("srgb")
+    sixteen_bit = image.format != "uchar"
+    if image.hasalpha():
+        white = 65535 if sixteen_bit else 255
+        image = image.flatten(background=[white] * (image.bands - 1), max_alpha=white)
+    if sixteen_bit:
+        image = (image / 257).rint().cast("uchar")
+    return image.bandjoin([image, image]) if image.bands == 1 else image
+
+
+def load_rgb(path: Path, *, max_pixels: int) -> Image.Image:
+    """Decode an image file fully as upright 8-bit RGB; RoiImageError if it cannot be read or
+    has more than `max_pixels` pixels."""
     try:
         # Closing our handle (not the image) keeps the decoded pixels usable after the block.
         with Path(path).open("rb") as handle:
             image = Image.open(handle)
+            _check_pixels(path, image.width, image.height, max_pixels)
             image.load()
         ImageOps.exif_transpose(image, in_place=True)
         return to_rgb(image)
+    except RoiImageError:
+        raise
     # Decoders raise many exception types on corrupt data (OSError, SyntaxError, ValueError,
     # struct.error, ...): any of them means this one file is unusable.
     except Exception as exc:
@@ -182,12 +320,12 @@ def standardize_roi_partition(
     """Standardize every image of one ROI sub-dataset; TILES records, one per saved image.
 
     Images a label or split rule cannot place and images that cannot be decoded are recorded as
-    failures and skipped. Images whose catalog scale is None are not used and not recorded.
+    failures. Files that are not images, the catalog's label tables and images the catalog gives
+    no scale are recorded as skipped, with the reason.
     """
     if entry.kind != "roi":
         raise RoiError(f"sub-dataset {entry.key!r} is a {entry.kind} sub-dataset, not roi")
-    jobs, unplaced = _plan_jobs(entry, source_dir=Path(source_dir), layout=layout)
-    result = StageResult(failures=unplaced)
+    jobs, result = _plan_jobs(entry, source_dir=Path(source_dir), layout=layout)
     crop_fraction = entry.crop.fraction if entry.crop else 1.0
     chunks = [
         _Chunk(
@@ -222,12 +360,25 @@ def standardize_roi_partition(
 
 def _plan_jobs(
     entry: SubDataset, *, source_dir: Path, layout: DataLayout
-) -> tuple[list[_ImageJob], list[dict[str, str]]]:
-    """Jobs for the used source images, and failures for images a rule cannot label or split."""
+) -> tuple[list[_ImageJob], StageResult]:
+    """Jobs for the used source images, and a result holding the skipped files and the
+    failures known before decoding (entries the walk refused, images a rule cannot label or
+    split)."""
     annotator = Annotator(labels=entry.labels, splits=entry.splits, source_dir=source_dir)
     source_prefix = layout.stored(source_dir)
-    jobs, failures = [], []
-    for scale, sources in _sources_by_scale(entry, source_dir).items():
+    tables = {
+        posixpath.normpath(rule.file)
+        for rule in (entry.labels, entry.splits)
+        if isinstance(rule, CsvRule)
+    }
+    selection = find_roi_images(source_dir, tables)
+    by_scale = _sources_by_scale(entry, selection, source_dir)
+    planned = StageResult(
+        failures=selection.refused_rows(source_prefix, STAGE),
+        skipped=sorted(selection.skipped_rows(source_prefix), key=lambda row: row["file"]),
+    )
+    jobs = []
+    for scale, sources in by_scale.items():
         output_dir = layout.image_dir(scale, entry.key)
         output_prefix = layout.relative(output_dir)
         stems = output_stems(sources)
@@ -236,7 +387,7 @@ def _plan_jobs(
             try:
                 annotation = annotator.annotate(relative)
             except AnnotationError as exc:
-                failures.append(failure(source_file, STAGE, str(exc)))
+                planned.failures.append(failure(source_file, STAGE, str(exc)))
                 continue
             jobs.append(
                 _ImageJob(
@@ -250,16 +401,21 @@ def _plan_jobs(
                     split=annotation.split,
                 )
             )
-    return jobs, failures
+    return jobs, planned
 
 
-def _sources_by_scale(entry: SubDataset, source_dir: Path) -> dict[str, list[str]]:
-    """Relative POSIX paths of the used source images, grouped by their catalog scale."""
+def _sources_by_scale(
+    entry: SubDataset, selection: RawSelection, source_dir: Path
+) -> dict[str, list[str]]:
+    """Relative POSIX paths of the used source images, grouped by their catalog scale; images
+    the catalog gives no scale are added to the selection's skipped files."""
     by_scale: dict[str, list[str]] = defaultdict(list)
-    for path in find_roi_images(source_dir):
+    for path in selection.used:
         relative = path.relative_to(source_dir).as_posix()
         scale = entry.scale_for(relative)
-        if scale is not None:
+        if scale is None:
+            selection.skipped.append((relative, "the catalog's scale rules give it no scale"))
+        else:
             by_scale[scale].append(relative)
     return dict(by_scale)
 
@@ -365,8 +521,11 @@ def _lost_chunk(chunk: _Chunk, cause: str) -> list[_Outcome]:
 
 def _encode(job: _ImageJob, chunk: _Chunk, *, source_sha256: str, fingerprint: str) -> _Stamp:
     """Decode, standardize and save one image; its stamp goes into the JPEG comment."""
-    square, upscaled = standardize_image(
-        load_rgb(job.source), size=chunk.settings.size, crop_fraction=chunk.crop_fraction
+    square, upscaled = load_square(
+        job.source,
+        size=chunk.settings.size,
+        crop_fraction=chunk.crop_fraction,
+        max_pixels=chunk.settings.max_pixels,
     )
     pixels = np.asarray(square, dtype=np.float32)
     saturation = np.asarray(square.convert("HSV"), dtype=np.float32)[..., 1]

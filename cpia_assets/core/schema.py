@@ -71,6 +71,11 @@ FAILURES = {
     "reason": pl.String,
 }
 
+SKIPPED = {
+    "file": pl.String,  # a raw file a standardizing stage leaves out on purpose
+    "reason": pl.String,  # e.g. "not a slide file (.txt)", "data file of the MIRAX slide x.mrxs"
+}
+
 RUN_COLUMNS = {"run_id": pl.String, "code_version": pl.String}
 """Added by the Dagster shell to every record it writes, for lineage."""
 

@@ -15,15 +15,18 @@ catalog's per-slide override, then (opt-in, an estimate) 10 / objective power.
 from __future__ import annotations
 
 import fnmatch
+import posixpath
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import openslide
 import pyvips
 
 from cpia_assets.core.catalog import WsiOptions
+from cpia_assets.core.fsutil import walk_visible
+from cpia_assets.core.stage import RawSelection
 
 SLIDE_SUFFIXES = frozenset(
     {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm"}
@@ -43,6 +46,7 @@ VENDOR_MPP_KEYS = (
 
 _MICRONS_PER_RESOLUTION_UNIT = {"centimeter": 10_000.0, "inch": 25_400.0}
 _DICOM_SUFFIX = ".dcm"
+_MIRAX_SUFFIX = ".mrxs"
 _VIPS_READABLE_VENDORS = frozenset({"aperio", "generic-tiff"})
 """Vendors whose levels are ordinary TIFF pages (checked: same pixels as OpenSlide)."""
 
@@ -109,34 +113,57 @@ def slide_stem(path: Path) -> str:
     return name.split(".", 1)[0]
 
 
-def find_slides(raw_dir: Path, options: WsiOptions) -> list[Path]:
-    """Slide files under `raw_dir` (recursively), sorted.
+def select_slides(raw_dir: Path, options: WsiOptions) -> RawSelection:
+    """The slide files under `raw_dir` (recursively, sorted), and every other file with the
+    reason it is not used.
 
     Selected by `options.patterns` (globs relative to `raw_dir`) when given, else by extension
     (plus plain-image extensions when `allow_plain_images`). Hidden files and folders (our
-    temporary and record files start with '.') are skipped, and a DICOM folder yields only its
-    first `.dcm` file (OpenSlide opens the whole series from any of them).
+    temporary and record files start with '.') are not looked at; links to folders are followed
+    (`fsutil.walk_visible`). A DICOM folder yields only its first `.dcm` file (OpenSlide opens
+    the whole series from any of them); the files in a MIRAX slide's data folder (`x/` beside
+    `x.mrxs`) are its sidecars.
     """
-    raw_dir = Path(raw_dir)
+    walk = walk_visible(raw_dir)
     suffixes = SLIDE_SUFFIXES | (PLAIN_IMAGE_SUFFIXES if options.allow_plain_images else set())
-    found: list[Path] = []
-    dicom_folders: set[Path] = set()
-    for path in sorted(raw_dir.rglob("*")):
-        relative = path.relative_to(raw_dir)
-        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
-            continue
+    selection = RawSelection(refused=walk.refused)
+    others: list[str] = []
+    dicom_slides: dict[str, str] = {}  # folder -> its first .dcm file
+    mirax_slides: dict[str, str] = {}  # data folder ("x/") -> its slide ("x.mrxs")
+    for path, relative in walk.files:
+        suffix = path.suffix.lower()
         if options.patterns:
-            selected = any(fnmatch.fnmatch(relative.as_posix(), p) for p in options.patterns)
+            selected = any(fnmatch.fnmatch(relative, p) for p in options.patterns)
         else:
-            selected = path.suffix.lower() in suffixes
+            selected = suffix in suffixes
         if not selected:
+            others.append(relative)
             continue
-        if path.suffix.lower() == _DICOM_SUFFIX:
-            if path.parent in dicom_folders:
+        if suffix == _DICOM_SUFFIX:
+            first = dicom_slides.setdefault(posixpath.dirname(relative), relative)
+            if first != relative:
+                selection.skipped.append((relative, f"another file of the DICOM slide {first}"))
                 continue
-            dicom_folders.add(path.parent)
-        found.append(path)
-    return found
+        if suffix == _MIRAX_SUFFIX:
+            mirax_slides[relative[: -len(suffix)] + "/"] = relative
+        selection.used.append(path)
+    for relative in others:
+        slide = next((s for f, s in mirax_slides.items() if relative.startswith(f)), None)
+        selection.skipped.append((relative, _not_a_slide(relative, options, slide)))
+    selection.skipped.sort()
+    return selection
+
+
+def _not_a_slide(relative: str, options: WsiOptions, mirax_slide: str | None) -> str:
+    """Why a file that `select_slides` did not select is left out."""
+    suffix = PurePosixPath(relative).suffix.lower()
+    if mirax_slide is not None:
+        return f"data file of the MIRAX slide {mirax_slide}"
+    if options.patterns:
+        return f"matches none of the catalog's slide patterns {list(options.patterns)}"
+    if suffix in PLAIN_IMAGE_SUFFIXES:
+        return f"plain image ({suffix}): set wsi.allow_plain_images to read it as a slide"
+    return f"not a slide file ({suffix or 'no extension'})"
 
 
 def resolve_mpp(path: Path, properties: Mapping[str, str], options: WsiOptions) -> Mpp:

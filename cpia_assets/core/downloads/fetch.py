@@ -30,7 +30,7 @@ from cpia_assets.core.downloads.errors import (
 )
 from cpia_assets.core.downloads.http import HttpClient, RemoteFile, has_checksum, verify_file
 from cpia_assets.core.downloads.local import bring_local, list_local
-from cpia_assets.core.downloads.paths import ARCHIVE_DIR, PARTIAL_DIR, present_files
+from cpia_assets.core.downloads.paths import ARCHIVE_DIR, PARTIAL_DIR
 from cpia_assets.core.downloads.settings import DownloadSettings
 from cpia_assets.core.downloads.spec import validate_source
 from cpia_assets.core.downloads.state import (
@@ -40,7 +40,7 @@ from cpia_assets.core.downloads.state import (
     listing_key,
     remove_dropped,
 )
-from cpia_assets.core.fsutil import sha256_file
+from cpia_assets.core.fsutil import FolderWalk, sha256_file, walk_visible
 from cpia_assets.core.parallel import map_unordered
 from cpia_assets.core.stage import failure
 
@@ -70,7 +70,12 @@ def fetch_source(
     state = DownloadState.load(dest)
     kind = spec["type"]
     if kind == "manual":
-        entries = _record_present(_manual_files(spec, dest), spec["landing_page"], state, log)
+        found = _manual_files(spec, dest)
+        entries = _record_present([rel for _, rel in found.files], spec["landing_page"], state, log)
+        if found.refused:
+            raise SourceIncomplete(
+                f"manual source of {dest}", _refusals(found), [e.row() for e in entries]
+            )
     elif kind == "synthetic":
         from cpia_assets.core.synthetic import generate_source  # pyvips: import only when used
 
@@ -79,14 +84,16 @@ def fetch_source(
     elif kind == "local":
         mode = spec.get("mode", settings.local_mode)
         bring = partial(bring_local, dest=dest, state=state, mode=mode)
+        listing = list_local(spec["path"])
         entries = _run(
-            list_local(spec["path"]),
+            listing.files,
             lambda item: [bring(*item)],
             name=lambda item: item[1],
             paths=lambda item: [item[1]],
             state=state,
             settings=settings,
             source=f"local source {spec['path']} of {dest}",
+            refused=_refusals(listing),
         )
     else:
         entries = _fetch_remote(spec, dest, state, settings, env, log)
@@ -101,10 +108,10 @@ def source_data_version(rows: Iterable[Mapping[str, Any]]) -> str:
     return digest.hexdigest()
 
 
-def _manual_files(spec: Mapping[str, Any], dest: Path) -> list[str]:
+def _manual_files(spec: Mapping[str, Any], dest: Path) -> FolderWalk:
     """The files a person put in `dest`; none yet means the person has work to do."""
-    found = present_files(dest)
-    if not found:
+    found = walk_visible(dest)
+    if not found.files and not found.refused:
         raise ManualDownloadRequired(
             name=f"sub-dataset {dest.name!r}",
             landing_page=spec["landing_page"],
@@ -112,6 +119,11 @@ def _manual_files(spec: Mapping[str, Any], dest: Path) -> list[str]:
             dest=str(dest),
         )
     return found
+
+
+def _refusals(listing: FolderWalk) -> list[dict[str, str]]:
+    """FAILURES rows for the entries a folder walk refused (bad names, looping links)."""
+    return [failure(rel_path, STAGE, reason) for rel_path, reason in listing.refused]
 
 
 def _record_present(
@@ -296,10 +308,12 @@ def _run(
     settings: DownloadSettings,
     source: str,
     archives: bool = False,
+    refused: Iterable[dict[str, str]] = (),
 ) -> list[FileEntry]:
-    """Bring every item with bounded threads; record failures; drop files no longer listed."""
+    """Bring every item with bounded threads; record failures (after the `refused` ones found
+    while listing); drop files no longer listed."""
     entries: list[FileEntry] = []
-    failures: list[dict[str, str]] = []
+    failures: list[dict[str, str]] = list(refused)
     kept_paths: set[str] = set()
     guarded = partial(_guarded, bring, name)
     try:

@@ -3,41 +3,55 @@
 from __future__ import annotations
 
 import errno
+import fnmatch
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from cpia_assets.core.downloads.errors import FileFetchError, SourceError
-from cpia_assets.core.downloads.paths import is_hidden
 from cpia_assets.core.downloads.state import DownloadState, FileEntry
-from cpia_assets.core.fsutil import atomic_path, sha256_file
+from cpia_assets.core.fsutil import FolderWalk, atomic_path, sha256_file, walk_visible
 
 _GLOB_CHARS = frozenset("*?[")
 
 
-def list_local(pattern: str) -> list[tuple[Path, str]]:
-    """(file, path relative to the folder or to the glob's fixed part) for a folder or a glob.
+def list_local(pattern: str) -> FolderWalk:
+    """The files of a folder or a glob, with paths relative to the folder or the glob's fixed
+    part, and the entries refused (`fsutil.walk_visible`; for a glob, those it matches).
 
-    Hidden files and folders (a name starting with '.') are left out.
+    Hidden files and folders (a name starting with '.') are left out; links to folders are
+    followed, also by `**` (unlike `Path.glob` before Python 3.13).
     """
-    if _GLOB_CHARS & set(pattern):
-        parts = Path(pattern).parts
-        fixed = next(i for i, part in enumerate(parts) if _GLOB_CHARS & set(part))
-        base = Path(*parts[:fixed])
-        candidates = list(base.glob(Path(*parts[fixed:]).as_posix()))
-    else:
-        base = Path(pattern)
-        if not base.is_dir():
-            raise SourceError(f"local source {pattern}: no such folder")
-        candidates = list(base.rglob("*"))
-    found = []
-    for path in candidates:
-        rel = path.relative_to(base).as_posix()
-        if path.is_file() and not is_hidden(rel):
-            found.append((path, rel))
-    if not found:
+    parts = Path(pattern).parts
+    fixed = next((i for i, part in enumerate(parts) if _GLOB_CHARS & set(part)), len(parts))
+    base = Path(*parts[:fixed])
+    if not base.is_dir():
+        raise SourceError(f"local source {pattern}: no such folder")
+    listing = walk_visible(base)
+    if fixed < len(parts):
+        wanted = parts[fixed:]
+        listing = FolderWalk(
+            files=[(path, rel) for path, rel in listing.files if _matches(rel, wanted)],
+            refused=[(rel, reason) for rel, reason in listing.refused if _matches(rel, wanted)],
+        )
+    if not listing.files and not listing.refused:
         raise SourceError(f"local source {pattern}: no files found")
-    return sorted(found, key=lambda item: item[1])
+    return listing
+
+
+def _matches(rel_path: str, pattern: Sequence[str]) -> bool:
+    """Whether a relative path matches glob pattern parts (`**`: any number of folders)."""
+    parts = rel_path.split("/")
+
+    def match(i: int, j: int) -> bool:
+        if j == len(pattern):
+            return i == len(parts)
+        if pattern[j] == "**":
+            return any(match(k, j + 1) for k in range(i, len(parts) + 1))
+        return i < len(parts) and fnmatch.fnmatchcase(parts[i], pattern[j]) and match(i + 1, j + 1)
+
+    return match(0, 0)
 
 
 def bring_local(

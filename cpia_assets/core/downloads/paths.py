@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import posixpath
 import re
-from pathlib import Path
 
 STATE_FILE = ".cpia_download.json"
 PARTIAL_DIR = ".cpia_partial"  # downloads in progress and archive staging
@@ -38,15 +37,3 @@ def safe_relative(name: str) -> str:
 def is_hidden(rel_path: str) -> bool:
     """Names starting with '.': our bookkeeping (.cpia_*) and system clutter (.DS_Store)."""
     return any(part.startswith(".") for part in rel_path.split("/"))
-
-
-def present_files(dest: Path) -> list[str]:
-    """Relative paths of every visible file (or link to a file) under `dest`, sorted."""
-    if not dest.is_dir():
-        return []
-    found = []
-    for path in dest.rglob("*"):
-        rel = path.relative_to(dest).as_posix()
-        if not is_hidden(rel) and path.is_file():
-            found.append(rel)
-    return sorted(found)

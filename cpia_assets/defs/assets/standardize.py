@@ -4,9 +4,9 @@ import dagster as dg
 
 from cpia_assets.core import schema
 from cpia_assets.core.roi import RoiSettings, standardize_roi_partition
-from cpia_assets.core.slides import find_slides
+from cpia_assets.core.slides import select_slides
 from cpia_assets.core.stage import StageResult
-from cpia_assets.core.standardize import StandardizeSettings, standardize_partition
+from cpia_assets.core.standardize import STAGE, StandardizeSettings, standardize_partition
 from cpia_assets.defs.records import (
     config_class,
     failures_markdown,
@@ -39,7 +39,8 @@ def build_standardized_wsi(partitions: dg.PartitionsDefinition) -> dg.AssetsDefi
             "MPP, its origin, level and scale factor recorded per slide. ROI sub-datasets: this "
             "stage does the ROI crop/resize instead (largest centred square, 384x384 JPEG, kept "
             "under the catalog's scale folder with label and split). Bad files are recorded in "
-            "the failures table and skipped; their siblings finish; a rerun resumes."
+            "the failures table and skipped; their siblings finish; a rerun resumes. Raw files "
+            "this stage does not use are recorded in the skipped table with the reason."
         ),
     )
     def standardized_wsi(
@@ -55,10 +56,10 @@ def build_standardized_wsi(partitions: dg.PartitionsDefinition) -> dg.AssetsDefi
         progress = progress_logger(context)
         with workers.executor() as executor:
             if entry.kind == "wsi":
-                slides = find_slides(raw_dir, entry.wsi)
-                progress(f"{len(slides)} slide files")
+                selection = select_slides(raw_dir, entry.wsi)
+                progress(f"{len(selection.used)} slide files, {len(selection.skipped)} skipped")
                 result: StageResult = standardize_partition(
-                    slides,
+                    selection.used,
                     key=key,
                     layout=layout,
                     options=entry.wsi,
@@ -66,6 +67,8 @@ def build_standardized_wsi(partitions: dg.PartitionsDefinition) -> dg.AssetsDefi
                     executor=executor,
                     progress=progress,
                 )
+                result.skipped = selection.skipped_rows(layout.stored(raw_dir))
+                result.failures += selection.refused_rows(layout.stored(raw_dir), STAGE)
                 table, columns = "slides", schema.SLIDES
             else:
                 result = standardize_roi_partition(
@@ -79,6 +82,7 @@ def build_standardized_wsi(partitions: dg.PartitionsDefinition) -> dg.AssetsDefi
                 table, columns = "roi_images", schema.TILES
         write_records(context, layout, table, result.records, columns)
         write_failures(context, layout, result.failures)
+        write_records(context, layout, "skipped", result.skipped, schema.SKIPPED)
         if not result.records:
             raise dg.Failure(
                 f"no usable {entry.kind.upper()} input for {key!r} under {raw_dir} "
@@ -90,6 +94,7 @@ def build_standardized_wsi(partitions: dg.PartitionsDefinition) -> dg.AssetsDefi
                 "outputs": len(result.records),
                 "reused_from_earlier_runs": result.reused,
                 "failed_files": len(result.failures),
+                "skipped_files": len(result.skipped),
                 "failures": dg.MetadataValue.md(failures_markdown(result.failures)),
             }
         )
