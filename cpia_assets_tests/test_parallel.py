@@ -5,14 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import threading
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
 
 import dask
-import psutil
 import pytest
 from distributed import Client, LocalCluster
 
@@ -71,30 +70,39 @@ def test_errors_of_the_work_propagate_and_are_not_retried() -> None:
         list(map_unordered(_raise_value_error, [1, 2], pool, on_lost=lambda item, cause: -1))
 
 
-class _OomKiller:
-    """Like the kernel's OOM killer: SIGKILLs every child process that has `doomed` open."""
+_OOM_KILLER = """\
+import os, signal, sys
 
-    def __init__(self, doomed: Path) -> None:
-        self.doomed = str(doomed)
-        self.killed: set[int] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
+DOOMED = os.environ.get("CPIA_TEST_DOOMED")
+LOG = os.environ.get("CPIA_TEST_KILLED_LOG")
 
-    def __enter__(self) -> _OomKiller:
-        self._thread.start()
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+def _kill_on_open(event, args):
+    if event == "open" and DOOMED and str(args[0]) == DOOMED:
+        with open(LOG, "a") as log:
+            log.write(f"{os.getpid()}\\n")
+        os.kill(os.getpid(), signal.SIGKILL)
 
-    def _watch(self) -> None:
-        while not self._stop.wait(0.005):
-            for child in psutil.Process().children(recursive=True):
-                with contextlib.suppress(psutil.Error):
-                    if any(f.path == self.doomed for f in child.open_files()):
-                        child.kill()
-                        self.killed.add(child.pid)
+
+sys.addaudithook(_kill_on_open)
+"""
+
+
+@contextlib.contextmanager
+def _oom_killer(doomed: Path, tmp_path: Path) -> Iterator[Path]:
+    """Like the kernel's OOM killer, but deterministic: every worker process started inside
+    this block (spawned interpreters load the `sitecustomize` put on their path) SIGKILLs
+    itself the moment it opens `doomed`, after logging its PID to the returned file."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(_OOM_KILLER)
+    log = tmp_path / "killed.log"
+    log.touch()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PYTHONPATH", os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")]))
+        env.setenv("CPIA_TEST_DOOMED", str(doomed))
+        env.setenv("CPIA_TEST_KILLED_LOG", str(log))
+        yield log
 
 
 def test_standardize_records_a_slide_whose_worker_is_killed_and_keeps_the_rest(
@@ -104,7 +112,7 @@ def test_standardize_records_a_slide_whose_worker_is_killed_and_keeps_the_rest(
     raw = layout.raw_dir("wsi-test")
     slides = [build_40x_slide(raw / f"S40-000{n}.tiff", 2400) for n in range(1, 5)]
     doomed = slides[1]
-    with _pool() as pool, _OomKiller(doomed) as killer:
+    with _oom_killer(doomed, tmp_path) as killed, _pool() as pool:
         result = standardize_partition(
             slides,
             key="wsi-test",
@@ -113,7 +121,7 @@ def test_standardize_records_a_slide_whose_worker_is_killed_and_keeps_the_rest(
             settings=StandardizeSettings(),
             executor=pool,
         )
-    assert len(killer.killed) == 2  # the pool's worker, then the retry's fresh one
+    assert len(set(killed.read_text().split())) == 2  # the pool's worker, then the retry's
     (row,) = result.failures
     assert row == {
         "file": "raw/wsi-test/S40-0002.tiff",
