@@ -80,7 +80,9 @@ def test_thresholds_keep_synthetic_tissue_and_reject_its_background():
     glass = grid_metrics(
         he_texture(960, 960, seed=3, tissue_fraction=0.0).numpy(), 4, 4, thresholds
     )
-    assert tissue["tissue_fraction"].min() > 0.9
+    # Real H&E (the shipped CMU-1 crop) has small gaps between collagen fibres.
+    assert tissue["tissue_fraction"].min() > 0.8
+    assert tissue["tissue_fraction"].mean() > 0.9
     assert glass["tissue_fraction"].max() < 0.01
     assert glass["mean_r"].min() > 235
 
