@@ -19,6 +19,10 @@ and `x.tif`); every colliding source is named `<stem>__<first 8 hex digits of th
 path relative to the source folder, UTF-8>`. Names depend only on the set of source paths, so
 reruns give the same names.
 
+Sources: the image files under the source folder, plus the patches of HDF5 patch arrays (PCam)
+unpacked first into `unpacked/<key>/` (`patch_arrays`), whose relative paths the catalog's rules
+see as if they sat in the source folder (`<array file stem>/<label>/<index>.png`).
+
 Resume: each JPEG carries in its comment a JSON stamp with the source's SHA-256, the settings
 that made it and its colour metrics. A rerun finds images whose stamp matches their source bytes
 and settings and re-encodes none of them (`StageResult.reused`); outputs no longer expected
@@ -47,6 +51,7 @@ from cpia_assets.core.fsutil import atomic_path, sha256_file
 from cpia_assets.core.labels import AnnotationError, Annotator
 from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.parallel import map_unordered
+from cpia_assets.core.patch_arrays import unpack_patch_arrays
 from cpia_assets.core.stage import StageResult, failure
 
 STAGE = "standardized_wsi"  # the asset that runs ROI standardization
@@ -186,8 +191,17 @@ def standardize_roi_partition(
     """
     if entry.kind != "roi":
         raise RoiError(f"sub-dataset {entry.key!r} is a {entry.kind} sub-dataset, not roi")
-    jobs, unplaced = _plan_jobs(entry, source_dir=Path(source_dir), layout=layout)
-    result = StageResult(failures=unplaced)
+    unpacked_dir = layout.unpacked_dir(entry.key)
+    unpack_failures = unpack_patch_arrays(
+        source_dir,
+        unpacked_dir,
+        stage=STAGE,
+        stored_prefix=layout.stored(source_dir),
+        executor=executor,
+    )
+    roots = (Path(source_dir), unpacked_dir) if unpacked_dir.is_dir() else (Path(source_dir),)
+    jobs, unplaced = _plan_jobs(entry, roots=roots, layout=layout)
+    result = StageResult(failures=unpack_failures + unplaced)
     crop_fraction = float(entry.crop["fraction"]) if entry.crop else 1.0
     chunks = [
         _Chunk(
@@ -221,18 +235,18 @@ def standardize_roi_partition(
 
 
 def _plan_jobs(
-    entry: SubDataset, *, source_dir: Path, layout: DataLayout
+    entry: SubDataset, *, roots: tuple[Path, ...], layout: DataLayout
 ) -> tuple[list[_ImageJob], list[dict[str, str]]]:
-    """Jobs for the used source images, and failures for images a rule cannot label or split."""
-    annotator = Annotator(labels=entry.labels, splits=entry.splits, source_dir=source_dir)
-    source_prefix = layout.stored(source_dir)
+    """Jobs for the used images under `roots` (the source folder first, whose files the label
+    rules' CSVs live in), and failures for images a rule cannot label or split."""
+    annotator = Annotator(labels=entry.labels, splits=entry.splits, source_dir=roots[0])
     jobs, failures = [], []
-    for scale, sources in _sources_by_scale(entry, source_dir).items():
+    for scale, sources in _sources_by_scale(entry, roots).items():
         output_dir = layout.image_dir(scale, entry.key)
         output_prefix = layout.relative(output_dir)
         stems = output_stems(sources)
-        for relative in sources:
-            source_file = f"{source_prefix}/{relative}"
+        for relative, root in sources.items():
+            source_file = f"{layout.stored(root)}/{relative}"
             try:
                 annotation = annotator.annotate(relative)
             except AnnotationError as exc:
@@ -240,7 +254,7 @@ def _plan_jobs(
                 continue
             jobs.append(
                 _ImageJob(
-                    source=source_dir / relative,
+                    source=root / relative,
                     source_file=source_file,
                     output=output_dir / f"{stems[relative]}.jpg",
                     path=f"{output_prefix}/{stems[relative]}.jpg",
@@ -253,14 +267,15 @@ def _plan_jobs(
     return jobs, failures
 
 
-def _sources_by_scale(entry: SubDataset, source_dir: Path) -> dict[str, list[str]]:
-    """Relative POSIX paths of the used source images, grouped by their catalog scale."""
-    by_scale: dict[str, list[str]] = defaultdict(list)
-    for path in find_roi_images(source_dir):
-        relative = path.relative_to(source_dir).as_posix()
-        scale = entry.scale_for(relative)
-        if scale is not None:
-            by_scale[scale].append(relative)
+def _sources_by_scale(entry: SubDataset, roots: tuple[Path, ...]) -> dict[str, dict[str, Path]]:
+    """The used images grouped by their catalog scale: relative POSIX path -> its root folder."""
+    by_scale: dict[str, dict[str, Path]] = defaultdict(dict)
+    for root in roots:
+        for path in find_roi_images(root):
+            relative = path.relative_to(root).as_posix()
+            scale = entry.scale_for(relative)
+            if scale is not None:
+                by_scale[scale].setdefault(relative, root)
     return dict(by_scale)
 
 
