@@ -24,6 +24,7 @@ import openslide
 import pyvips
 
 from cpia_assets.core.catalog import WsiOptions
+from cpia_assets.core.dicom import container_identifier
 
 SLIDE_SUFFIXES = frozenset(
     {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm"}
@@ -103,10 +104,13 @@ class SlideInfo:
 def slide_stem(path: Path) -> str:
     """The slide name used in outputs: the file name up to its first dot, as the published
     scripts do (so `TCGA-...-BSA.<uuid>.svs` gives `TCGA-...-BSA`). A DICOM slide is a folder of
-    `.dcm` files, so its name is the folder's."""
+    `.dcm` files named by series UUID (IDC): its name is the slide's ContainerIdentifier (the
+    original slide name, `dicom.container_identifier`), else the folder's. The UUID stays in the
+    records' `source_file`."""
     path = Path(path)
-    name = path.parent.name if path.suffix.lower() == _DICOM_SUFFIX else path.name
-    return name.split(".", 1)[0]
+    if path.suffix.lower() == _DICOM_SUFFIX:
+        return container_identifier(path) or path.parent.name.split(".", 1)[0]
+    return path.name.split(".", 1)[0]
 
 
 def find_slides(raw_dir: Path, options: WsiOptions) -> list[Path]:
