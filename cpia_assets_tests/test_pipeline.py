@@ -120,3 +120,17 @@ def test_rerun_reuses_finished_work(pipeline, small_catalog_path: Path) -> None:
         assert materialization.metadata["reused_from_earlier_runs"].value == 2, asset
     after = _tiles(layout, "wsi-20x").drop("run_id").sort("image_name")
     assert after.equals(before)
+
+
+def test_scale_tiles_metadata_counts_rejections_by_test(pipeline) -> None:
+    layout, results, _ = pipeline
+    for key in ("wsi-40x", "wsi-20x"):
+        metadata = results[key].asset_materializations_for_node("scale_tiles")[0].metadata
+        rejected = pl.read_parquet(layout.manifest_file(key, "rejected_tiles"))
+        xl = rejected.filter(pl.col("scale") == "XL")
+        counts = {name: metadata[f"rejected_{name}"].value
+                  for name in ("xl_thumbnail", "xl_tissue", "sub_tiles")}  # fmt: skip
+        assert counts["xl_thumbnail"] == xl.filter(pl.col("blur").is_null()).height
+        assert counts["xl_tissue"] == xl.filter(pl.col("blur").is_not_null()).height
+        assert counts["sub_tiles"] == rejected.height - xl.height > 0  # glass between islands
+        assert sum(counts.values()) == metadata["rejected_candidates"].value
