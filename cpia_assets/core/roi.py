@@ -23,6 +23,9 @@ Sources: the image files under the source folder, plus the patches of HDF5 patch
 unpacked first into `unpacked/<key>/` (`patch_arrays`), whose relative paths the catalog's rules
 see as if they sat in the source folder (`<array file stem>/<label>/<index>.png`).
 
+Labels and splits come from the entry's rules (`labels`); an entry whose split rule is
+`{from: stratified}` gets the declared seeded stratified split over all its images (`splits`).
+
 Resume: each JPEG carries in its comment a JSON stamp with the source's SHA-256, the settings
 that made it and its colour metrics. A rerun finds images whose stamp matches their source bytes
 and settings and re-encodes none of them (`StageResult.reused`); outputs no longer expected
@@ -37,9 +40,9 @@ import json
 import os
 import shutil
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Executor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -52,6 +55,7 @@ from cpia_assets.core.labels import AnnotationError, Annotator
 from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.parallel import map_unordered
 from cpia_assets.core.patch_arrays import unpack_patch_arrays
+from cpia_assets.core.splits import DEFAULT_RATIOS, STRATIFIED, stratified_split
 from cpia_assets.core.stage import StageResult, failure
 
 STAGE = "standardized_wsi"  # the asset that runs ROI standardization
@@ -239,7 +243,10 @@ def _plan_jobs(
 ) -> tuple[list[_ImageJob], list[dict[str, str]]]:
     """Jobs for the used images under `roots` (the source folder first, whose files the label
     rules' CSVs live in), and failures for images a rule cannot label or split."""
-    annotator = Annotator(labels=entry.labels, splits=entry.splits, source_dir=roots[0])
+    stratified = entry.splits is not None and entry.splits["from"] == STRATIFIED
+    annotator = Annotator(
+        labels=entry.labels, splits=None if stratified else entry.splits, source_dir=roots[0]
+    )
     jobs, failures = [], []
     for scale, sources in _sources_by_scale(entry, roots).items():
         output_dir = layout.image_dir(scale, entry.key)
@@ -255,6 +262,7 @@ def _plan_jobs(
             jobs.append(
                 _ImageJob(
                     source=root / relative,
+                    relative=relative,
                     source_file=source_file,
                     output=output_dir / f"{stems[relative]}.jpg",
                     path=f"{output_prefix}/{stems[relative]}.jpg",
@@ -264,7 +272,19 @@ def _plan_jobs(
                     split=annotation.split,
                 )
             )
+    if stratified:
+        jobs = _with_stratified_splits(jobs, entry.splits)
     return jobs, failures
+
+
+def _with_stratified_splits(jobs: list[_ImageJob], rule: Mapping[str, Any]) -> list[_ImageJob]:
+    """The jobs with the entry's declared seeded stratified split (`splits` module)."""
+    splits = stratified_split(
+        ((job.relative, job.label) for job in jobs),
+        ratios=rule.get("ratios", DEFAULT_RATIOS),
+        seed=rule.get("seed", 0),
+    )
+    return [replace(job, split=splits[job.relative]) for job in jobs]
 
 
 def _sources_by_scale(entry: SubDataset, roots: tuple[Path, ...]) -> dict[str, dict[str, Path]]:
@@ -296,6 +316,7 @@ def _remove_stale_outputs(folders: Iterable[Path], kept: set[Path]) -> None:
 @dataclass(frozen=True)
 class _ImageJob:
     source: Path
+    relative: str  # below its source root, as the catalog's rules see it
     source_file: str  # as stored in records
     output: Path
     path: str  # output as stored in records
