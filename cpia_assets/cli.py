@@ -2,7 +2,9 @@
 built vs published counts).
 
 Reads `manifest.duckdb` under --data-dir (default: $CPIA_DATA_DIR or ./data) read-only and
-prints Polars frames; `tiles --output FILE` writes the selection as Parquet or CSV instead.
+prints Polars frames; `tiles --output FILE` writes the selection as Parquet or CSV instead
+(atomically; an existing file only with --force, never the manifest's own files). Errors are
+one line on stderr with exit code 2.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import duckdb
 import polars as pl
 
+from cpia_assets.core.fsutil import atomic_path
 from cpia_assets.core.layout import DataLayout, default_data_dir
 from cpia_assets.core.manifest import (
     GROUP_COLUMNS,
@@ -36,23 +40,60 @@ TILE_SUMMARY_COLUMNS = ("subdataset", "organ", "image_name", "kind", "scale", "s
 """What `tiles` prints unless --all-columns; --output files always hold every column."""
 
 
+EXPORT_FORMATS = {".parquet": pl.DataFrame.write_parquet, ".csv": pl.DataFrame.write_csv}
+"""`tiles --output` formats, chosen by the file's suffix."""
+
+NO_GROUPS = "none"
+"""`count --by none`: a single total."""
+
+
+class CliError(Exception):
+    """A request the CLI refuses; the message names the file or argument and the reason."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     layout = DataLayout(Path(args.data_dir).resolve() if args.data_dir else default_data_dir())
     try:
+        export = None if args.output is None else _export_path(args.output, layout, args.force)
         with open_manifest(layout) as con:
             frame = args.command(con, args)
-    except ManifestError as exc:
+        if export is not None:
+            with atomic_path(export) as tmp:
+                EXPORT_FORMATS[export.suffix](frame, tmp)
+            print(f"{frame.height} images written to {export}")
+            return 0
+    except (CliError, ManifestError, OSError) as exc:  # OSError: e.g. a full disk on --output
         print(f"cpia: {exc}", file=sys.stderr)
         return 2
-    if frame is None:
-        return 0
+    except duckdb.Error as exc:  # e.g. a table missing from a damaged manifest
+        print(f"cpia: {layout.duckdb_path}: {exc}", file=sys.stderr)
+        return 2
     if args.markdown:
         print(markdown_table(frame))
     else:
         with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=120, tbl_width_chars=240):
             print(frame)
     return 0
+
+
+def _export_path(output: str, layout: DataLayout, force: bool) -> Path:
+    """Where `tiles --output` may write: checked before the manifest is even opened."""
+    path = Path(output).expanduser().absolute()
+    if path.suffix not in EXPORT_FORMATS:
+        raise CliError(f"--output {output}: the name must end in {' or '.join(EXPORT_FORMATS)}")
+    if not path.parent.is_dir():
+        raise CliError(f"--output {output}: folder {path.parent} does not exist")
+    resolved = path.resolve()  # through links too
+    if resolved == layout.duckdb_path.resolve() or resolved.is_relative_to(
+        layout.manifests_dir.resolve()
+    ):
+        raise CliError(f"--output {output}: that is the manifest's own data; choose another file")
+    if path.is_dir():
+        raise CliError(f"--output {output}: is a folder")
+    if path.exists() and not force:
+        raise CliError(f"--output {output}: the file exists; add --force to replace it")
+    return path
 
 
 def _table1(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> pl.DataFrame:
@@ -78,21 +119,17 @@ def _tile_filter(args: argparse.Namespace) -> TileFilter:
     )
 
 
-def _tiles(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> pl.DataFrame | None:
-    frame = query_tiles(con, _tile_filter(args), limit=None if args.output else args.limit)
-    if args.output is None:
-        return frame if args.all_columns else frame.select(TILE_SUMMARY_COLUMNS)
-    output = Path(args.output)
-    if output.suffix == ".csv":
-        frame.write_csv(output)
-    else:
-        frame.write_parquet(output)
-    print(f"{frame.height} images written to {output}")
-    return None
+def _tiles(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> pl.DataFrame:
+    """The matches: every row and column for --output, else --limit rows of the summary."""
+    export = args.output is not None
+    frame = query_tiles(con, _tile_filter(args), limit=None if export else args.limit)
+    return frame if export or args.all_columns else frame.select(TILE_SUMMARY_COLUMNS)
 
 
 def _count(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> pl.DataFrame:
-    return count_tiles(con, _tile_filter(args), by=args.by)
+    if NO_GROUPS in args.by and len(args.by) > 1:
+        raise CliError(f"--by {NO_GROUPS} (a single total) cannot be combined with other columns")
+    return count_tiles(con, _tile_filter(args), by=[name for name in args.by if name != NO_GROUPS])
 
 
 def _lineage(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> pl.DataFrame:
@@ -110,9 +147,23 @@ class _NotFoundError(ManifestError):
     """The query named something the manifest does not hold."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (exit code 2), without the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _non_negative_int(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):  # no sign, no decimals
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
+    return int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cpia", description=__doc__)
+    parser = _Parser(prog="cpia", description=__doc__)
     _add_common(parser, default=None)
+    parser.set_defaults(output=None, force=False)  # only `tiles` exports
     # The same options after the command; SUPPRESS keeps a value given before it.
     common = argparse.ArgumentParser(add_help=False)
     _add_common(common, default=argparse.SUPPRESS)
@@ -131,8 +182,13 @@ def _parser() -> argparse.ArgumentParser:
         "tiles", parents=[common], help="list kept images matching the filters"
     )
     _add_filters(tiles)
-    tiles.add_argument("--limit", type=int, default=20, help="rows to print (default 20)")
-    tiles.add_argument("--output", help="write every match to FILE (.parquet or .csv)")
+    tiles.add_argument(
+        "--limit", type=_non_negative_int, default=20, help="rows to print (default 20)"
+    )
+    tiles.add_argument(
+        "--output", help="write every match, all columns, to a new FILE (.parquet or .csv)"
+    )
+    tiles.add_argument("--force", action="store_true", help="replace an existing --output file")
     tiles.add_argument("--all-columns", action="store_true", help="print every tile column")
     tiles.set_defaults(command=_tiles)
 
@@ -141,8 +197,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_filters(count)
     count.add_argument(
-        "--by", nargs="*", choices=sorted(GROUP_COLUMNS), default=["subdataset", "scale"],
-        help="group columns (default: subdataset scale; none for a single total)",
+        "--by", nargs="*", choices=[*sorted(GROUP_COLUMNS), NO_GROUPS],
+        default=["subdataset", "scale"],
+        help=f"group columns (default: subdataset scale; {NO_GROUPS} for a single total)",
     )  # fmt: skip
     count.set_defaults(command=_count)
 

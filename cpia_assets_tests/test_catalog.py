@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -13,6 +14,7 @@ from cpia_assets.core.catalog import (
     CatalogError,
     load_catalog,
 )
+from cpia_assets.definitions import build_definitions
 from cpia_assets_tests.conftest import REFERENCE
 
 
@@ -102,36 +104,147 @@ def test_user_catalog_resolves_local_paths_relative_to_the_file(tmp_path: Path) 
     assert catalog.get("my-slides").source["path"] == str(tmp_path / "slides")
 
 
+def _entry(**changes: str) -> str:
+    """GOOD_ENTRY with fields replaced (value '') removed, or appended."""
+    fields = dict(line.strip().split(": ", 1) for line in GOOD_ENTRY.strip().splitlines())
+    fields = {k.removeprefix("- "): v for k, v in fields.items()}
+    fields.update(changes)
+    lines = [f"  {name}: {value}" for name, value in fields.items() if value != ""]
+    return "\n- " + "\n".join(lines)[2:] + "\n"
+
+
+ENTRY_1 = "entry 'my-slides' (#1): "
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("subdatasets:" + GOOD_ENTRY + GOOD_ENTRY, "duplicate key 'my-slides'"),
-        ("subdatasets:" + GOOD_ENTRY.replace("kind: wsi", "kind: tma"), "unknown kind 'tma'"),
-        (
-            "subdatasets:" + GOOD_ENTRY.replace("  source: {type: local, path: slides}\n", ""),
-            "missing required field 'source'",
-        ),
-        ("subdatasets:" + GOOD_ENTRY.replace("type: local", "type: ftp"), "unknown source type"),
-        (
-            "subdatasets:" + GOOD_ENTRY.replace("kind: wsi", "kind: roi\n  scale: XXL"),
-            "unknown scale 'XXL'",
-        ),
-        ("subdatasets:" + GOOD_ENTRY.replace("kind: wsi", "kind: roi"), "need 'scale'"),
-        ("subdatasets:" + GOOD_ENTRY.replace("key: my-slides", "key: My Slides"), "lower-case"),
-        ("things: []", "top-level 'subdatasets:' list"),
-        ("subdatasets: [", "not valid YAML"),
+        (_entry(kind="tma"), ENTRY_1 + "field 'kind': input should be 'wsi' or 'roi' (got 'tma')"),
+        (_entry(source=""), ENTRY_1 + "field 'source': required field is missing"),
+        (_entry(source="{type: ftp}"), ENTRY_1 + "field 'source': unknown source type 'ftp'"),
+        (_entry(kind="roi", scale="XXL"),
+         ENTRY_1 + "field 'scale': input should be 'L', 'M' or 'S' (got 'XXL')"),
+        (_entry(kind="roi"),
+         ENTRY_1 + "field 'scale': ROI sub-datasets need 'scale' or 'scale_rules'"),
+        (_entry(scale="M"), ENTRY_1 + "field 'scale': applies to ROI sub-datasets only"),
+        (_entry(kind="roi", scale="M", wsi="{patterns: ['*.svs']}"),
+         ENTRY_1 + "field 'wsi': applies to WSI sub-datasets only"),
+        (_entry(key="My Slides"),
+         "entry 'My Slides' (#1): field 'key': 'My Slides' must be lower-case letters, digits "
+         "and '-'"),
+        (_entry(key='"my-slides\\n"'),
+         "entry 'my-slides\\n' (#1): field 'key': 'my-slides\\n' must be lower-case letters"),
+        # Wrong types are refused, not coerced: YAML's '*.svs' is not a list of characters.
+        (_entry(wsi="{patterns: '*.svs'}"),
+         ENTRY_1 + "field 'wsi.patterns': should be a list (got '*.svs')"),
+        (_entry(labelled="'no'"),
+         ENTRY_1 + "field 'labelled': input should be a valid boolean (got 'no')"),
+        (_entry(kind="roi", scale_rules="[{pattern: 40, scale: L}]"),
+         ENTRY_1 + "field 'scale_rules[0].pattern': should be text (got 40)"),
+        (_entry(kind="roi", scale_rules="[{pattern: '(?<!_anno)[.]bmp$', scale: L}]"),
+         ENTRY_1 + "field 'scale_rules[0].pattern': '(?<!_anno)[.]bmp$' is not a supported "
+         "regular expression (invalid perl operator: (?<!)"),
+        (_entry(name="[My, slides]"),
+         ENTRY_1 + "field 'name': should be text (got ['My', 'slides'])"),
+        (_entry(organ="{a: b}"), ENTRY_1 + "field 'organ': should be text (got {'a': 'b'})"),
+        (_entry(wsi="{mpp_overrides: {a.svs: '0.25'}}"),
+         ENTRY_1 + "field 'wsi.mpp_overrides.a.svs': input should be a valid number (got '0.25')"),
+        (_entry(published_counts="{M: 1.5}"),
+         ENTRY_1 + "field 'published_counts.M': input should be a valid integer (got 1.5)"),
+        # Unknown fields, at any depth, with a hint.
+        (_entry(wsi="{mpp_overides: {a.svs: 0.25}}"),
+         ENTRY_1 + "field 'wsi.mpp_overides': unknown field; did you mean 'mpp_overrides'?"),
+        (_entry(descripton="x"),
+         ENTRY_1 + "field 'descripton': unknown field; did you mean 'description'?"),
+        (_entry(source="{type: local, path: [a, b]}"),
+         ENTRY_1 + "field 'source.path': must be text, got ['a', 'b']"),
+        ("things: []", "expected a top-level 'subdatasets:' list"),
+        ("subdatasets: [", "line 2, column 1: not valid YAML: did not find expected node content"),
+        ("subdatasets: []\nsubdatasets: []",
+         "line 2, column 1: duplicate key 'subdatasets' (first at line 1)"),
+        ("subdatasets:" + GOOD_ENTRY + "subdatset: []",
+         "unknown top-level field 'subdatset'; did you mean 'subdatasets'?"),
+        ("subdatasets:" + GOOD_ENTRY + "  kind: roi\n",
+         "line 7, column 3: duplicate key 'kind' (first at line 4)"),
+        ("subdatasets:" + GOOD_ENTRY + GOOD_ENTRY,
+         "entry 'my-slides' (#2): field 'key': duplicate key 'my-slides' (entry #1 has it too)"),
+        ("subdatasets:\n- just a string", "entry #1: should be a mapping (got 'just a string')"),
     ],
-)
-def test_bad_catalogs_are_rejected_with_the_file_and_reason(
+)  # fmt: skip
+def test_bad_catalogs_are_rejected_naming_file_entry_and_field(
     tmp_path: Path, text: str, message: str
 ) -> None:
+    text = text if text.startswith(("subdatasets", "things")) else "subdatasets:" + text
     path = _write(tmp_path, text)
     with pytest.raises(CatalogError) as error:
         load_catalog(path)
-    assert message in str(error.value)
-    assert str(path) in str(error.value)
+    assert str(error.value).startswith(f"{path}: {message}")
 
 
-def test_missing_catalog_file_is_named(tmp_path: Path) -> None:
-    with pytest.raises(CatalogError, match="does not exist"):
-        load_catalog(tmp_path / "nope.yaml")
+def test_every_problem_of_every_entry_is_reported_at_once(tmp_path: Path) -> None:
+    text = "subdatasets:" + _entry(labelled="'yes'", organ="") + _entry(key="other", kind="x")
+    path = _write(tmp_path, text)
+    with pytest.raises(CatalogError) as error:
+        load_catalog(path)
+    assert str(error.value).splitlines() == [
+        f"{path}: entry 'my-slides' (#1): field 'organ': required field is missing",
+        f"{path}: entry 'my-slides' (#1): field 'labelled': input should be a valid boolean "
+        "(got 'yes')",
+        f"{path}: entry 'other' (#2): field 'kind': input should be 'wsi' or 'roi' (got 'x')",
+    ]
+
+
+def test_a_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.yaml"
+    data = ("subdatasets:" + GOOD_ENTRY).replace("My slides", "Lames \xe9").encode("latin-1")
+    path.write_bytes(data)
+    with pytest.raises(CatalogError) as error:
+        load_catalog(path)
+    assert str(error.value) == f"{path}: not UTF-8 text (byte 0xe9 at offset {data.index(0xE9)})"
+
+
+def test_a_local_source_in_a_symlink_loop_is_named(tmp_path: Path) -> None:
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    path = _write(tmp_path, "subdatasets:" + _entry(source="{type: local, path: loop/slides}"))
+    with pytest.raises(CatalogError) as error:
+        load_catalog(path)
+    assert str(error.value).startswith(
+        f"{path}: entry 'my-slides' (#1): field 'source.path': cannot resolve 'loop/slides': "
+    )
+    assert "loop" in str(error.value).split(": ", 4)[-1]
+
+
+def test_a_catalog_is_parsed_once_per_version_of_the_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, "subdatasets:" + GOOD_ENTRY)
+    first = load_catalog(path)
+    assert load_catalog(str(path)) is first  # same file, same size and time: no re-parse
+    path.write_text("subdatasets:" + _entry(name="Renamed slides"))
+    os.utime(path, ns=(1, 1))  # a new version even within the file system's time resolution
+    assert load_catalog(path).get("my-slides").name == "Renamed slides"
+
+
+def test_ten_thousand_entries_load_and_build_definitions(tmp_path: Path) -> None:
+    """A large catalog loads (libyaml, one validation per entry) and its definitions build."""
+    entries = "".join(
+        _entry(key=f"slides-{index:05d}", name=f"Slides {index}",
+               source=f"{{type: local, path: slides/{index}}}")
+        + f"  wsi: {{mpp_overrides: {{s{index}.svs: 0.25}}, patterns: ['*.svs']}}\n"
+        for index in range(5_000)
+    ) + "".join(
+        _entry(key=f"rois-{index:05d}", name=f"ROIs {index}", kind="roi", scale="M",
+               labelled="true", source="{type: manual, landing_page: 'https://example.org/rois'}")
+        + "  scale_rules: [{pattern: '(?i)(^|/)40x/', scale: L}]\n"
+        + "  labels: {from: regex, pattern: '^(?P<value>[a-z]+)/'}\n"
+        + "  splits: {from: parent_folder, level: 2, map: {Training: train}}\n"
+        for index in range(5_000)
+    )  # fmt: skip
+    catalog = load_catalog(_write(tmp_path, "subdatasets:" + entries))
+    assert len(catalog.keys) == 10_000
+    assert catalog.get("slides-04999").source["path"] == str(tmp_path / "slides" / "4999")
+    assert catalog.get("slides-04999").wsi.mpp_overrides == {"s4999.svs": 0.25}
+    assert catalog.get("rois-00007").scale_for("a/40X/b.png") == "L"
+    definitions = build_definitions(catalog, tmp_path / "data", workers=1)
+    partitions = definitions.resolve_assets_def("scale_tiles").partitions_def
+    assert partitions is not None
+    assert partitions.get_partition_keys()[-1] == "rois-04999"
+    assert len(partitions.get_partition_keys()) == 10_000

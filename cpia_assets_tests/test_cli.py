@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import duckdb
 import polars as pl
 import pytest
 
@@ -38,10 +39,17 @@ def test_table1_as_markdown(capsys: pytest.CaptureFixture[str], loaded: DataFold
     assert lines[-1] == "| Total | 3 | 3 | 6 | 0 | 6 | 0 | 3 | 4 | 22 |"
 
 
-def test_table1_mini_prints_a_frame(capsys: pytest.CaptureFixture[str], loaded: DataFolder) -> None:
+def test_table1_mini_counts_only_mini_images(
+    capsys: pytest.CaptureFixture[str], loaded: DataFolder
+) -> None:
     code, out = run(capsys, loaded, "table1", "--mini")
     assert code == 0
     assert "shape: (29, 10)" in out and "multiple organs" in out
+    code, out = run(capsys, loaded, "table1", "--mini", "--markdown")
+    assert code == 0
+    # Of roi-blood's 4 images only the 2 train images are in CPIA-Mini (all 18 WSI tiles are).
+    assert "| blood | 1 | 0 | 0 | 0 | 0 | 0 | 0 | 2 | 2 |" in out.splitlines()
+    assert out.splitlines()[-1] == "| Total | 3 | 3 | 6 | 0 | 6 | 0 | 3 | 2 | 20 |"
 
 
 def test_tiles_filters_and_limit(capsys: pytest.CaptureFixture[str], loaded: DataFolder) -> None:
@@ -64,10 +72,114 @@ def test_tiles_output_writes_every_match(
     assert set(written["organ"]) == {"blood"}
 
 
+def test_tiles_output_formats_by_suffix_and_never_overwrites_unasked(
+    capsys: pytest.CaptureFixture[str], loaded: DataFolder, tmp_path: Path
+) -> None:
+    output = tmp_path / "blood.csv"
+    code, out = run(capsys, loaded, "tiles", "--organ", "blood", "--output", str(output))
+    assert code == 0 and out == f"4 images written to {output}\n"
+    assert pl.read_csv(output)["image_name"].sort().to_list() == [f"cell_{i}" for i in range(4)]
+    written = output.read_bytes()
+    code, out = run(capsys, loaded, "tiles", "--split", "test", "--output", str(output))
+    assert (code, out) == (
+        2,
+        f"cpia: --output {output}: the file exists; add --force to replace it\n",
+    )
+    assert output.read_bytes() == written
+    code, out = run(capsys, loaded, "tiles", "--split", "train", "--output", str(output), "--force")
+    assert code == 0 and out.startswith("2 images written")
+    assert pl.read_csv(output)["split"].to_list() == ["train", "train"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blood.csv"]  # no temporary left
+
+
+OWN_DATA = "that is the manifest's own data; choose another file"
+
+
+@pytest.mark.parametrize(
+    ("output", "reason"),
+    [
+        ("tiles.txt", "the name must end in .parquet or .csv"),
+        ("missing/tiles.parquet", "folder {tmp}/missing does not exist"),
+        ("{data}/manifest.duckdb", "the name must end in .parquet or .csv"),
+        ("{data}/manifests/wsi-colon/tiles.parquet", OWN_DATA),
+        ("link.parquet", OWN_DATA),  # a link to manifest.duckdb
+        ("folder.parquet", "is a folder"),
+    ],
+)
+def test_bad_outputs_are_refused_before_anything_is_written(
+    capsys: pytest.CaptureFixture[str], loaded: DataFolder, tmp_path: Path, output: str, reason: str
+) -> None:
+    (tmp_path / "link.parquet").symlink_to(loaded.layout.duckdb_path)
+    (tmp_path / "folder.parquet").mkdir()
+    target = output.format(data=loaded.layout.root)
+    database = loaded.layout.duckdb_path.read_bytes()
+    code, out = run(capsys, loaded, "tiles", "--output", str(tmp_path / target), "--force")
+    assert (code, out) == (
+        2,
+        f"cpia: --output {tmp_path / target}: {reason.format(tmp=tmp_path)}\n",
+    )
+    assert loaded.layout.duckdb_path.read_bytes() == database
+    assert (tmp_path / "folder.parquet").is_dir() and not any(
+        (tmp_path / "folder.parquet").iterdir()
+    )
+
+
+LIMIT_ERROR = "cpia tiles: error: argument --limit: must be a whole number >= 0"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["tiles", "--limit", "-1"], f"{LIMIT_ERROR}, got '-1' (see cpia tiles --help)"),
+        (["tiles", "--limit", "x"], f"{LIMIT_ERROR}, got 'x'"),
+        (["count", "--by", "colour"], "cpia count: error: argument --by: invalid choice: 'colour'"),
+        (["nope"], "cpia: error: argument COMMAND: invalid choice: 'nope'"),
+    ],
+)  # fmt: skip
+def test_usage_errors_are_one_line_with_exit_code_2(
+    capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(message) and captured.err.count("\n") == 1
+
+
+def test_databases_the_pipeline_did_not_write_are_named_at_once(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    database = tmp_path / "manifest.duckdb"
+    for content, state in ((b"", "an empty file"), (b"SQLite format 3\x00" * 64, "not a DuckDB")):
+        database.write_bytes(content)
+        assert main(["table1", "--data-dir", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"cpia: {database} is {state}") and "move it away" in err
+    database.unlink()
+    duckdb.connect(str(database)).close()  # a valid database without tables
+    assert main(["failures", "--data-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        f"cpia: {database} holds no manifest tables: materialize the tile_manifest asset to "
+        "(re)build it\n"
+    )
+
+
 def test_count_by_organ(capsys: pytest.CaptureFixture[str], loaded: DataFolder) -> None:
     code, out = run(capsys, loaded, "count", "--by", "organ", "--kind", "wsi", "--markdown")
     assert code == 0
     assert out.splitlines()[2:] == ["| breast | 12 |", "| colon | 6 |"]
+
+
+def test_count_by_none_is_a_single_total(
+    capsys: pytest.CaptureFixture[str], loaded: DataFolder
+) -> None:
+    code, out = run(capsys, loaded, "count", "--by", "none", "--markdown")
+    assert (code, out.splitlines()) == (0, ["| images |", "|---:|", "| 22 |"])
+    code, out = run(capsys, loaded, "count", "--by", "none", "scale")
+    assert (code, out) == (
+        2,
+        "cpia: --by none (a single total) cannot be combined with other columns\n",
+    )
 
 
 def test_lineage_shows_the_source_sha256(

@@ -521,7 +521,7 @@ def test_the_catalog_reports_bad_sources_with_the_entry(tmp_path: Path) -> None:
         "subdatasets:\n- {key: a, name: A, kind: wsi, organ: lung, "
         "source: {type: zenodo, record: 1, password: x}}\n"
     )
-    with pytest.raises(CatalogError, match=r"c.yaml: subdatasets\[0\] \(key 'a'\): zenodo source"):
+    with pytest.raises(CatalogError, match=r"c.yaml: entry 'a' \(#1\): field 'source': zenodo "):
         load_catalog(path)
 
 

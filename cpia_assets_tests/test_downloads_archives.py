@@ -115,10 +115,13 @@ def test_a_clean_tar_gz_is_extracted_with_links_inside(tmp_path: Path) -> None:
     ("data", "name", "reason"),
     [
         (zip_bytes({"ok.txt": b"1", "../evil.txt": b"x"}), "slip.zip", "climbs out"),
+        (zip_bytes({"a/../../../evil.txt": b"x"}), "deep.zip", "climbs out"),  # '..' not first
+        (zip_bytes({"a/b/./../../../evil.txt": b"x"}), "dots.zip", "climbs out"),
         (zip_bytes({"/tmp/evil.txt": b"x"}), "abs.zip", "is absolute"),
         (zip_bytes({"..\\..\\evil.txt": b"x"}), "win.zip", "climbs out"),
         (zip_symlink("link", "../../outside"), "link.zip", "outside the archive"),
         (tar_bytes((member("../evil.txt"), b"x")), "slip.tgz", "climbs out"),
+        (tar_bytes((member("a/../../evil.txt"), b"x")), "deep.tgz", "climbs out"),
         (tar_bytes((member("l", tarfile.SYMTYPE, "../../etc"), None)), "s.tgz", "outside"),
         (tar_bytes((member("l", tarfile.SYMTYPE, "/etc/passwd"), None)), "abs.tgz", "outside"),
         (

@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import TypeAdapter
 
-from cpia_assets.core.catalog import CatalogError, load_catalog
+from cpia_assets.core.catalog import CatalogError, Rule, load_catalog
 from cpia_assets.core.labels import (
     Annotation,
     AnnotationError,
@@ -15,11 +16,17 @@ from cpia_assets.core.labels import (
     LabelRuleError,
 )
 
+RULE = TypeAdapter(Rule)
+
 
 def annotator(
     tmp_path: Path, *, labels: dict[str, Any] | None = None, splits: dict[str, Any] | None = None
 ) -> Annotator:
-    return Annotator(labels=labels, splits=splits, source_dir=tmp_path)
+    return Annotator(
+        labels=RULE.validate_python(labels) if labels else None,
+        splits=RULE.validate_python(splits) if splits else None,
+        source_dir=tmp_path,
+    )
 
 
 def test_no_rules_give_null_label_and_split_none(tmp_path: Path) -> None:
@@ -123,11 +130,13 @@ subdatasets:
 """
 
 
-def load_rule(tmp_path: Path, rule: str) -> dict[str, Any] | None:
+def load_rule(tmp_path: Path, rule: str) -> dict[str, Any]:
     path = tmp_path / "catalog.yaml"
     path.write_text(ENTRY.format(rule=rule))
     entry = load_catalog(path).get("rules")
-    return entry.splits if rule.startswith("splits") else entry.labels
+    loaded = entry.splits if rule.startswith("splits") else entry.labels
+    assert loaded is not None
+    return loaded.model_dump(by_alias=True)
 
 
 def test_catalog_fills_rule_defaults(tmp_path: Path) -> None:
@@ -135,29 +144,79 @@ def test_catalog_fills_rule_defaults(tmp_path: Path) -> None:
         "from": "parent_folder",
         "level": 1,
         "map": {},
+        "default": None,
     }
+    # Folder names YAML reads as numbers stay names.
     assert load_rule(tmp_path, "splits: {from: parent_folder, map: {0: train, 1: test}}") == {
         "from": "parent_folder",
         "level": 1,
         "map": {"0": "train", "1": "test"},
+        "default": None,
+    }
+    assert load_rule(tmp_path, "labels: {from: csv, file: l.csv, image_column: i, column: c}") == {
+        "from": "csv",
+        "file": "l.csv",
+        "image_column": "i",
+        "column": "c",
+        "delimiter": ",",
+        "map": {},
+        "default": None,
     }
 
 
 @pytest.mark.parametrize(
     ("rule", "message"),
     [
-        ("labels: {from: folder}", "'from' one of"),
-        ("labels: {from: parent_folder, level: 0}", "level must be an integer >= 1"),
-        ("labels: {from: parent_folder, levels: 2}", r"unknown field\(s\) \['levels'\]"),
-        ("labels: {from: regex, pattern: '(x'}", "bad labels pattern"),
-        ("labels: {from: regex, pattern: 'x'}", r"needs a \(\?P<value>"),
-        ("labels: {from: csv, file: l.csv, column: label}", "needs 'file', 'image_column'"),
-        ("labels: {from: csv, file: f, image_column: i, column: c, delimiter: ';;'}", "one char"),
-        ("labels: {from: parent_folder, map: [a, b]}", "'map' must be a mapping"),
-        ("splits: {from: parent_folder, map: {Training: training}}", r"maps to \['training'\]"),
-        ("splits: {from: parent_folder, default: none}", r"maps to \['none'\]"),
+        ("labels: {from: folder}",
+         "field 'labels.from': must be one of parent_folder, regex, csv (got 'folder')"),
+        ("labels: {level: 2}",
+         "field 'labels.from': must be one of parent_folder, regex, csv, and is missing"),
+        ("labels: {from: parent_folder, level: 0}",
+         "field 'labels.level': input should be greater than or equal to 1 (got 0)"),
+        ("labels: {from: parent_folder, level: '2'}",
+         "field 'labels.level': input should be a valid integer (got '2')"),
+        ("labels: {from: parent_folder, levels: 2}",
+         "field 'labels.levels': unknown field; did you mean 'level'?"),
+        ("labels: {from: regex, pattern: '(x'}",
+         "field 'labels.pattern': '(x' is not a supported regular expression (missing ): (x)"),
+        ("labels: {from: regex, pattern: 'x'}",
+         r"field 'labels.pattern': 'x' needs a (?P<value>...) group"),
+        ("labels: {from: regex, pattern: 40}", "field 'labels.pattern': should be text (got 40)"),
+        ("labels: {from: csv, file: l.csv, column: label}",
+         "field 'labels.image_column': required field is missing"),
+        ("labels: {from: csv, file: f, image_column: i, column: c, delimiter: ';;'}",
+         "field 'labels.delimiter': string should have at most 1 character (got ';;')"),
+        ("labels: {from: parent_folder, map: [a, b]}",
+         "field 'labels.map': should be a mapping (got ['a', 'b'])"),
+        ("labels: {from: parent_folder, map: {yes: tumour}}",
+         "field 'labels.map.True (key)': YAML reads this unquoted word as the boolean true"),
+        ("splits: {from: parent_folder, map: {Training: training}}",
+         "field 'splits': the splits rule maps to ['training']; values must be one of"),
+        ("splits: {from: parent_folder, default: none}",
+         "field 'splits': the splits rule maps to ['none']"),
     ],
 )  # fmt: skip
 def test_catalog_rejects_bad_rules(tmp_path: Path, rule: str, message: str) -> None:
-    with pytest.raises(CatalogError, match=message):
+    with pytest.raises(CatalogError) as error:
         load_rule(tmp_path, rule)
+    assert str(error.value).startswith(f"{tmp_path / 'catalog.yaml'}: entry 'rules' (#1): ")
+    assert message in str(error.value)
+
+
+def test_backreferences_and_lookaround_are_refused_naming_the_entry(tmp_path: Path) -> None:
+    """Python's `re` accepts both; RE2 (linear time) cannot run them, and says so at load."""
+    for pattern in (r"(?P<value>a)\1", "(?<!x)(?P<value>a)"):
+        with pytest.raises(CatalogError, match="RE2 syntax, without backreferences or lookaround"):
+            load_rule(tmp_path, f"labels: {{from: regex, pattern: '{pattern}'}}")
+
+
+def test_a_catastrophic_pattern_runs_in_linear_time(tmp_path: Path) -> None:
+    """`(a+)+$` against 40 a's and a mismatch takes Python's backtracking `re` hours; RE2 none.
+
+    Under a backtracking engine this test hangs instead of passing.
+    """
+    rules = annotator(
+        tmp_path, labels={"from": "regex", "pattern": "(?P<value>(a+)+)$", "default": "none"}
+    )
+    assert rules.annotate("a" * 40 + "!") == Annotation(label="none", split="none")
+    assert rules.annotate("x/" + "a" * 40) == Annotation(label="a" * 40, split="none")

@@ -1,29 +1,60 @@
 """The sub-dataset catalog: one entry per CPIA source dataset, one Dagster partition each.
 
-A catalog is a YAML file with a top-level `subdatasets:` list; see README "Catalog format".
-It is validated on load: every problem names the file, the entry and the reason.
+A catalog is a YAML file with a top-level `subdatasets:` list; see README "Catalog format". It is a
+public interface, so it is validated strictly on load: every block of an entry is a typed, frozen
+pydantic model (`_Block`) that refuses wrong types instead of coercing them (`labelled: "no"` is an
+error, not true) and unknown fields with a did-you-mean hint; duplicate YAML keys are errors;
+regular expressions are RE2 (linear time: no pattern or file name can hang a step). Every problem
+reads "<file>: entry '<key>' (#n): field '<path>': <reason>", all of them at once.
+
+A file is parsed once per process while it is unchanged (same modification time and size), so
+definition loads and steps share one parse; treat the returned catalog as read-only.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Hashable, Iterator, Mapping
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
+import re2
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from cpia_assets.core.downloads import SourceSpecError, validate_source
+from cpia_assets.core.splits import DEFAULT_RATIOS, STRATIFIED
 
-KINDS = ("wsi", "roi")
-ROI_SCALES = ("L", "M", "S")
-ALL_SCALES = ("XL", "L", "M", "S")
-RULE_SOURCES = ("parent_folder", "regex", "csv")
+Kind = Literal["wsi", "roi"]
+Scale = Literal["XL", "L", "M", "S"]
+RoiScale = Literal["L", "M", "S"]
+KINDS: tuple[str, ...] = get_args(Kind)
+ALL_SCALES: tuple[str, ...] = get_args(Scale)
+ROI_SCALES: tuple[str, ...] = get_args(RoiScale)
 SPLITS = ("train", "val", "test", "none")
-KEY_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+RULE_SPLITS = SPLITS[:-1]
+"""Split values a label-or-split rule may yield; 'none' is for entries without a split rule."""
+KEY_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]*")
+"""Partition keys, matched in full (so a trailing newline is refused too)."""
 BUILTIN_CATALOGS = {"cpia": "cpia.yaml", "demo": "demo.yaml"}
+MAX_REPORTED_PROBLEMS = 20
 
 TABLE_I_ORGANS = (
     "adrenal gland", "bladder", "blood", "bone", "bone marrow", "brain", "breast",
@@ -33,50 +64,325 @@ TABLE_I_ORGANS = (
 )  # fmt: skip
 """The organ rows of the paper's Table I, in its order."""
 
-_ENTRY_FIELDS = {
-    "key", "name", "kind", "organ", "scale", "scale_rules", "labelled", "labels", "splits",
-    "crop", "wsi", "published_counts", "source", "description",
-}  # fmt: skip
-
 
 class CatalogError(ValueError):
-    """A catalog file that cannot be used; the message names the file and the entry."""
+    """A catalog file that cannot be used; the message names the file, the entry and the field."""
 
 
-@dataclass(frozen=True)
-class ScaleRule:
+# ---------------------------------------------------------------------------------------------
+# Regular expressions
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # the error is reported with the catalog entry instead
+
+
+@lru_cache(maxsize=4096)
+def compile_pattern(pattern: str) -> re2._Regexp:
+    """A catalog regular expression compiled with RE2; raises re2.error if RE2 cannot run it.
+
+    RE2 matches in time linear in the name, so a crafted pattern such as `(a+)+$` cannot hang a
+    step; the price is no backreferences and no lookaround.
+    """
+    return re2.compile(pattern, _RE2_OPTIONS)
+
+
+def _check_pattern(pattern: str) -> str:
+    try:
+        compile_pattern(pattern)
+    except re2.error as exc:
+        reason = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        raise PydanticCustomError(
+            "catalog_pattern",
+            "{pattern} is not a supported regular expression ({reason}); catalog patterns use "
+            "RE2 syntax, without backreferences or lookaround",
+            {"pattern": repr(pattern), "reason": reason},
+        ) from None
+    return pattern
+
+
+# ---------------------------------------------------------------------------------------------
+# Field types: strict scalars, so YAML's guesses never turn into silent misreadings
+
+
+def _text_from_scalar(value: Any) -> Any:
+    """Names and map entries: YAML reads folder names like `0` as numbers (kept, as text) and
+    unquoted yes/no/on/off as booleans (refused: quote them)."""
+    if isinstance(value, bool):
+        raise PydanticCustomError(
+            "catalog_yaml_boolean",
+            "YAML reads this unquoted word as the boolean {value}; quote it to mean the text",
+            {"value": str(value).lower()},
+        )
+    return str(value) if isinstance(value, int) else value
+
+
+def _check_key(key: str) -> str:
+    if not KEY_PATTERN.fullmatch(key):
+        raise PydanticCustomError(
+            "catalog_key", "{key} must be lower-case letters, digits and '-'", {"key": repr(key)}
+        )
+    return key
+
+
+Text = Annotated[StrictStr, Field(min_length=1)]
+Name = Annotated[StrictStr, BeforeValidator(_text_from_scalar), Field(min_length=1)]
+Key = Annotated[StrictStr, AfterValidator(_check_key)]
+Pattern = Annotated[StrictStr, AfterValidator(_check_pattern)]
+PositiveNumber = Annotated[float, Strict(), Field(gt=0)]
+Count = Annotated[StrictInt, Field(ge=0)]
+
+
+class _Block(BaseModel):
+    """A block of a catalog entry: frozen, typed, and closed (unknown fields are refused)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unknown_fields(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            known = [field.alias or name for name, field in cls.model_fields.items()]
+            unknown = [name for name in data if name not in known]
+            if unknown:
+                raise PydanticCustomError(
+                    "catalog_unknown_fields",
+                    "unknown field(s) {names}",
+                    {"names": unknown, "hints": [_did_you_mean(name, known) for name in unknown]},
+                )
+        return data
+
+
+def _did_you_mean(name: object, known: list[str]) -> str:
+    close = difflib.get_close_matches(str(name), known, n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; known fields: {', '.join(known)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The blocks of an entry
+
+
+class ScaleRule(_Block):
     """Images whose path (relative to the source folder) matches `pattern` go to `scale`."""
 
-    pattern: str
-    scale: str
+    pattern: Pattern
+    scale: RoiScale
 
 
-@dataclass(frozen=True)
-class WsiOptions:
+class WsiOptions(_Block):
     """How slides of one WSI sub-dataset are opened and how their resolution is found."""
 
-    mpp_overrides: Mapping[str, float] = field(default_factory=dict)  # by file name (or stem)
-    use_objective_power: bool = False  # opt in: MPP = 10 / objective power, flagged an estimate
-    allow_plain_images: bool = False  # opt in: read flat TIFF/PNG/JPEG through pyvips
-    patterns: tuple[str, ...] = ()  # glob patterns selecting slide files; empty = by extension
+    mpp_overrides: dict[Name, PositiveNumber] = Field(default_factory=dict)  # by name or stem
+    use_objective_power: StrictBool = False  # opt in: MPP = 10 / objective power, an estimate
+    allow_plain_images: StrictBool = False  # opt in: read flat TIFF/PNG/JPEG through pyvips
+    patterns: tuple[Text, ...] = ()  # glob patterns selecting slide files; empty = by extension
 
 
-@dataclass(frozen=True)
-class SubDataset:
-    key: str
-    name: str
-    kind: str
-    organ: str
-    source: Mapping[str, Any]
-    labelled: bool = False
-    scale: str | None = None
+class Crop(_Block):
+    """ROI crop: the centred square of `fraction` of the image's short side."""
+
+    fraction: Annotated[float, Strict(), Field(gt=0, le=1)]
+
+
+class _Rule(_Block):
+    """A `labels` or `splits` rule: gives each ROI image a value from its relative path.
+
+    `map` translates the rule's raw values (`{Training: train}`); `default` stands in where the
+    rule finds no value (otherwise the image is a failure). See `core/labels.py` for how each
+    rule is applied.
+    """
+
+    map: dict[Name, Name] = Field(default_factory=dict)
+    default: Name | None = None
+
+
+class ParentFolderRule(_Rule):
+    """The name of the image's folder at `level` (1 = its parent, 2 = the grandparent, ...)."""
+
+    from_: Literal["parent_folder"] = Field(alias="from")
+    level: Annotated[StrictInt, Field(ge=1)] = 1
+
+
+class RegexRule(_Rule):
+    """The `value` group of the first match of `pattern` in the relative path."""
+
+    from_: Literal["regex"] = Field(alias="from")
+    pattern: Pattern
+
+    @model_validator(mode="after")
+    def _has_value_group(self) -> RegexRule:
+        if "value" not in compile_pattern(self.pattern).groupindex:
+            raise PydanticCustomError(
+                "catalog_value_group",
+                "{pattern} needs a (?P<value>...) group",
+                {"field": "pattern", "pattern": repr(self.pattern)},
+            )
+        return self
+
+
+class CsvRule(_Rule):
+    """The `column` value of the row of CSV `file` (in the source folder) naming the image in
+    `image_column` (by relative path, file name or stem)."""
+
+    from_: Literal["csv"] = Field(alias="from")
+    file: Text
+    image_column: Text
+    column: Text
+    delimiter: Annotated[StrictStr, Field(min_length=1, max_length=1)] = ","
+
+
+class StratifiedSplit(_Block):
+    """The declared seeded stratified split (`core/splits.py`), for labelled sets without an
+    official split: each label's images are cut train:val:test by `ratios` (default 7:1:2, as
+    the paper splits pRCC and CAM16) in an order seeded by `seed`."""
+
+    from_: Literal["stratified"] = Field(alias="from")
+    ratios: dict[Literal["train", "val", "test"], Count] = Field(
+        default_factory=lambda: dict(DEFAULT_RATIOS)
+    )
+    seed: StrictInt = 0
+
+    @model_validator(mode="after")
+    def _some_ratio(self) -> StratifiedSplit:
+        if not any(self.ratios.values()):
+            raise PydanticCustomError(
+                "catalog_ratios", "needs at least one non-zero ratio", {"field": "ratios"}
+            )
+        return self
+
+
+Rule = Annotated[ParentFolderRule | RegexRule | CsvRule, Field(discriminator="from_")]
+SplitRule = Annotated[
+    ParentFolderRule | RegexRule | CsvRule | StratifiedSplit, Field(discriminator="from_")
+]
+RULE_SOURCES = ("parent_folder", "regex", "csv")
+SPLIT_SOURCES = (*RULE_SOURCES, STRATIFIED)
+
+
+def _check_split_values(rule: _Rule | StratifiedSplit) -> _Rule | StratifiedSplit:
+    if isinstance(rule, StratifiedSplit):
+        return rule
+    bad = sorted({*rule.map.values(), rule.default} - {*RULE_SPLITS, None})
+    if bad:
+        raise PydanticCustomError(
+            "catalog_split_values",
+            "the splits rule maps to {bad}; values must be one of {allowed}",
+            {"bad": bad, "allowed": RULE_SPLITS},
+        )
+    return rule
+
+
+Fraction = Annotated[float, Strict(), Field(ge=0, le=1)]
+
+
+class TissueOverrides(_Block):
+    """Per-sub-dataset changes to scale_tiles' tissue thresholds (`core/tissue.py`), e.g. a lower
+    saturation for pale stains; a field left out keeps the run config's value."""
+
+    saturation: Fraction | None = None
+    min_brightness: Annotated[StrictInt, Field(ge=0, le=255)] | None = None
+    thumbnail_min_tissue: Fraction | None = None
+    xl_min_tissue: Fraction | None = None
+    tile_min_tissue: Fraction | None = None
+
+    def values(self) -> dict[str, float]:
+        """The thresholds this entry sets."""
+        return self.model_dump(exclude_none=True)
+
+
+UNKNOWN = "unknown"
+
+
+class About(_Block):
+    """What users ask about a sub-dataset, from its source's own page; "unknown" where a fact
+    could not be confirmed."""
+
+    licence: Text = UNKNOWN
+    redistributable: StrictBool | None = None
+    """Whether the licence allows sharing copies (under its conditions); null: unknown."""
+    stain: Text = UNKNOWN
+    diseases: tuple[Text, ...] = ()
+    pathology: Literal["histopathology", "cytopathology", "unknown"] = UNKNOWN
+    year: Annotated[StrictInt, Field(ge=1900, le=2100)] | Literal["unknown"] = UNKNOWN
+    landing_page: Text = UNKNOWN
+    citation: Text = UNKNOWN
+
+
+def _check_table_i_row(row: str) -> str:
+    if row not in TABLE_I_ORGANS:
+        close = difflib.get_close_matches(row, TABLE_I_ORGANS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise PydanticCustomError(
+            "catalog_table_i_row",
+            "{row} is not an organ row of the paper's Table I{hint}",
+            {"row": repr(row), "hint": hint},
+        )
+    return row
+
+
+_ROI_ONLY_FIELDS = ("scale", "scale_rules", "labels", "splits", "crop")
+_WSI_ONLY_FIELDS = ("wsi", "tissue_thresholds")
+
+
+class SubDataset(_Block):
+    """One catalog entry, one partition.
+
+    `load_catalog` also checks `source` (`downloads.validate_source`) and resolves a local source's
+    relative path against the catalog file's folder; entries built in code skip that step.
+
+    `organ` is the sub-dataset's real organ (for users who filter by organ); `table_i_row` is the
+    paper's Table I row it is counted under when that differs (SIPaKMeD, cervical cytology, is
+    counted under bone marrow), and the Table I report uses it (`table_i_organ`).
+    """
+
+    key: Key
+    name: Text
+    kind: Kind
+    organ: Text
+    source: dict[str, Any]
+    labelled: StrictBool = False
+    scale: RoiScale | None = None
     scale_rules: tuple[ScaleRule, ...] = ()
-    labels: Mapping[str, Any] | None = None
-    splits: Mapping[str, Any] | None = None
-    crop: Mapping[str, Any] | None = None
-    wsi: WsiOptions = field(default_factory=WsiOptions)
-    published_counts: Mapping[str, int] = field(default_factory=dict)
-    description: str = ""
+    labels: Rule | None = None
+    splits: Annotated[SplitRule, AfterValidator(_check_split_values)] | None = None
+    crop: Crop | None = None
+    wsi: WsiOptions = Field(default_factory=WsiOptions)
+    tissue_thresholds: TissueOverrides = Field(default_factory=TissueOverrides)
+    table_i_row: Annotated[StrictStr, AfterValidator(_check_table_i_row)] | None = None
+    published_counts: dict[Scale, Count] = Field(default_factory=dict)
+    about: About = Field(default_factory=About)
+    description: StrictStr = ""
+
+    @model_validator(mode="after")
+    def _fields_fit_the_kind(self) -> SubDataset:
+        if self.kind == "wsi":
+            misplaced = [name for name in _ROI_ONLY_FIELDS if name in self.model_fields_set]
+            kind_needed = "ROI"
+        else:
+            misplaced = [name for name in _WSI_ONLY_FIELDS if name in self.model_fields_set]
+            kind_needed = "WSI"
+        if misplaced:
+            raise PydanticCustomError(
+                "catalog_kind",
+                "applies to {kind} sub-datasets only",
+                {"field": misplaced[0], "kind": kind_needed},
+            )
+        if self.kind == "roi" and self.scale is None and not self.scale_rules:
+            raise PydanticCustomError(
+                "catalog_roi_scale",
+                "ROI sub-datasets need 'scale' or 'scale_rules'",
+                {"field": "scale"},
+            )
+        return self
+
+    @property
+    def table_i_organ(self) -> str:
+        """The Table I row this sub-dataset is counted under."""
+        return self.table_i_row or self.organ
+
+    @property
+    def redistributable(self) -> bool | None:
+        """Whether its licence allows sharing copies (None: unknown); exports flag the rest."""
+        return self.about.redistributable
 
     @property
     def scales(self) -> tuple[str, ...]:
@@ -91,7 +397,7 @@ class SubDataset:
     def scale_for(self, relative_path: str) -> str | None:
         """The ROI scale of one source image: first matching rule, else `scale` (None = skip)."""
         for rule in self.scale_rules:
-            if re.search(rule.pattern, relative_path):
+            if compile_pattern(rule.pattern).search(relative_path):
                 return rule.scale
         return self.scale
 
@@ -105,11 +411,19 @@ class Catalog:
     def keys(self) -> list[str]:
         return [entry.key for entry in self.subdatasets]
 
+    @cached_property
+    def _by_key(self) -> dict[str, SubDataset]:
+        return {entry.key: entry for entry in self.subdatasets}
+
     def get(self, key: str) -> SubDataset:
-        for entry in self.subdatasets:
-            if entry.key == key:
-                return entry
-        raise KeyError(f"sub-dataset {key!r} is not in catalog {self.path}")
+        try:
+            return self._by_key[key]
+        except KeyError:
+            raise KeyError(f"sub-dataset {key!r} is not in catalog {self.path}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
 
 
 def resolve_catalog_path(spec: str | Path | None) -> Path:
@@ -117,192 +431,212 @@ def resolve_catalog_path(spec: str | Path | None) -> Path:
     spec = str(spec) if spec else "cpia"
     if spec in BUILTIN_CATALOGS:
         return Path(str(resources.files("cpia_assets") / "catalogs" / BUILTIN_CATALOGS[spec]))
-    path = Path(spec).expanduser().resolve()
+    try:
+        path = Path(spec).expanduser().resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise CatalogError(f"catalog file {spec}: cannot resolve the path: {exc}") from exc
     if not path.is_file():
         raise CatalogError(f"catalog file {path} does not exist (CPIA_CATALOG={spec!r})")
     return path
 
 
 def load_catalog(spec: str | Path | None = None) -> Catalog:
+    """The validated catalog `spec` names (see `resolve_catalog_path`), parsed once per process."""
     path = resolve_catalog_path(spec)
     try:
-        document = yaml.safe_load(path.read_text())
+        stat = path.stat()
+    except OSError as exc:
+        raise CatalogError(f"{path}: cannot read the catalog: {exc.strerror}") from exc
+    return _load(path, stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=16)
+def _load(path: Path, _mtime_ns: int, _size: int) -> Catalog:
+    """Parse and validate one version of a catalog file (the stat values key the cache)."""
+    raw_entries = _read_entries(path)
+    entries: list[SubDataset] = []
+    problems: list[str] = []
+    first_of_key: dict[str, int] = {}
+    for number, raw in enumerate(raw_entries, 1):
+        where = _entry_label(raw, number)
+        try:
+            entry = _parse_entry(raw, base_dir=path.parent)
+        except _EntryError as exc:
+            problems += [f"{path}: {where}: {problem}" for problem in exc.problems]
+            continue
+        if entry.key in first_of_key:
+            problems.append(
+                f"{path}: {where}: field 'key': duplicate key {entry.key!r} "
+                f"(entry #{first_of_key[entry.key]} has it too)"
+            )
+        first_of_key.setdefault(entry.key, number)
+        entries.append(entry)
+    if problems:
+        shown = problems[:MAX_REPORTED_PROBLEMS]
+        if len(problems) > len(shown):
+            shown.append(f"{path}: ... and {len(problems) - len(shown)} more problems")
+        raise CatalogError("\n".join(shown))
+    return Catalog(path=path, subdatasets=tuple(entries))
+
+
+class _DuplicateKeyError(yaml.constructor.ConstructorError):
+    """Valid YAML, but a key given twice: YAML would silently keep the last value."""
+
+
+class _CatalogLoader(yaml.CSafeLoader):
+    """libyaml's safe loader that refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<' merges may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # refused by the base class with its own message
+            if key in first_seen:
+                raise _DuplicateKeyError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first at line {first_seen[key].line + 1})",
+                    key_node.start_mark,
+                )
+            first_seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_entries(path: Path) -> list[Any]:
+    """The raw `subdatasets:` list of a catalog file."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as exc:
+        raise CatalogError(f"{path}: cannot read the catalog: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise CatalogError(
+            f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+        ) from exc
+    try:
+        document = yaml.load(text, Loader=_CatalogLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = (
+            exc.problem if isinstance(exc, _DuplicateKeyError) else f"not valid YAML: {exc.problem}"
+        )
+        raise CatalogError(f"{path}: {where}{problem}") from exc
     except yaml.YAMLError as exc:
         raise CatalogError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(document, dict) or not isinstance(document.get("subdatasets"), list):
         raise CatalogError(f"{path}: expected a top-level 'subdatasets:' list")
-    entries = []
-    seen: set[str] = set()
-    for index, raw in enumerate(document["subdatasets"]):
-        where = f"{path}: subdatasets[{index}]"
-        if isinstance(raw, dict) and raw.get("key"):
-            where += f" (key {raw['key']!r})"
-        entry = _parse_entry(raw, where, base_dir=path.parent)
-        if entry.key in seen:
-            raise CatalogError(f"{where}: duplicate key {entry.key!r}")
-        seen.add(entry.key)
-        entries.append(entry)
-    if not entries:
+    unknown = [name for name in document if name != "subdatasets"]
+    if unknown:
+        raise CatalogError(
+            f"{path}: unknown top-level field {unknown[0]!r}"
+            f"{_did_you_mean(unknown[0], ['subdatasets'])}"
+        )
+    if not document["subdatasets"]:
         raise CatalogError(f"{path}: the 'subdatasets:' list is empty")
-    return Catalog(path=path, subdatasets=tuple(entries))
+    return document["subdatasets"]
 
 
-def _parse_entry(raw: Any, where: str, base_dir: Path) -> SubDataset:
-    if not isinstance(raw, dict):
-        raise CatalogError(f"{where}: each entry must be a mapping")
-    unknown = set(raw) - _ENTRY_FIELDS
-    if unknown:
-        raise CatalogError(f"{where}: unknown field(s) {sorted(unknown)}")
-    for required in ("key", "name", "kind", "organ", "source"):
-        if raw.get(required) in (None, ""):
-            raise CatalogError(f"{where}: missing required field {required!r}")
-    key = str(raw["key"])
-    if not KEY_PATTERN.match(key):
-        raise CatalogError(f"{where}: key {key!r} must be lower-case letters, digits and '-'")
-    kind = raw["kind"]
-    if kind not in KINDS:
-        raise CatalogError(f"{where}: unknown kind {kind!r} (expected one of {KINDS})")
-    source = _parse_source(raw["source"], where, base_dir)
-    scale = raw.get("scale")
-    rules = tuple(_parse_scale_rule(r, where) for r in raw.get("scale_rules") or ())
-    if kind == "roi":
-        if scale is None and not rules:
-            raise CatalogError(f"{where}: ROI sub-datasets need 'scale' or 'scale_rules'")
-        if scale is not None and scale not in ROI_SCALES:
-            raise CatalogError(f"{where}: unknown scale {scale!r} (expected one of {ROI_SCALES})")
-    elif scale is not None or rules:
-        raise CatalogError(f"{where}: 'scale' and 'scale_rules' apply to ROI sub-datasets only")
-    counts = raw.get("published_counts") or {}
-    for count_scale, count in counts.items():
-        if count_scale not in ALL_SCALES or not isinstance(count, int) or count < 0:
-            raise CatalogError(f"{where}: bad published_counts entry {count_scale!r}: {count!r}")
-    labels = _parse_rule(raw.get("labels"), "labels", where)
-    splits = _parse_rule(raw.get("splits"), "splits", where)
-    crop = raw.get("crop")
-    if crop is not None:
-        fraction = crop.get("fraction") if isinstance(crop, dict) else None
-        if not isinstance(fraction, int | float) or not 0 < fraction <= 1:
-            raise CatalogError(f"{where}: crop needs 'fraction' in (0, 1], got {crop!r}")
-    return SubDataset(
-        key=key,
-        name=str(raw["name"]),
-        kind=kind,
-        organ=str(raw["organ"]),
-        source=source,
-        labelled=bool(raw.get("labelled", False)),
-        scale=scale,
-        scale_rules=rules,
-        labels=labels,
-        splits=splits,
-        crop=crop,
-        wsi=_parse_wsi_options(raw.get("wsi"), where) if kind == "wsi" else WsiOptions(),
-        published_counts=dict(counts),
-        description=str(raw.get("description", "")),
-    )
+class _EntryError(Exception):
+    """The problems of one entry, each "field '<path>': <reason>"."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
 
 
-def _parse_source(raw: Any, where: str, base_dir: Path) -> dict[str, Any]:
-    """Each source type's parameters are checked by `downloads.validate_source`."""
+def _entry_label(raw: Any, number: int) -> str:
+    key = raw.get("key") if isinstance(raw, Mapping) else None
+    return f"entry {key!r} (#{number})" if isinstance(key, str) else f"entry #{number}"
+
+
+def _parse_entry(raw: Any, base_dir: Path) -> SubDataset:
     try:
-        source = validate_source(raw)
+        entry = SubDataset.model_validate(raw)
+    except ValidationError as exc:
+        raise _EntryError(list(_describe(exc))) from None
+    return entry.model_copy(update={"source": _checked_source(entry.source, base_dir)})
+
+
+def _checked_source(source: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
+    """Each source type's parameters are checked by `downloads.validate_source`; a local source's
+    relative path is taken relative to the catalog file, so a catalog travels with its data."""
+    try:
+        checked = validate_source(source)
     except SourceSpecError as exc:
-        raise CatalogError(f"{where}: {exc}") from exc
-    if source["type"] == "local":
-        # Relative paths are relative to the catalog file, so a catalog travels with its data.
-        source["path"] = str((base_dir / Path(source["path"]).expanduser()).resolve())
-    return source
-
-
-def _parse_scale_rule(raw: Any, where: str) -> ScaleRule:
-    if not isinstance(raw, dict) or "pattern" not in raw or raw.get("scale") not in ROI_SCALES:
-        raise CatalogError(f"{where}: scale rule {raw!r} needs 'pattern' and scale L, M or S")
-    try:
-        re.compile(raw["pattern"])
-    except re.error as exc:
-        raise CatalogError(f"{where}: bad scale rule pattern {raw['pattern']!r}: {exc}") from exc
-    return ScaleRule(pattern=raw["pattern"], scale=raw["scale"])
-
-
-def _parse_rule(raw: Any, name: str, where: str) -> dict[str, Any] | None:
-    """Validate a `labels` or `splits` rule; returns it with defaults filled in.
-
-    A rule gives each ROI image a value from its path relative to the source folder:
-
-    - `{from: parent_folder, level: 1}`: the name of the image's folder at that level
-      (1 = its immediate parent, 2 = the grandparent, ...; default 1).
-    - `{from: regex, pattern: '...(?P<value>...)...'}`: the `value` group of the first match
-      searched in the relative path.
-    - `{from: csv, file: labels.csv, image_column: image, column: label}`: the `column` value of
-      the CSV row (`file` is relative to the source folder) whose `image_column` holds the image's
-      relative path, file name or file stem; optional `delimiter` (default ',').
-
-    Any rule may add `map: {raw value: value}` to translate values (e.g. `{Training: train}`) and
-    `default: value` for images it finds no value for (otherwise such an image is a failure).
-    Every value a split rule yields, after `map`, must be train, val or test; images of an entry
-    without a split rule get split 'none', without a label rule label null.
-    """
-    if raw is None:
-        return None
-    if not isinstance(raw, dict) or raw.get("from") not in RULE_SOURCES:
-        raise CatalogError(f"{where}: '{name}' needs 'from' one of {RULE_SOURCES}, got {raw!r}")
-    source = raw["from"]
-    fields_of_source = {
-        "parent_folder": {"level"},
-        "regex": {"pattern"},
-        "csv": {"file", "image_column", "column", "delimiter"},
-    }
-    unknown = set(raw) - fields_of_source[source] - {"from", "map", "default"}
-    if unknown:
-        raise CatalogError(f"{where}: {name} from {source} has unknown field(s) {sorted(unknown)}")
-    rule = dict(raw)
-    if source == "parent_folder":
-        rule["level"] = raw.get("level", 1)
-        if type(rule["level"]) is not int or rule["level"] < 1:
-            raise CatalogError(f"{where}: {name} level must be an integer >= 1, got {raw!r}")
-    if source == "regex":
-        pattern = raw.get("pattern", "")
+        raise _EntryError([f"field 'source': {exc}"]) from None
+    if checked["type"] == "local":
+        path = checked["path"]
+        if not isinstance(path, str):
+            raise _EntryError([f"field 'source.path': must be text, got {path!r}"])
         try:
-            compiled = re.compile(pattern)
-        except re.error as exc:
-            raise CatalogError(f"{where}: bad {name} pattern {pattern!r}: {exc}") from exc
-        if "value" not in compiled.groupindex:
-            raise CatalogError(f"{where}: {name} pattern {pattern!r} needs a (?P<value>...) group")
-    if source == "csv":
-        if not all(raw.get(k) for k in ("file", "image_column", "column")):
-            raise CatalogError(
-                f"{where}: {name} from csv needs 'file', 'image_column' and 'column'"
-            )
-        delimiter = raw.get("delimiter", ",")
-        if not isinstance(delimiter, str) or len(delimiter) != 1:
-            raise CatalogError(f"{where}: {name} csv delimiter must be one character")
-    mapping = raw.get("map") or {}
-    if not isinstance(mapping, dict):
-        raise CatalogError(f"{where}: {name} 'map' must be a mapping, got {mapping!r}")
-    rule["map"] = {str(key): str(value) for key, value in mapping.items()}
-    if rule.get("default") is not None:
-        rule["default"] = str(rule["default"])
-    if name == "splits":
-        split_values = tuple(split for split in SPLITS if split != "none")
-        bad = {*rule["map"].values(), rule.get("default")} - {*split_values, None}
-        if bad:
-            raise CatalogError(
-                f"{where}: splits rule maps to {sorted(bad)}; values must be one of {split_values}"
-            )
-    return rule
+            checked["path"] = str((base_dir / Path(path).expanduser()).resolve())
+        except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+            raise _EntryError([f"field 'source.path': cannot resolve {path!r}: {exc}"]) from None
+    return checked
 
 
-def _parse_wsi_options(raw: Any, where: str) -> WsiOptions:
-    if raw is None:
-        return WsiOptions()
-    if not isinstance(raw, dict):
-        raise CatalogError(f"{where}: 'wsi' must be a mapping")
-    overrides = raw.get("mpp_overrides") or {}
-    for name, mpp in overrides.items():
-        if not isinstance(mpp, int | float) or mpp <= 0:
-            raise CatalogError(f"{where}: mpp override for {name!r} must be a positive number")
-    return WsiOptions(
-        mpp_overrides={str(k): float(v) for k, v in overrides.items()},
-        use_objective_power=bool(raw.get("use_objective_power", False)),
-        allow_plain_images=bool(raw.get("allow_plain_images", False)),
-        patterns=tuple(raw.get("patterns") or ()),
-    )
+_RULE_FIELDS = ("labels", "splits")
+_PLAIN_REASONS = {
+    "missing": "required field is missing",
+    "tuple_type": "should be a list",
+    "list_type": "should be a list",
+    "dict_type": "should be a mapping",
+    "model_type": "should be a mapping",
+    "model_attributes_type": "should be a mapping",
+    "string_type": "should be text",
+}
+"""Pydantic's wording where it names Python types instead of YAML ones."""
+
+
+def _describe(error: ValidationError) -> Iterator[str]:
+    """Pydantic's errors as "field '<path>': <reason>" lines, in the catalog's own words."""
+    for item in error.errors(include_url=False):
+        loc = item["loc"]
+        if loc[-1:] == ("[key]",):  # a mapping key: named by the key itself (pydantic may not)
+            loc = (*loc[:-2], f"{item['input']} (key)")
+        location = _location(loc)
+        context = item.get("ctx") or {}
+        kind = item["type"]
+        if kind == "catalog_unknown_fields":
+            for name, hint in zip(context["names"], context["hints"], strict=True):
+                yield _problem([*location, str(name)], f"unknown field{hint}")
+            continue
+        if kind.startswith("catalog_"):  # ours: the message says what it found
+            location += [context["field"]] if "field" in context else []
+            reason = item["msg"]
+        elif kind in ("union_tag_invalid", "union_tag_not_found"):  # a rule's 'from'
+            location.append("from")
+            reason = f"must be one of {', '.join(RULE_SOURCES)}"
+            reason += f" (got {context['tag']!r})" if "tag" in context else ", and is missing"
+        elif kind == "missing":
+            reason = _PLAIN_REASONS[kind]
+        else:
+            reason = _PLAIN_REASONS.get(kind) or item["msg"][0].lower() + item["msg"][1:]
+            reason += f" (got {_short_repr(item['input'])})"
+        yield _problem(location, reason)
+
+
+def _problem(location: list[str], reason: str) -> str:
+    return f"field {'.'.join(location)!r}: {reason}" if location else reason
+
+
+def _location(loc: tuple[int | str, ...]) -> list[str]:
+    """Path parts of a pydantic location, without the rule type pydantic inserts after
+    `labels`/`splits` (the YAML has no such level), and list indexes as `[i]`."""
+    parts: list[str] = []
+    for index, part in enumerate(loc):
+        if index and loc[index - 1] in _RULE_FIELDS and part in SPLIT_SOURCES:
+            continue
+        if type(part) is int and parts:
+            parts[-1] += f"[{part}]"
+        else:
+            parts.append(str(part))
+    return parts
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

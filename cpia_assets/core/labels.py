@@ -1,32 +1,35 @@
 """Class labels and train/val/test splits of ROI images, from a catalog entry's rules.
 
 The published CPIA scripts lost most labels; here every image keeps the label and split its
-source gives it. Rules are validated when the catalog loads (`catalog._parse_rule`, which
-documents the format); this module applies them to the images of one source folder.
+source gives it. Rules are typed models validated when the catalog loads (`catalog.Rule`: from
+parent_folder, regex or csv); this module applies them to the images of one source folder.
 
 A rule yields a raw value for an image's path relative to the source folder; an optional `map`
 translates it, and an optional `default` stands in where the rule finds nothing. Split values
-must end up train, val or test. An image a rule cannot place is an `AnnotationError` (the image
-is recorded as a failure); a rule that cannot be applied at all (a missing CSV file or column)
-is a `LabelRuleError`.
+must end up train, val or test. Regex rules run on RE2 (`catalog.compile_pattern`), in time
+linear in the path. An image a rule cannot place is an `AnnotationError` (the image is recorded
+as a failure); a rule that cannot be applied at all (a missing CSV file or column) is a
+`LabelRuleError`.
 """
 
 from __future__ import annotations
 
 import csv
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
 
-from cpia_assets.core.catalog import SPLITS
+from cpia_assets.core.catalog import (
+    RULE_SPLITS,
+    CsvRule,
+    ParentFolderRule,
+    RegexRule,
+    Rule,
+    compile_pattern,
+)
 
 NO_SPLIT = "none"
 """The split of every image of an entry without a split rule."""
-
-RULE_SPLITS = tuple(split for split in SPLITS if split != NO_SPLIT)
-"""Split values a rule may yield: train, val, test."""
 
 
 class LabelRuleError(ValueError):
@@ -53,8 +56,8 @@ class Annotator:
     def __init__(
         self,
         *,
-        labels: Mapping[str, Any] | None,
-        splits: Mapping[str, Any] | None,
+        labels: Rule | None,
+        splits: Rule | None,
         source_dir: Path,
     ) -> None:
         self._labels = _compile(labels, "labels", source_dir) if labels else None
@@ -74,32 +77,30 @@ class Annotator:
         return Annotation(label=label, split=split)
 
 
-def _compile(rule: Mapping[str, Any], name: str, source_dir: Path) -> Callable[[str], str]:
+def _compile(rule: Rule, name: str, source_dir: Path) -> Callable[[str], str]:
     """The rule as a function of the relative path: raw value, then map, then default."""
-    finders: dict[str, Callable[[Mapping[str, Any], Path], ValueFinder]] = {
-        "parent_folder": _parent_folder_finder,
-        "regex": _regex_finder,
-        "csv": _csv_finder,
-    }
-    find = finders[rule["from"]](rule, source_dir)
-    mapping = {str(key): str(value) for key, value in (rule.get("map") or {}).items()}
-    default = rule.get("default")
+    if isinstance(rule, ParentFolderRule):
+        find = _parent_folder_finder(rule)
+    elif isinstance(rule, RegexRule):
+        find = _regex_finder(rule)
+    else:
+        find = _csv_finder(rule, source_dir)
 
     def value_of(relative_path: str) -> str:
         raw = find(relative_path)
         if raw is None:
-            if default is None:
+            if rule.default is None:
                 raise AnnotationError(
-                    f"{relative_path}: the {name} rule (from {rule['from']}) gives no value"
+                    f"{relative_path}: the {name} rule (from {rule.from_}) gives no value"
                 )
-            return str(default)
-        return mapping.get(raw, raw)
+            return rule.default
+        return rule.map.get(raw, raw)
 
     return value_of
 
 
-def _parent_folder_finder(rule: Mapping[str, Any], source_dir: Path) -> ValueFinder:
-    level = int(rule.get("level", 1))
+def _parent_folder_finder(rule: ParentFolderRule) -> ValueFinder:
+    level = rule.level
 
     def find(relative_path: str) -> str | None:
         folders = PurePosixPath(relative_path).parts[:-1]
@@ -108,8 +109,8 @@ def _parent_folder_finder(rule: Mapping[str, Any], source_dir: Path) -> ValueFin
     return find
 
 
-def _regex_finder(rule: Mapping[str, Any], source_dir: Path) -> ValueFinder:
-    pattern = re.compile(rule["pattern"])
+def _regex_finder(rule: RegexRule) -> ValueFinder:
+    pattern = compile_pattern(rule.pattern)
 
     def find(relative_path: str) -> str | None:
         match = pattern.search(relative_path)
@@ -118,14 +119,14 @@ def _regex_finder(rule: Mapping[str, Any], source_dir: Path) -> ValueFinder:
     return find
 
 
-def _csv_finder(rule: Mapping[str, Any], source_dir: Path) -> ValueFinder:
+def _csv_finder(rule: CsvRule, source_dir: Path) -> ValueFinder:
     """Look images up in a CSV by relative path, else by file name, else by stem.
 
     The CSV's image column may hold paths relative to the source folder, bare file names, or
     names without extension. A name or stem shared by rows with different values is ambiguous:
     such images must be listed by relative path.
     """
-    table = _CsvTable.read(source_dir / rule["file"], rule)
+    table = _CsvTable.read(source_dir / rule.file, rule)
 
     def find(relative_path: str) -> str | None:
         path = PurePosixPath(relative_path)
@@ -156,11 +157,11 @@ class _CsvTable:
     by_stem: dict[str, set[str]]
 
     @classmethod
-    def read(cls, path: Path, rule: Mapping[str, Any]) -> _CsvTable:
-        image_column, value_column = rule["image_column"], rule["column"]
+    def read(cls, path: Path, rule: CsvRule) -> _CsvTable:
+        image_column, value_column = rule.image_column, rule.column
         try:
             with path.open(newline="", encoding="utf-8-sig") as handle:
-                reader = csv.DictReader(handle, delimiter=rule.get("delimiter", ","))
+                reader = csv.DictReader(handle, delimiter=rule.delimiter)
                 missing = {image_column, value_column} - set(reader.fieldnames or ())
                 if missing:
                     raise LabelRuleError(

@@ -224,14 +224,28 @@ def open_manifest(layout: DataLayout, *, wait_s: float = 60) -> duckdb.DuckDBPyC
     """A read-only connection to `manifest.duckdb` (the caller closes it).
 
     While tile_manifest writes, DuckDB refuses every other process even a read-only open; this
-    waits up to `wait_s` for the writer to finish.
+    waits up to `wait_s` for the writer to finish. A database tile_manifest did not write (no
+    tables, or those of another code version) is refused at once.
     """
     path = layout.duckdb_path
     if not path.is_file():
         raise ManifestUnavailableError(
             f"{path} does not exist yet: materialize the tile_manifest asset first"
         )
-    return _connect(path, read_only=True, wait_s=wait_s)
+    con = _connect(path, read_only=True, wait_s=wait_s)
+    has_meta = con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'manifest_meta'"
+    ).fetchall() == [(1,)]
+    versions = (
+        con.execute("SELECT schema_version FROM manifest_meta").fetchall() if has_meta else []
+    )
+    if versions != [(SCHEMA_VERSION,)]:
+        con.close()
+        found = "the tables of another code version" if versions else "no manifest tables"
+        raise ManifestUnavailableError(
+            f"{path} holds {found}: materialize the tile_manifest asset to (re)build it"
+        )
+    return con
 
 
 @contextmanager
@@ -245,12 +259,18 @@ def _writer(path: Path, *, wait_s: float) -> Iterator[duckdb.DuckDBPyConnection]
         con.close()
 
 
+DUCKDB_MAGIC = b"DUCK"
+"""Bytes 8-11 of every DuckDB database file."""
+
+
 def _connect(path: Path, *, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConnection:
     """Open the database, retrying while another process holds it (a file lock conflict).
 
     The Dagster pool keeps manifest steps apart; this also covers what it cannot: CLI readers,
     and two steps that claim the pool's one slot at the same instant on SQLite instance storage.
+    A file that is not a DuckDB database is refused at once: no wait would make it one.
     """
+    _require_duckdb_file(path)
     # Without insertion order, the multi-file INSERT of a load runs on all cores.
     config = {} if read_only else {"preserve_insertion_order": False}
     deadline = time.monotonic() + wait_s
@@ -267,6 +287,23 @@ def _connect(path: Path, *, read_only: bool, wait_s: float) -> duckdb.DuckDBPyCo
                 ) from exc
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+
+def _require_duckdb_file(path: Path) -> None:
+    """Raise ManifestError if `path` exists and does not start like a DuckDB database."""
+    try:
+        with path.open("rb") as handle:
+            header = handle.read(len(DUCKDB_MAGIC) + 8)
+    except FileNotFoundError:
+        return  # the writer creates it
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read: {exc.strerror}") from exc
+    if header[8:] != DUCKDB_MAGIC:
+        state = "an empty file" if not header else "not a DuckDB database file"
+        raise ManifestError(
+            f"{path} is {state}: move it away; tile_manifest then rebuilds the manifest "
+            "from the Parquet records"
+        )
 
 
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:

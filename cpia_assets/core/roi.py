@@ -40,7 +40,7 @@ import json
 import os
 import shutil
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
@@ -49,13 +49,13 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from cpia_assets.core.catalog import ROI_SCALES, SubDataset
+from cpia_assets.core.catalog import ROI_SCALES, StratifiedSplit, SubDataset
 from cpia_assets.core.fsutil import atomic_path, sha256_file
 from cpia_assets.core.labels import AnnotationError, Annotator
 from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.parallel import map_unordered
 from cpia_assets.core.patch_arrays import unpack_patch_arrays
-from cpia_assets.core.splits import DEFAULT_RATIOS, STRATIFIED, stratified_split
+from cpia_assets.core.splits import stratified_split
 from cpia_assets.core.stage import StageResult, failure
 
 STAGE = "standardized_wsi"  # the asset that runs ROI standardization
@@ -206,7 +206,7 @@ def standardize_roi_partition(
     roots = (Path(source_dir), unpacked_dir) if unpacked_dir.is_dir() else (Path(source_dir),)
     jobs, unplaced = _plan_jobs(entry, roots=roots, layout=layout)
     result = StageResult(failures=unpack_failures + unplaced)
-    crop_fraction = float(entry.crop["fraction"]) if entry.crop else 1.0
+    crop_fraction = entry.crop.fraction if entry.crop else 1.0
     chunks = [
         _Chunk(
             jobs=tuple(jobs[start : start + settings.chunk_size]),
@@ -243,7 +243,7 @@ def _plan_jobs(
 ) -> tuple[list[_ImageJob], list[dict[str, str]]]:
     """Jobs for the used images under `roots` (the source folder first, whose files the label
     rules' CSVs live in), and failures for images a rule cannot label or split."""
-    stratified = entry.splits is not None and entry.splits["from"] == STRATIFIED
+    stratified = isinstance(entry.splits, StratifiedSplit)
     annotator = Annotator(
         labels=entry.labels, splits=None if stratified else entry.splits, source_dir=roots[0]
     )
@@ -272,17 +272,15 @@ def _plan_jobs(
                     split=annotation.split,
                 )
             )
-    if stratified:
+    if isinstance(entry.splits, StratifiedSplit):
         jobs = _with_stratified_splits(jobs, entry.splits)
     return jobs, failures
 
 
-def _with_stratified_splits(jobs: list[_ImageJob], rule: Mapping[str, Any]) -> list[_ImageJob]:
+def _with_stratified_splits(jobs: list[_ImageJob], rule: StratifiedSplit) -> list[_ImageJob]:
     """The jobs with the entry's declared seeded stratified split (`splits` module)."""
     splits = stratified_split(
-        ((job.relative, job.label) for job in jobs),
-        ratios=rule.get("ratios", DEFAULT_RATIOS),
-        seed=rule.get("seed", 0),
+        ((job.relative, job.label) for job in jobs), ratios=rule.ratios, seed=rule.seed
     )
     return [replace(job, split=splits[job.relative]) for job in jobs]
 
