@@ -4,12 +4,19 @@ counts (`cpia table1 --paper`, `cpia compare --table-i`, tile_manifest's metadat
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import polars as pl
 import pytest
 
-from cpia_assets.core.catalog import TABLE_I_ORGANS
-from cpia_assets.core.manifest import load_manifest, open_manifest, table_i
+from cpia_assets.core.catalog import TABLE_I_ORGANS, Catalog
+from cpia_assets.core.manifest import (
+    TileFilter,
+    count_tiles,
+    load_manifest,
+    open_manifest,
+    table_i,
+)
 from cpia_assets.core.paper_table_i import PAPER_TABLE_I, PAPER_TOTALS, beside_paper, paper_frame
 from cpia_assets_tests.conftest import REFERENCE
 from cpia_assets_tests.test_cli import run
@@ -69,3 +76,21 @@ def test_cli_shows_the_paper_beside_the_built_counts(
     assert lines[0].startswith("| organ | sub-datasets | sub-datasets (paper v1) | WSIs-XL |")
     assert "| breast | 1 | 13 | 2 | 3884 |" in "\n".join(lines).replace(",", "")
     assert lines[-1].startswith("| Total | 3 | 103 |")
+
+
+def test_table_i_counts_a_set_under_its_table_i_row_and_filters_by_its_organ(tmp_path: Path):
+    """roi-blood counted under 'bone marrow' in Table I (like SIPaKMeD), still 'blood' by organ."""
+    data = build_data_folder(tmp_path / "data")
+    moved = [
+        entry.model_copy(update={"table_i_row": "bone marrow"}) if entry.key == "roi-blood"
+        else entry
+        for entry in data.catalog.subdatasets
+    ]  # fmt: skip
+    catalog = Catalog(path=data.catalog.path, subdatasets=tuple(moved))
+    load_manifest(data.layout, catalog)
+    with open_manifest(data.layout) as con:
+        rows = {row["organ"]: row for row in table_i(con).to_dicts()}
+        by_organ = count_tiles(con, TileFilter(organs=("blood",)), by=())
+    assert rows["bone marrow"]["sub-datasets"] == 1 and rows["bone marrow"]["ROIs-S"] == 4
+    assert rows["blood"]["sub-datasets"] == 0 and rows["blood"]["ROIs-S"] == 0
+    assert by_organ.item() == 4

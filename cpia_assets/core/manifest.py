@@ -12,7 +12,8 @@ the Parquet columns (schema.py) plus `subdataset` (the partition key, from the f
 catalog; `manifest_files` is the load state; `tile_counts` keeps image counts per file so Table I
 never scans the tiles. Views: `lineage` (a kept image, its parent tiles, standardized slide and
 source file, with each stage's run id and code version; filter it by `subdataset` as well as
-`image_name` and DuckDB reads one partition's row groups) and `table_i` (the paper's Table I).
+`image_name` and DuckDB reads one partition's row groups) and `table_i` (the paper's Table I, each
+sub-dataset counted under its catalog `table_i_organ`).
 User values reach SQL only as bound parameters; identifiers come from this module's constants.
 """
 
@@ -87,7 +88,7 @@ TABLE_I_COLUMNS = (
 
 _SUPPORT_COLUMNS = {
     "subdatasets": "key VARCHAR, name VARCHAR, kind VARCHAR, organ VARCHAR, labelled BOOLEAN, "
-    "raw_dir VARCHAR, "  # then the paper's image counts per scale (NULL: none published)
+    "raw_dir VARCHAR, table_i_row VARCHAR, "  # then the published image counts per scale
     + ", ".join(f"published_{scale.lower()} BIGINT" for scale in ALL_SCALES),
     "organs": "organ VARCHAR, position INTEGER",  # Table I order, then other catalog organs
     "manifest_files": "file VARCHAR, subdataset VARCHAR, table_name VARCHAR, "
@@ -172,7 +173,7 @@ WITH images AS (
     SELECT o.position, o.organ, count(DISTINCT s.key)::BIGINT AS "sub-datasets",
         {counts}
     FROM organs o
-    LEFT JOIN subdatasets s ON s.organ = o.organ
+    LEFT JOIN subdatasets s ON s.table_i_row = o.organ
     LEFT JOIN images i ON i.subdataset = s.key
     GROUP BY o.position, o.organ
 )
@@ -614,16 +615,16 @@ def _write_catalog_tables(
     con: duckdb.DuckDBPyConnection, layout: DataLayout, catalog: Catalog
 ) -> None:
     con.execute("DELETE FROM subdatasets")
-    placeholders = ", ".join("?" for _ in range(6 + len(ALL_SCALES)))
+    placeholders = ", ".join("?" for _ in range(7 + len(ALL_SCALES)))
     con.executemany(
         f"INSERT INTO subdatasets VALUES ({placeholders})",
         [
             [e.key, e.name, e.kind, e.organ, e.labelled, layout.relative(layout.raw_dir(e.key)),
-             *(e.published_counts.get(scale) for scale in ALL_SCALES)]
+             e.table_i_organ, *(e.published_counts.get(scale) for scale in ALL_SCALES)]
             for e in catalog.subdatasets
         ],
     )  # fmt: skip
-    extra = sorted({e.organ for e in catalog.subdatasets} - set(TABLE_I_ORGANS))
+    extra = sorted({e.table_i_organ for e in catalog.subdatasets} - set(TABLE_I_ORGANS))
     con.execute("DELETE FROM organs")
     con.executemany(
         "INSERT INTO organs VALUES (?, ?)",
