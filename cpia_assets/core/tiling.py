@@ -40,7 +40,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,14 @@ class TilingSettings:
 
     def size(self, scale: str) -> int:
         return self.xl_size // CELLS_PER_XL_EDGE[scale]
+
+
+def with_thresholds(settings: TilingSettings, overrides: Mapping[str, float]) -> TilingSettings:
+    """`settings` with some tissue thresholds replaced: a catalog entry's `tissue_thresholds`,
+    e.g. a lower saturation for a pale stain (validated again by `TissueThresholds`)."""
+    if not overrides:
+        return settings
+    return replace(settings, thresholds=replace(settings.thresholds, **overrides))
 
 
 def tile_name(stem: str, size: int, x: int, y: int) -> str:

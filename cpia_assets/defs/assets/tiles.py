@@ -1,6 +1,7 @@
 """scale_tiles: the XL/L/M/S tiles of WSI sub-datasets and the partition's tile manifest."""
 
 from collections import Counter
+from dataclasses import asdict
 
 import dagster as dg
 
@@ -8,7 +9,12 @@ from cpia_assets.core import schema
 from cpia_assets.core.catalog import ALL_SCALES
 from cpia_assets.core.integrity import xl_ratio_text
 from cpia_assets.core.stage import StageResult
-from cpia_assets.core.tiling import TilingSettings, rejection_counts, tile_partition
+from cpia_assets.core.tiling import (
+    TilingSettings,
+    rejection_counts,
+    tile_partition,
+    with_thresholds,
+)
 from cpia_assets.defs.records import (
     config_class,
     failures_markdown,
@@ -52,12 +58,15 @@ def build_scale_tiles(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinitio
             result = StageResult(records=read_records(layout, key, "roi_images"))
         else:
             slides = read_records(layout, key, "slides")
+            settings = with_thresholds(
+                settings_from(config, TilingSettings), entry.tissue_thresholds.values()
+            )
             with workers.executor() as executor:
                 result = tile_partition(
                     slides,
                     key=key,
                     layout=layout,
-                    settings=settings_from(config, TilingSettings),
+                    settings=settings,
                     executor=executor,
                     progress=progress_logger(context),
                 )
@@ -76,6 +85,7 @@ def build_scale_tiles(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinitio
         metadata["images"] = len(result.records)
         if entry.kind == "wsi":
             metadata["ratio_XL_L_M_S"] = xl_ratio_text(counts)
+            metadata["tissue_thresholds"] = dg.MetadataValue.json(asdict(settings.thresholds))
             metadata["rejected_candidates"] = len(result.rejected)
             for test, count in rejection_counts(result.rejected).items():
                 metadata[f"rejected_{test}"] = count
