@@ -30,6 +30,7 @@ from cpia_assets.core.manifest import (
     markdown_table,
     open_manifest,
     query_tiles,
+    subdataset_info,
     table_i,
     trace_image,
 )
@@ -143,6 +144,10 @@ def _failures(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> pl.Da
     return failures(con, subdatasets=args.subdataset, stages=args.stage)
 
 
+def _datasets(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> pl.DataFrame:
+    return subdataset_info(con, organs=args.organ, kinds=args.kind)
+
+
 class _NotFoundError(ManifestError):
     """The query named something the manifest does not hold."""
 
@@ -230,6 +235,15 @@ def _parser() -> argparse.ArgumentParser:
         help="per Table I organ row: built counts beside the paper's v1 numbers",
     )  # fmt: skip
     compare.set_defaults(command=_compare)
+
+    datasets = commands.add_parser(
+        "datasets", parents=[common],
+        help="the sub-datasets: organ, Table I row, licence (redistributable: false = no, "
+        "empty = unknown), stain, diseases, histo/cytopathology, year, landing page, citation",
+    )  # fmt: skip
+    datasets.add_argument("--organ", action="append", default=[], help="e.g. lung (repeatable)")
+    datasets.add_argument("--kind", action="append", default=[], choices=["wsi", "roi"])
+    datasets.set_defaults(command=_datasets)
     return parser
 
 

@@ -1,5 +1,6 @@
-"""The paper's Table I numbers kept with the code, and reports that show them beside the built
-counts (`cpia table1 --paper`, `cpia compare --table-i`, tile_manifest's metadata)."""
+"""Table I reports (the paper's numbers beside the built ones in `cpia table1 --paper`,
+`cpia compare --table-i` and tile_manifest's metadata; rows by `table_i_row`) and the per-set
+facts of `cpia datasets`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from cpia_assets.core.catalog import TABLE_I_ORGANS, Catalog
+from cpia_assets.core.catalog import TABLE_I_ORGANS, About, Catalog
 from cpia_assets.core.manifest import (
     TileFilter,
     count_tiles,
@@ -94,3 +95,28 @@ def test_table_i_counts_a_set_under_its_table_i_row_and_filters_by_its_organ(tmp
     assert rows["bone marrow"]["sub-datasets"] == 1 and rows["bone marrow"]["ROIs-S"] == 4
     assert rows["blood"]["sub-datasets"] == 0 and rows["blood"]["ROIs-S"] == 0
     assert by_organ.item() == 4
+
+
+def test_cpia_datasets_lists_each_sets_facts(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    data = build_data_folder(tmp_path / "data")
+    about = About(licence="CC BY-NC-SA 4.0", redistributable=False, stain="H&E",
+                  diseases=("breast cancer", "lymph node metastasis"),
+                  pathology="histopathology", year=2017, landing_page="https://example.org/x",
+                  citation="Someone et al., 2017")  # fmt: skip
+    entries = tuple(
+        entry.model_copy(update={"about": about}) if entry.key == "wsi-breast" else entry
+        for entry in data.catalog.subdatasets
+    )
+    load_manifest(data.layout, Catalog(path=data.catalog.path, subdatasets=entries))
+    code, out = run(capsys, data, "datasets", "--organ", "breast", "--markdown")
+    assert code == 0
+    header, _, row = out.splitlines()
+    assert header.startswith("| key | name | kind | organ | table_i_row | labelled | licence |")
+    assert row == (
+        "| wsi-breast | WSI-BREAST | wsi | breast | breast | False | CC BY-NC-SA 4.0 | False | H&E "
+        "| breast cancer; lymph node metastasis | histopathology | 2017 | https://example.org/x "
+        "| Someone et al., 2017 |"
+    )
+    code, out = run(capsys, data, "datasets", "--kind", "roi", "--markdown")
+    assert code == 0 and out.splitlines()[2].startswith("| roi-blood |")
+    assert "| unknown |  | unknown |" in out  # licence unknown, redistributable unknown (null)

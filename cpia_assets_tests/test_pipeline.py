@@ -160,3 +160,13 @@ def test_catalog_tissue_threshold_overrides_reach_scale_tiles(tmp_path: Path) ->
     assert used["tile_min_tissue"] == 0.1  # not overridden: the run config's default
     assert metadata["images"].value == 0
     assert metadata["rejected_xl_tissue"].value == metadata["rejected_candidates"].value >= 1
+
+
+def test_partitions_show_their_catalog_facts_in_the_ui(pipeline) -> None:
+    _, results, _ = pipeline
+    metadata = results["wsi-40x"].asset_materializations_for_node("raw_download")[0].metadata
+    assert metadata["licence"].value == "CC0 1.0" and metadata["redistributable"].value == "yes"
+    assert metadata["organ"].value == metadata["table_i_row"].value == "breast"
+    assert metadata["landing_page"].value.startswith("https://openslide")
+    unknown = results["wsi-20x"].asset_materializations_for_node("raw_download")[0].metadata
+    assert unknown["licence"].value == unknown["redistributable"].value == "unknown"

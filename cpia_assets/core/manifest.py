@@ -31,7 +31,7 @@ import duckdb
 import polars as pl
 
 from cpia_assets.core import schema
-from cpia_assets.core.catalog import ALL_SCALES, TABLE_I_ORGANS, Catalog
+from cpia_assets.core.catalog import ALL_SCALES, TABLE_I_ORGANS, About, Catalog
 from cpia_assets.core.layout import DataLayout
 
 LOADER_STAGE = "tile_manifest"
@@ -86,9 +86,23 @@ TABLE_I_COLUMNS = (
 )
 """(column, kind, scale) of the paper's Table I, in its order."""
 
+ABOUT_COLUMNS = {
+    "licence": "VARCHAR",
+    "redistributable": "BOOLEAN",  # NULL: unknown
+    "stain": "VARCHAR",
+    "diseases": "VARCHAR[]",
+    "pathology": "VARCHAR",
+    "year": "VARCHAR",
+    "landing_page": "VARCHAR",
+    "citation": "VARCHAR",
+}
+"""Each catalog entry's `about` block, in the `subdatasets` table."""
+
 _SUPPORT_COLUMNS = {
     "subdatasets": "key VARCHAR, name VARCHAR, kind VARCHAR, organ VARCHAR, labelled BOOLEAN, "
-    "raw_dir VARCHAR, table_i_row VARCHAR, "  # then the published image counts per scale
+    "raw_dir VARCHAR, table_i_row VARCHAR, "
+    + ", ".join(f"{name} {sql}" for name, sql in ABOUT_COLUMNS.items())
+    + ", "  # then the published image counts per scale
     + ", ".join(f"published_{scale.lower()} BIGINT" for scale in ALL_SCALES),
     "organs": "organ VARCHAR, position INTEGER",  # Table I order, then other catalog organs
     "manifest_files": "file VARCHAR, subdataset VARCHAR, table_name VARCHAR, "
@@ -615,12 +629,13 @@ def _write_catalog_tables(
     con: duckdb.DuckDBPyConnection, layout: DataLayout, catalog: Catalog
 ) -> None:
     con.execute("DELETE FROM subdatasets")
-    placeholders = ", ".join("?" for _ in range(7 + len(ALL_SCALES)))
+    placeholders = ", ".join("?" for _ in range(7 + len(ABOUT_COLUMNS) + len(ALL_SCALES)))
     con.executemany(
         f"INSERT INTO subdatasets VALUES ({placeholders})",
         [
             [e.key, e.name, e.kind, e.organ, e.labelled, layout.relative(layout.raw_dir(e.key)),
-             e.table_i_organ, *(e.published_counts.get(scale) for scale in ALL_SCALES)]
+             e.table_i_organ, *_about_values(e.about),
+             *(e.published_counts.get(scale) for scale in ALL_SCALES)]
             for e in catalog.subdatasets
         ],
     )  # fmt: skip
@@ -630,6 +645,13 @@ def _write_catalog_tables(
         "INSERT INTO organs VALUES (?, ?)",
         [[organ, position] for position, organ in enumerate((*TABLE_I_ORGANS, *extra))],
     )
+
+
+def _about_values(about: About) -> list[Any]:
+    values = about.model_dump()
+    values["diseases"] = list(about.diseases)
+    values["year"] = str(about.year)
+    return [values[name] for name in ABOUT_COLUMNS]
 
 
 def table_rows(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
@@ -647,6 +669,20 @@ def table_rows(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
 def table_i(con: duckdb.DuckDBPyConnection, *, mini_only: bool = False) -> pl.DataFrame:
     """Kept images per organ in the paper's Table I columns, with a Total row."""
     return con.sql("SELECT * FROM table_i_for(?)", params=[mini_only]).pl()
+
+
+def subdataset_info(
+    con: duckdb.DuckDBPyConnection, *, organs: Sequence[str] = (), kinds: Sequence[str] = ()
+) -> pl.DataFrame:
+    """The catalog's sub-datasets with their organ, Table I row and `about` facts (licence,
+    redistributable, stain, diseases, pathology, year, landing page, citation)."""
+    columns = ", ".join(["key", "name", "kind", "organ", "table_i_row", "labelled", *ABOUT_COLUMNS])
+    return con.sql(
+        f"SELECT {columns} FROM subdatasets "
+        "WHERE (len(?::VARCHAR[]) = 0 OR organ IN (SELECT unnest(?::VARCHAR[]))) "
+        "AND (len(?::VARCHAR[]) = 0 OR kind IN (SELECT unnest(?::VARCHAR[]))) ORDER BY key",
+        params=[list(organs), list(organs), list(kinds), list(kinds)],
+    ).pl()
 
 
 def built_vs_published(con: duckdb.DuckDBPyConnection, *, built_only: bool = False) -> pl.DataFrame:
@@ -845,4 +881,6 @@ def _markdown_cell(value: Any) -> str:
         return f"{value:,}"
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, list):
+        return "; ".join(_markdown_cell(item) for item in value)
     return str(value).replace("|", "\\|")
