@@ -98,15 +98,13 @@ def test_real_organ_and_table_i_row(cpia, key: str, organ: str, row: str):
 def test_every_labelled_set_has_a_label_rule_and_a_split_except_the_known_gaps(cpia):
     labelled = [entry for entry in cpia.subdatasets if entry.labelled]
     without_labels = {entry.key for entry in labelled if entry.labels is None}
-    # Layouts not confirmed (CRC-TP is no longer public; pRCC), labels in files the rules
-    # cannot read (SICAPv2: one-hot xlsx; Osteosarcoma: CSV names differ from file names), and
-    # single-class malaria sets: see README "Labels and splits".
-    assert without_labels == {"crc-tp", "prcc", "sicapv2", "osteosarcoma-tumor-assessment",
-                              "p-falciparum", "p-uninfected", "p-vivax"}  # fmt: skip
+    # Layouts not confirmed (CRC-TP is no longer public; pRCC) and labels in files the rules
+    # cannot read (SICAPv2: one-hot xlsx; Osteosarcoma: CSV names differ from file names).
+    assert without_labels == {"crc-tp", "prcc", "sicapv2", "osteosarcoma-tumor-assessment"}
     without_splits = {entry.key for entry in labelled if entry.splits is None}
     assert without_splits == without_labels
     stratified = [entry for entry in labelled if isinstance(entry.splits, StratifiedSplit)]
-    assert len(stratified) == 9
+    assert len(stratified) == 12
     assert all(entry.splits.ratios == {"train": 7, "val": 1, "test": 2} for entry in stratified)
 
 
@@ -119,3 +117,12 @@ def test_every_entry_says_what_users_ask_about(cpia):
     assert flagged == {"paip2019", "paip2020", "paip2021"}
     assert cpia.get("pcam").about.licence == "CC0 1.0" and cpia.get("pcam").redistributable
     assert cpia.get("sipakmed").about.pathology == "cytopathology"
+
+
+def test_single_class_malaria_sets_label_every_image_alike(cpia, tmp_path: Path):
+    labels = {}
+    for key in ("p-falciparum", "p-vivax", "p-uninfected"):
+        annotator = Annotator(labels=cpia.get(key).labels, splits=None, source_dir=tmp_path)
+        labels[key] = annotator.annotate("patient-12/IMG_20150608_162600.jpg").label
+    assert labels == {"p-falciparum": "P. falciparum", "p-vivax": "P. vivax",
+                      "p-uninfected": "uninfected"}  # fmt: skip

@@ -250,12 +250,23 @@ class StratifiedSplit(_Block):
         return self
 
 
+class ConstantLabel(_Block):
+    """One label for every image of a single-class set (e.g. the smears of one malaria species)."""
+
+    from_: Literal["constant"] = Field(alias="from")
+    value: Name
+
+
 Rule = Annotated[ParentFolderRule | RegexRule | CsvRule, Field(discriminator="from_")]
+LabelRule = Annotated[
+    ParentFolderRule | RegexRule | CsvRule | ConstantLabel, Field(discriminator="from_")
+]
 SplitRule = Annotated[
     ParentFolderRule | RegexRule | CsvRule | StratifiedSplit, Field(discriminator="from_")
 ]
 RULE_SOURCES = ("parent_folder", "regex", "csv")
-SPLIT_SOURCES = (*RULE_SOURCES, STRATIFIED)
+_RULE_TYPES = (*RULE_SOURCES, "constant", STRATIFIED)
+"""Every `from` of a labels or splits rule (pydantic names the type in error locations)."""
 
 
 def _check_split_values(rule: _Rule | StratifiedSplit) -> _Rule | StratifiedSplit:
@@ -342,7 +353,7 @@ class SubDataset(_Block):
     labelled: StrictBool = False
     scale: RoiScale | None = None
     scale_rules: tuple[ScaleRule, ...] = ()
-    labels: Rule | None = None
+    labels: LabelRule | None = None
     splits: Annotated[SplitRule, AfterValidator(_check_split_values)] | None = None
     crop: Crop | None = None
     wsi: WsiOptions = Field(default_factory=WsiOptions)
@@ -609,7 +620,8 @@ def _describe(error: ValidationError) -> Iterator[str]:
             reason = item["msg"]
         elif kind in ("union_tag_invalid", "union_tag_not_found"):  # a rule's 'from'
             location.append("from")
-            reason = f"must be one of {', '.join(RULE_SOURCES)}"
+            expected = context.get("expected_tags", "").replace("'", "") or ", ".join(RULE_SOURCES)
+            reason = f"must be one of {expected}"
             reason += f" (got {context['tag']!r})" if "tag" in context else ", and is missing"
         elif kind == "missing":
             reason = _PLAIN_REASONS[kind]
@@ -628,7 +640,7 @@ def _location(loc: tuple[int | str, ...]) -> list[str]:
     `labels`/`splits` (the YAML has no such level), and list indexes as `[i]`."""
     parts: list[str] = []
     for index, part in enumerate(loc):
-        if index and loc[index - 1] in _RULE_FIELDS and part in SPLIT_SOURCES:
+        if index and loc[index - 1] in _RULE_FIELDS and part in _RULE_TYPES:
             continue
         if type(part) is int and parts:
             parts[-1] += f"[{part}]"
