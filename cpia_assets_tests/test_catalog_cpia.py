@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cpia_assets.core.catalog import StratifiedSplit, load_catalog
+from cpia_assets.core.catalog import CatalogError, StratifiedSplit, load_catalog
 from cpia_assets.core.labels import Annotator
 from cpia_assets.core.paper_table_i import PAPER_TABLE_I
 
@@ -126,3 +126,32 @@ def test_single_class_malaria_sets_label_every_image_alike(cpia, tmp_path: Path)
         labels[key] = annotator.annotate("patient-12/IMG_20150608_162600.jpg").label
     assert labels == {"p-falciparum": "P. falciparum", "p-vivax": "P. vivax",
                       "p-uninfected": "uninfected"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ("table_i_row: cervix",
+         "field 'table_i_row': 'cervix' is not an organ row of the paper's Table I; "
+         "did you mean 'cervix uteri'?"),
+        ("about: {year: '2019'}",
+         "field 'about.year': should be a year such as 2019, or 'unknown' (got '2019')"),
+        ("about: {pathology: histology}", "field 'about.pathology'"),
+        ("about: {licence: CC0, redistributable: 'yes'}", "field 'about.redistributable'"),
+        ("about: {licence: CC0, licensee: x}",
+         "field 'about.licensee': unknown field; did you mean 'licence'?"),
+        ("tissue_thresholds: {saturation: 1.5}", "field 'tissue_thresholds.saturation'"),
+        ("kind: roi\n  scale: M\n  tissue_thresholds: {saturation: 0.05}",
+         "field 'tissue_thresholds': applies to WSI sub-datasets only"),
+    ],
+)  # fmt: skip
+def test_new_catalog_fields_are_validated(tmp_path: Path, fields: str, message: str):
+    kind = "" if fields.startswith("kind:") else "kind: wsi\n  "
+    (tmp_path / "catalog.yaml").write_text(
+        "subdatasets:\n- key: x\n  name: X\n  organ: breast\n  source: {type: manual, "
+        f"landing_page: 'https://example.org'}}\n  {kind}{fields}\n"
+    )
+    with pytest.raises(CatalogError) as error:
+        load_catalog(tmp_path / "catalog.yaml")
+    assert message in str(error.value)
+    assert str(error.value).startswith(f"{tmp_path / 'catalog.yaml'}: entry 'x' (#1): ")

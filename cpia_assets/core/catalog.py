@@ -303,6 +303,16 @@ class TissueOverrides(_Block):
 UNKNOWN = "unknown"
 
 
+def _check_year(value: Any) -> Any:
+    if value == UNKNOWN or (type(value) is int and 1900 <= value <= 2100):
+        return value
+    raise PydanticCustomError(
+        "catalog_year",
+        "should be a year such as 2019, or 'unknown' (got {value})",
+        {"value": repr(value)},
+    )
+
+
 class About(_Block):
     """What users ask about a sub-dataset, from its source's own page; "unknown" where a fact
     could not be confirmed."""
@@ -313,7 +323,7 @@ class About(_Block):
     stain: Text = UNKNOWN
     diseases: tuple[Text, ...] = ()
     pathology: Literal["histopathology", "cytopathology", "unknown"] = UNKNOWN
-    year: Annotated[StrictInt, Field(ge=1900, le=2100)] | Literal["unknown"] = UNKNOWN
+    year: Annotated[int | str, BeforeValidator(_check_year)] = UNKNOWN
     landing_page: Text = UNKNOWN
     citation: Text = UNKNOWN
 
