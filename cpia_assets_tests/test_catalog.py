@@ -90,27 +90,27 @@ def _write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-GOOD_ENTRY = """
-- key: my-slides
-  name: My slides
-  kind: wsi
-  organ: breast
-  source: {type: local, path: slides}
-"""
+GOOD_FIELDS = {
+    "key": "my-slides",
+    "name": "My slides",
+    "kind": "wsi",
+    "organ": "breast",
+    "source": "{type: local, path: slides}",
+}
+
+
+def _entry(**changes: str) -> str:
+    """One YAML list item: GOOD_FIELDS with `changes` (the value '' drops a field)."""
+    fields = {**GOOD_FIELDS, **changes}
+    return "\n- " + "\n  ".join(f"{k}: {v}" for k, v in fields.items() if v != "") + "\n"
+
+
+GOOD_ENTRY = _entry()
 
 
 def test_user_catalog_resolves_local_paths_relative_to_the_file(tmp_path: Path) -> None:
     catalog = load_catalog(_write(tmp_path, "subdatasets:" + GOOD_ENTRY))
     assert catalog.get("my-slides").source["path"] == str(tmp_path / "slides")
-
-
-def _entry(**changes: str) -> str:
-    """GOOD_ENTRY with fields replaced (value '') removed, or appended."""
-    fields = dict(line.strip().split(": ", 1) for line in GOOD_ENTRY.strip().splitlines())
-    fields = {k.removeprefix("- "): v for k, v in fields.items()}
-    fields.update(changes)
-    lines = [f"  {name}: {value}" for name, value in fields.items() if value != ""]
-    return "\n- " + "\n".join(lines)[2:] + "\n"
 
 
 ENTRY_1 = "entry 'my-slides' (#1): "
@@ -211,7 +211,6 @@ def test_a_local_source_in_a_symlink_loop_is_named(tmp_path: Path) -> None:
     assert str(error.value).startswith(
         f"{path}: entry 'my-slides' (#1): field 'source.path': cannot resolve 'loop/slides': "
     )
-    assert "loop" in str(error.value).split(": ", 4)[-1]
 
 
 def test_a_catalog_is_parsed_once_per_version_of_the_file(tmp_path: Path) -> None:
