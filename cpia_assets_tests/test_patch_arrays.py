@@ -112,5 +112,6 @@ def test_unpacking_resumes_and_follows_source_changes(pcam: DataLayout, patches:
     (raw / f"{PREFIX}_train_x.h5.gz").unlink()
     failures = {row["file"]: row["reason"] for row in unpack()}
     assert "holds 7 x 1 values for 3 patches" in failures[f"raw/{KEY}/{PREFIX}_valid_x.h5"]
+    assert not (unpacked / f"{PREFIX}_valid_x").exists()  # its earlier patches are not reused
     assert not train.exists() and not train.with_name(train.name + ".json").exists()
     assert not list(unpacked.rglob(".gunzip-*"))  # no scratch files left behind

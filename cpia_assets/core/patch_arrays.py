@@ -12,8 +12,9 @@ own; any other HDF5 file without exactly one image array is a failure.
 
 Unpacking is atomic per file (a staging folder renamed into place) and resumable: a marker
 `<stem>.json` records the sizes and modification times of the files it was made from, and a
-rerun skips files whose marker matches. Unpacked folders whose source is gone are removed. A
-file that cannot be read becomes a failure naming it; the other files are still unpacked.
+rerun skips files whose marker matches. Unpacked folders whose source is gone, or now fails,
+are removed. A file that cannot be read becomes a failure naming it; the other files are still
+unpacked.
 """
 
 from __future__ import annotations
@@ -127,10 +128,11 @@ def _unpack_or_reuse(job: _UnpackJob) -> tuple[_UnpackJob, str | None]:
         if _marker_matches(marker, fingerprint) and job.target.is_dir():
             return job, None
         _unpack(job)
-    except PatchArrayError as exc:
-        return job, str(exc)
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        return job, f"cannot read: {type(exc).__name__}: {exc}"
+    except (PatchArrayError, OSError, EOFError) as exc:  # gzip errors are OSErrors
+        shutil.rmtree(job.target, ignore_errors=True)  # earlier patches must not stand in
+        marker.unlink(missing_ok=True)
+        reason = str(exc) if isinstance(exc, PatchArrayError) else f"cannot read: {exc!r}"
+        return job, reason
     with atomic_path(marker) as tmp:
         tmp.write_text(json.dumps(fingerprint))
     return job, None
