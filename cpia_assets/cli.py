@@ -30,9 +30,11 @@ from cpia_assets.core.manifest import (
     markdown_table,
     open_manifest,
     query_tiles,
+    subdataset_info,
     table_i,
     trace_image,
 )
+from cpia_assets.core.paper_table_i import beside_paper
 
 TILE_SUMMARY_COLUMNS = ("subdataset", "organ", "image_name", "kind", "scale", "size_px", "label",
                         "split", "in_mini", "path")  # fmt: skip
@@ -96,10 +98,13 @@ def _export_path(output: str, layout: DataLayout, force: bool) -> Path:
 
 
 def _table1(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> pl.DataFrame:
-    return table_i(con, mini_only=args.mini)
+    built = table_i(con, mini_only=args.mini)
+    return beside_paper(built) if args.paper else built
 
 
 def _compare(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> pl.DataFrame:
+    if args.table_i:
+        return beside_paper(table_i(con))
     return built_vs_published(con, built_only=args.built_only)
 
 
@@ -139,6 +144,10 @@ def _failures(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> pl.Da
     return failures(con, subdatasets=args.subdataset, stages=args.stage)
 
 
+def _datasets(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> pl.DataFrame:
+    return subdataset_info(con, organs=args.organ, kinds=args.kind)
+
+
 class _NotFoundError(ManifestError):
     """The query named something the manifest does not hold."""
 
@@ -169,6 +178,9 @@ def _parser() -> argparse.ArgumentParser:
         "table1", parents=[common], help="image counts per organ, as the paper's Table I"
     )
     table1.add_argument("--mini", action="store_true", help="count CPIA-Mini images only")
+    table1.add_argument(
+        "--paper", action="store_true", help="each count beside the paper's Table I (v1) number"
+    )
     table1.set_defaults(command=_table1)
 
     tiles = commands.add_parser(
@@ -212,12 +224,26 @@ def _parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser(
         "compare", parents=[common],
-        help="images built per sub-dataset and scale vs the paper's published counts",
+        help="images built per sub-dataset and scale vs the published per-set counts (the "
+        "authors' later, larger release), or per organ vs the paper's Table I (--table-i)",
     )  # fmt: skip
     compare.add_argument(
         "--built-only", action="store_true", help="only sub-datasets with built images"
     )
+    compare.add_argument(
+        "--table-i", action="store_true",
+        help="per Table I organ row: built counts beside the paper's v1 numbers",
+    )  # fmt: skip
     compare.set_defaults(command=_compare)
+
+    datasets = commands.add_parser(
+        "datasets", parents=[common],
+        help="the sub-datasets: organ, Table I row, licence (redistributable: false = no, "
+        "empty = unknown), stain, diseases, histo/cytopathology, year, landing page, citation",
+    )  # fmt: skip
+    datasets.add_argument("--organ", action="append", default=[], help="e.g. lung (repeatable)")
+    datasets.add_argument("--kind", action="append", default=[], choices=["wsi", "roi"])
+    datasets.set_defaults(command=_datasets)
     return parser
 
 

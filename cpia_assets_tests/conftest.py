@@ -22,6 +22,9 @@ subdatasets:
   name: Test WSI 40x
   kind: wsi
   organ: breast
+  about: {licence: CC0 1.0, redistributable: true, stain: H&E, diseases: [none (demo)],
+          pathology: histopathology, year: 2026,
+          landing_page: "https://openslide.cs.cmu.edu/download/openslide-testdata/"}
   source:
     type: synthetic
     recipe: wsi

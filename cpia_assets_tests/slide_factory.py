@@ -15,7 +15,7 @@ import numpy as np
 import openslide
 import pyvips
 
-from cpia_assets.core.synthetic import write_slide
+from cpia_assets.core.synthetic import mirror_tile, write_slide
 
 TESTDATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata"
 REAL_SVS = TESTDATA / "CMU-1-Small-Region.svs"
@@ -31,10 +31,7 @@ def real_pixels(name: str = REAL_SVS.name) -> np.ndarray:
 def mirrored(width: int, height: int, pixels: np.ndarray | None = None) -> pyvips.Image:
     """A width x height image tiled from `pixels` (default: the real SVS) and its mirrors."""
     base = pyvips.Image.new_from_array(real_pixels() if pixels is None else pixels)
-    row = base.join(base.flip("horizontal"), "horizontal")
-    block = row.join(row.flip("vertical"), "vertical")
-    across, down = width // block.width + 1, height // block.height + 1
-    return block.replicate(across, down).crop(0, 0, width, height).copy(interpretation="srgb")
+    return mirror_tile(base, width, height)
 
 
 def tissue_only(width: int, height: int) -> pyvips.Image:

@@ -27,7 +27,7 @@ def test_full_catalog_has_every_cpia_subdataset() -> None:
     kinds = Counter(entry.kind for entry in catalog.subdatasets)
     assert kinds == {"wsi": 55, "roi": 48}
     assert len(set(catalog.keys)) == 103
-    assert {entry.organ for entry in catalog.subdatasets} <= set(TABLE_I_ORGANS)
+    assert {entry.table_i_organ for entry in catalog.subdatasets} == set(TABLE_I_ORGANS)
     assert catalog.get("prcc").scales == ("M",)
     assert catalog.get("prcc").labelled
 

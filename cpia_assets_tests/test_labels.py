@@ -168,7 +168,14 @@ def test_catalog_fills_rule_defaults(tmp_path: Path) -> None:
     ("rule", "message"),
     [
         ("labels: {from: folder}",
-         "field 'labels.from': must be one of parent_folder, regex, csv (got 'folder')"),
+         "field 'labels.from': must be one of parent_folder, regex, csv, constant (got 'folder')"),
+        ("splits: {from: constant, value: train}",
+         "field 'splits.from': must be one of parent_folder, regex, csv, stratified "
+         "(got 'constant')"),
+        ("splits: {from: stratified, ratios: {train: 0}}",
+         "field 'splits.ratios': needs at least one non-zero ratio"),
+        ("splits: {from: stratified, ratios: {dev: 1}}",
+         "field 'splits.ratios.dev (key)': input should be 'train', 'val' or 'test' (got 'dev')"),
         ("labels: {level: 2}",
          "field 'labels.from': must be one of parent_folder, regex, csv, and is missing"),
         ("labels: {from: parent_folder, level: 0}",

@@ -618,9 +618,11 @@ def test_tile_manifest_loads_real_partitions_and_passes_its_checks(pipeline: Pip
     assert metadata["rows_tiles"] == parquet_rows > 0
     assert metadata["partitions_reloaded"] == list(pipeline.partition_runs)
     assert metadata["partitions_unchanged"] == 0
-    table = metadata["table_i"].splitlines()
-    assert table[0].startswith("| organ | sub-datasets | WSIs-XL |")
-    assert table[-1].startswith("| Total | 4 |") and table[-1].endswith(f"| {parquet_rows:,} |")
+    note, _, *table = metadata["table_i"].splitlines()
+    assert "paper's Table I" in note and "later, larger release" in note
+    assert table[0].startswith("| organ | sub-datasets | sub-datasets (paper v1) | WSIs-XL |")
+    assert table[-1].startswith("| Total | 4 | 103 |")
+    assert table[-1].endswith(f"| {parquet_rows:,} | 21,427,877 |")
     with Image.open(metadata["mosaic"]) as mosaic:
         assert mosaic.format == "PNG" and mosaic.height > 4 * 96
     assert metadata["mosaic_preview"].startswith("![sample images")

@@ -120,3 +120,53 @@ def test_rerun_reuses_finished_work(pipeline, small_catalog_path: Path) -> None:
         assert materialization.metadata["reused_from_earlier_runs"].value == 2, asset
     after = _tiles(layout, "wsi-20x").drop("run_id").sort("image_name")
     assert after.equals(before)
+
+
+def test_scale_tiles_metadata_counts_rejections_by_test(pipeline) -> None:
+    layout, results, _ = pipeline
+    for key in ("wsi-40x", "wsi-20x"):
+        metadata = results[key].asset_materializations_for_node("scale_tiles")[0].metadata
+        rejected = pl.read_parquet(layout.manifest_file(key, "rejected_tiles"))
+        xl = rejected.filter(pl.col("scale") == "XL")
+        counts = {name: metadata[f"rejected_{name}"].value
+                  for name in ("xl_thumbnail", "xl_tissue", "sub_tiles")}  # fmt: skip
+        assert counts["xl_thumbnail"] == xl.filter(pl.col("blur").is_null()).height
+        assert counts["xl_tissue"] == xl.filter(pl.col("blur").is_not_null()).height
+        assert counts["sub_tiles"] == rejected.height - xl.height > 0  # glass between islands
+        assert sum(counts.values()) == metadata["rejected_candidates"].value
+
+
+def test_catalog_tissue_threshold_overrides_reach_scale_tiles(tmp_path: Path) -> None:
+    """An entry's `tissue_thresholds` replace the run config's: here no XL tile can pass."""
+    catalog_file = tmp_path / "catalog.yaml"
+    catalog_file.write_text(
+        "subdatasets:\n"
+        "- key: strict-wsi\n  name: Strict\n  kind: wsi\n  organ: colon\n"
+        "  tissue_thresholds: {xl_min_tissue: 1.0, saturation: 0.1}\n"
+        "  source: {type: synthetic, recipe: wsi, slides: "
+        "[{name: S-0001, width: 4000, height: 3950, mpp: 0.5, seed: 6}]}\n"
+    )
+    defs = build_definitions(load_catalog(catalog_file), tmp_path / "data", workers=1)
+    with dg.instance_for_test() as instance:
+        result = defs.resolve_implicit_global_asset_job_def().execute_in_process(
+            partition_key="strict-wsi",
+            asset_selection=[dg.AssetKey(name) for name in PARTITIONED_ASSETS],
+            instance=instance,
+        )
+    assert result.success
+    metadata = result.asset_materializations_for_node("scale_tiles")[0].metadata
+    used = metadata["tissue_thresholds"].value
+    assert used["xl_min_tissue"] == 1.0 and used["saturation"] == 0.1
+    assert used["tile_min_tissue"] == 0.1  # not overridden: the run config's default
+    assert metadata["images"].value == 0
+    assert metadata["rejected_xl_tissue"].value == metadata["rejected_candidates"].value >= 1
+
+
+def test_partitions_show_their_catalog_facts_in_the_ui(pipeline) -> None:
+    _, results, _ = pipeline
+    metadata = results["wsi-40x"].asset_materializations_for_node("raw_download")[0].metadata
+    assert metadata["licence"].value == "CC0 1.0" and metadata["redistributable"].value == "yes"
+    assert metadata["organ"].value == metadata["table_i_row"].value == "breast"
+    assert metadata["landing_page"].value.startswith("https://openslide")
+    unknown = results["wsi-20x"].asset_materializations_for_node("raw_download")[0].metadata
+    assert unknown["licence"].value == unknown["redistributable"].value == "unknown"

@@ -40,6 +40,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from cpia_assets.core.downloads import SourceSpecError, validate_source
+from cpia_assets.core.splits import DEFAULT_RATIOS, STRATIFIED
 
 Kind = Literal["wsi", "roi"]
 Scale = Literal["XL", "L", "M", "S"]
@@ -229,11 +230,48 @@ class CsvRule(_Rule):
     delimiter: Annotated[StrictStr, Field(min_length=1, max_length=1)] = ","
 
 
+class StratifiedSplit(_Block):
+    """The declared seeded stratified split (`core/splits.py`), for labelled sets without an
+    official split: each label's images are cut train:val:test by `ratios` (default 7:1:2, as
+    the paper splits pRCC and CAM16) in an order seeded by `seed`."""
+
+    from_: Literal["stratified"] = Field(alias="from")
+    ratios: dict[Literal["train", "val", "test"], Count] = Field(
+        default_factory=lambda: dict(DEFAULT_RATIOS)
+    )
+    seed: StrictInt = 0
+
+    @model_validator(mode="after")
+    def _some_ratio(self) -> StratifiedSplit:
+        if not any(self.ratios.values()):
+            raise PydanticCustomError(
+                "catalog_ratios", "needs at least one non-zero ratio", {"field": "ratios"}
+            )
+        return self
+
+
+class ConstantLabel(_Block):
+    """One label for every image of a single-class set (e.g. the smears of one malaria species)."""
+
+    from_: Literal["constant"] = Field(alias="from")
+    value: Name
+
+
 Rule = Annotated[ParentFolderRule | RegexRule | CsvRule, Field(discriminator="from_")]
+LabelRule = Annotated[
+    ParentFolderRule | RegexRule | CsvRule | ConstantLabel, Field(discriminator="from_")
+]
+SplitRule = Annotated[
+    ParentFolderRule | RegexRule | CsvRule | StratifiedSplit, Field(discriminator="from_")
+]
 RULE_SOURCES = ("parent_folder", "regex", "csv")
+_RULE_TYPES = (*RULE_SOURCES, "constant", STRATIFIED)
+"""Every `from` of a labels or splits rule (pydantic names the type in error locations)."""
 
 
-def _check_split_values(rule: _Rule) -> _Rule:
+def _check_split_values(rule: _Rule | StratifiedSplit) -> _Rule | StratifiedSplit:
+    if isinstance(rule, StratifiedSplit):
+        return rule
     bad = sorted({*rule.map.values(), rule.default} - {*RULE_SPLITS, None})
     if bad:
         raise PydanticCustomError(
@@ -244,7 +282,66 @@ def _check_split_values(rule: _Rule) -> _Rule:
     return rule
 
 
+Fraction = Annotated[float, Strict(), Field(ge=0, le=1)]
+
+
+class TissueOverrides(_Block):
+    """Per-sub-dataset changes to scale_tiles' tissue thresholds (`core/tissue.py`), e.g. a lower
+    saturation for pale stains; a field left out keeps the run config's value."""
+
+    saturation: Fraction | None = None
+    min_brightness: Annotated[StrictInt, Field(ge=0, le=255)] | None = None
+    thumbnail_min_tissue: Fraction | None = None
+    xl_min_tissue: Fraction | None = None
+    tile_min_tissue: Fraction | None = None
+
+    def values(self) -> dict[str, float]:
+        """The thresholds this entry sets."""
+        return self.model_dump(exclude_none=True)
+
+
+UNKNOWN = "unknown"
+
+
+def _check_year(value: Any) -> Any:
+    if value == UNKNOWN or (type(value) is int and 1900 <= value <= 2100):
+        return value
+    raise PydanticCustomError(
+        "catalog_year",
+        "should be a year such as 2019, or 'unknown' (got {value})",
+        {"value": repr(value)},
+    )
+
+
+class About(_Block):
+    """What users ask about a sub-dataset, from its source's own page; "unknown" where a fact
+    could not be confirmed."""
+
+    licence: Text = UNKNOWN
+    redistributable: StrictBool | None = None
+    """Whether the licence allows sharing copies (under its conditions); null: unknown."""
+    stain: Text = UNKNOWN
+    diseases: tuple[Text, ...] = ()
+    pathology: Literal["histopathology", "cytopathology", "unknown"] = UNKNOWN
+    year: Annotated[int | str, BeforeValidator(_check_year)] = UNKNOWN
+    landing_page: Text = UNKNOWN
+    citation: Text = UNKNOWN
+
+
+def _check_table_i_row(row: str) -> str:
+    if row not in TABLE_I_ORGANS:
+        close = difflib.get_close_matches(row, TABLE_I_ORGANS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise PydanticCustomError(
+            "catalog_table_i_row",
+            "{row} is not an organ row of the paper's Table I{hint}",
+            {"row": repr(row), "hint": hint},
+        )
+    return row
+
+
 _ROI_ONLY_FIELDS = ("scale", "scale_rules", "labels", "splits", "crop")
+_WSI_ONLY_FIELDS = ("wsi", "tissue_thresholds")
 
 
 class SubDataset(_Block):
@@ -252,6 +349,10 @@ class SubDataset(_Block):
 
     `load_catalog` also checks `source` (`downloads.validate_source`) and resolves a local source's
     relative path against the catalog file's folder; entries built in code skip that step.
+
+    `organ` is the sub-dataset's real organ (for users who filter by organ); `table_i_row` is the
+    paper's Table I row it is counted under when that differs (SIPaKMeD, cervical cytology, is
+    counted under bone marrow), and the Table I report uses it (`table_i_organ`).
     """
 
     key: Key
@@ -262,11 +363,14 @@ class SubDataset(_Block):
     labelled: StrictBool = False
     scale: RoiScale | None = None
     scale_rules: tuple[ScaleRule, ...] = ()
-    labels: Rule | None = None
-    splits: Annotated[Rule, AfterValidator(_check_split_values)] | None = None
+    labels: LabelRule | None = None
+    splits: Annotated[SplitRule, AfterValidator(_check_split_values)] | None = None
     crop: Crop | None = None
     wsi: WsiOptions = Field(default_factory=WsiOptions)
+    tissue_thresholds: TissueOverrides = Field(default_factory=TissueOverrides)
+    table_i_row: Annotated[StrictStr, AfterValidator(_check_table_i_row)] | None = None
     published_counts: dict[Scale, Count] = Field(default_factory=dict)
+    about: About = Field(default_factory=About)
     description: StrictStr = ""
 
     @model_validator(mode="after")
@@ -275,7 +379,7 @@ class SubDataset(_Block):
             misplaced = [name for name in _ROI_ONLY_FIELDS if name in self.model_fields_set]
             kind_needed = "ROI"
         else:
-            misplaced = ["wsi"] if "wsi" in self.model_fields_set else []
+            misplaced = [name for name in _WSI_ONLY_FIELDS if name in self.model_fields_set]
             kind_needed = "WSI"
         if misplaced:
             raise PydanticCustomError(
@@ -290,6 +394,16 @@ class SubDataset(_Block):
                 {"field": "scale"},
             )
         return self
+
+    @property
+    def table_i_organ(self) -> str:
+        """The Table I row this sub-dataset is counted under."""
+        return self.table_i_row or self.organ
+
+    @property
+    def redistributable(self) -> bool | None:
+        """Whether its licence allows sharing copies (None: unknown); exports flag the rest."""
+        return self.about.redistributable
 
     @property
     def scales(self) -> tuple[str, ...]:
@@ -519,7 +633,8 @@ def _describe(error: ValidationError) -> Iterator[str]:
             reason = item["msg"]
         elif kind in ("union_tag_invalid", "union_tag_not_found"):  # a rule's 'from'
             location.append("from")
-            reason = f"must be one of {', '.join(RULE_SOURCES)}"
+            expected = context.get("expected_tags", "").replace("'", "") or ", ".join(RULE_SOURCES)
+            reason = f"must be one of {expected}"
             reason += f" (got {context['tag']!r})" if "tag" in context else ", and is missing"
         elif kind == "missing":
             reason = _PLAIN_REASONS[kind]
@@ -538,7 +653,7 @@ def _location(loc: tuple[int | str, ...]) -> list[str]:
     `labels`/`splits` (the YAML has no such level), and list indexes as `[i]`."""
     parts: list[str] = []
     for index, part in enumerate(loc):
-        if index and loc[index - 1] in _RULE_FIELDS and part in RULE_SOURCES:
+        if index and loc[index - 1] in _RULE_FIELDS and part in _RULE_TYPES:
             continue
         if type(part) is int and parts:
             parts[-1] += f"[{part}]"

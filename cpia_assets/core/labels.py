@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 
 from cpia_assets.core.catalog import (
     RULE_SPLITS,
+    ConstantLabel,
     CsvRule,
     ParentFolderRule,
     RegexRule,
@@ -56,7 +57,7 @@ class Annotator:
     def __init__(
         self,
         *,
-        labels: Rule | None,
+        labels: Rule | ConstantLabel | None,
         splits: Rule | None,
         source_dir: Path,
     ) -> None:
@@ -77,8 +78,10 @@ class Annotator:
         return Annotation(label=label, split=split)
 
 
-def _compile(rule: Rule, name: str, source_dir: Path) -> Callable[[str], str]:
+def _compile(rule: Rule | ConstantLabel, name: str, source_dir: Path) -> Callable[[str], str]:
     """The rule as a function of the relative path: raw value, then map, then default."""
+    if isinstance(rule, ConstantLabel):
+        return lambda _: rule.value
     if isinstance(rule, ParentFolderRule):
         find = _parent_folder_finder(rule)
     elif isinstance(rule, RegexRule):

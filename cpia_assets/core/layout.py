@@ -26,6 +26,10 @@ class DataLayout:
     def raw_dir(self, key: str) -> Path:
         return self.root / "raw" / key
 
+    def unpacked_dir(self, key: str) -> Path:
+        """Images unpacked from the source's container files (HDF5 patch arrays)."""
+        return self.root / "unpacked" / key
+
     def standardized_dir(self, key: str) -> Path:
         return self.root / "standardized" / key
 

@@ -12,7 +12,8 @@ folder) and `manifest_file` (the Parquet file each row came from). `subdatasets`
 from the catalog; `manifest_files` is the load state; `tile_counts` keeps image counts per file so
 Table I never scans the tiles. Views: `lineage` (a kept image, its parent tiles, standardized slide
 and source file, with each stage's run id and code version; filter it by `subdataset` as well as
-`image_name` and DuckDB reads one partition's row groups) and `table_i` (the paper's Table I).
+`image_name` and DuckDB reads one partition's row groups) and `table_i` (the paper's Table I, each
+sub-dataset counted under its catalog `table_i_organ`).
 User values reach SQL only as bound parameters; identifiers come from this module's constants.
 """
 
@@ -31,7 +32,7 @@ import duckdb
 import polars as pl
 
 from cpia_assets.core import schema
-from cpia_assets.core.catalog import ALL_SCALES, TABLE_I_ORGANS, Catalog
+from cpia_assets.core.catalog import ALL_SCALES, TABLE_I_ORGANS, About, Catalog
 from cpia_assets.core.fsutil import output_fault
 from cpia_assets.core.layout import DataLayout
 
@@ -88,9 +89,23 @@ TABLE_I_COLUMNS = (
 )
 """(column, kind, scale) of the paper's Table I, in its order."""
 
+ABOUT_COLUMNS = {
+    "licence": "VARCHAR",
+    "redistributable": "BOOLEAN",  # NULL: unknown
+    "stain": "VARCHAR",
+    "diseases": "VARCHAR[]",
+    "pathology": "VARCHAR",
+    "year": "VARCHAR",
+    "landing_page": "VARCHAR",
+    "citation": "VARCHAR",
+}
+"""Each catalog entry's `about` block, in the `subdatasets` table."""
+
 _SUPPORT_COLUMNS = {
     "subdatasets": "key VARCHAR, name VARCHAR, kind VARCHAR, organ VARCHAR, labelled BOOLEAN, "
-    "raw_dir VARCHAR, "  # then the paper's image counts per scale (NULL: none published)
+    "raw_dir VARCHAR, table_i_row VARCHAR, "
+    + ", ".join(f"{name} {sql}" for name, sql in ABOUT_COLUMNS.items())
+    + ", "  # then the published image counts per scale
     + ", ".join(f"published_{scale.lower()} BIGINT" for scale in ALL_SCALES),
     "organs": "organ VARCHAR, position INTEGER",  # Table I order, then other catalog organs
     "manifest_files": "file VARCHAR, subdataset VARCHAR, table_name VARCHAR, "
@@ -175,7 +190,7 @@ WITH images AS (
     SELECT o.position, o.organ, count(DISTINCT s.key)::BIGINT AS "sub-datasets",
         {counts}
     FROM organs o
-    LEFT JOIN subdatasets s ON s.organ = o.organ
+    LEFT JOIN subdatasets s ON s.table_i_row = o.organ
     LEFT JOIN images i ON i.subdataset = s.key
     GROUP BY o.position, o.organ
 )
@@ -663,21 +678,29 @@ def _write_catalog_tables(
     con: duckdb.DuckDBPyConnection, layout: DataLayout, catalog: Catalog
 ) -> None:
     con.execute("DELETE FROM subdatasets")
-    placeholders = ", ".join("?" for _ in range(6 + len(ALL_SCALES)))
+    placeholders = ", ".join("?" for _ in range(7 + len(ABOUT_COLUMNS) + len(ALL_SCALES)))
     con.executemany(
         f"INSERT INTO subdatasets VALUES ({placeholders})",
         [
             [e.key, e.name, e.kind, e.organ, e.labelled, layout.relative(layout.raw_dir(e.key)),
+             e.table_i_organ, *_about_values(e.about),
              *(e.published_counts.get(scale) for scale in ALL_SCALES)]
             for e in catalog.subdatasets
         ],
     )  # fmt: skip
-    extra = sorted({e.organ for e in catalog.subdatasets} - set(TABLE_I_ORGANS))
+    extra = sorted({e.table_i_organ for e in catalog.subdatasets} - set(TABLE_I_ORGANS))
     con.execute("DELETE FROM organs")
     con.executemany(
         "INSERT INTO organs VALUES (?, ?)",
         [[organ, position] for position, organ in enumerate((*TABLE_I_ORGANS, *extra))],
     )
+
+
+def _about_values(about: About) -> list[Any]:
+    values = about.model_dump()
+    values["diseases"] = list(about.diseases)
+    values["year"] = str(about.year)
+    return [values[name] for name in ABOUT_COLUMNS]
 
 
 def table_rows(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
@@ -695,6 +718,20 @@ def table_rows(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
 def table_i(con: duckdb.DuckDBPyConnection, *, mini_only: bool = False) -> pl.DataFrame:
     """Kept images per organ in the paper's Table I columns, with a Total row."""
     return con.sql("SELECT * FROM table_i_for(?)", params=[mini_only]).pl()
+
+
+def subdataset_info(
+    con: duckdb.DuckDBPyConnection, *, organs: Sequence[str] = (), kinds: Sequence[str] = ()
+) -> pl.DataFrame:
+    """The catalog's sub-datasets with their organ, Table I row and `about` facts (licence,
+    redistributable, stain, diseases, pathology, year, landing page, citation)."""
+    columns = ", ".join(["key", "name", "kind", "organ", "table_i_row", "labelled", *ABOUT_COLUMNS])
+    return con.sql(
+        f"SELECT {columns} FROM subdatasets "
+        "WHERE (len(?::VARCHAR[]) = 0 OR organ IN (SELECT unnest(?::VARCHAR[]))) "
+        "AND (len(?::VARCHAR[]) = 0 OR kind IN (SELECT unnest(?::VARCHAR[]))) ORDER BY key",
+        params=[list(organs), list(organs), list(kinds), list(kinds)],
+    ).pl()
 
 
 def built_vs_published(con: duckdb.DuckDBPyConnection, *, built_only: bool = False) -> pl.DataFrame:
@@ -893,4 +930,6 @@ def _markdown_cell(value: Any) -> str:
         return f"{value:,}"
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, list):
+        return "; ".join(_markdown_cell(item) for item in value)
     return str(value).replace("|", "\\|")

@@ -25,6 +25,13 @@ and `x.tif`); every colliding source is named `<stem>__<first 8 hex digits of th
 path relative to the source folder, UTF-8>`. Names depend only on the set of source paths, so
 reruns give the same names.
 
+Sources: the image files under the source folder, plus the patches of HDF5 patch arrays (PCam)
+unpacked first into `unpacked/<key>/` (`patch_arrays`), whose relative paths the catalog's rules
+see as if they sat in the source folder (`<array file stem>/<label>/<index>.png`).
+
+Labels and splits come from the entry's rules (`labels`); an entry whose split rule is
+`{from: stratified}` gets the declared seeded stratified split over all its images (`splits`).
+
 Resume: each JPEG carries in its comment a JSON stamp with the source's SHA-256, the settings
 that made it and its colour metrics. A rerun finds images whose stamp matches their source bytes
 and settings and re-encodes none of them (`StageResult.reused`); outputs no longer expected
@@ -41,7 +48,7 @@ import shutil
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import Executor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -49,11 +56,13 @@ import numpy as np
 import pyvips
 from PIL import Image, ImageOps
 
-from cpia_assets.core.catalog import ROI_SCALES, CsvRule, SubDataset
+from cpia_assets.core.catalog import ROI_SCALES, CsvRule, StratifiedSplit, SubDataset
 from cpia_assets.core.fsutil import atomic_path, sha256_file, walk_visible
 from cpia_assets.core.labels import AnnotationError, Annotator
 from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.parallel import map_unordered
+from cpia_assets.core.patch_arrays import array_stem, unpack_patch_arrays
+from cpia_assets.core.splits import stratified_split
 from cpia_assets.core.stage import RawSelection, StageResult, failure
 
 STAGE = "standardized_wsi"  # the asset that runs ROI standardization
@@ -121,6 +130,8 @@ def find_roi_images(source_dir: Path, annotation_files: Collection[str] = ()) ->
             selection.used.append(path)
         elif relative in annotation_files:
             selection.skipped.append((relative, "label or split table of the catalog"))
+        elif array_stem(path) is not None:
+            selection.skipped.append((relative, "HDF5 patch arrays: unpacked, then standardized"))
         else:
             known = ", ".join(sorted(ROI_EXTENSIONS))
             reason = f"not an image of a known type ({suffix or 'no extension'}; known: {known})"
@@ -325,7 +336,17 @@ def standardize_roi_partition(
     """
     if entry.kind != "roi":
         raise RoiError(f"sub-dataset {entry.key!r} is a {entry.kind} sub-dataset, not roi")
-    jobs, result = _plan_jobs(entry, source_dir=Path(source_dir), layout=layout)
+    unpacked_dir = layout.unpacked_dir(entry.key)
+    unpack_failures = unpack_patch_arrays(
+        source_dir,
+        unpacked_dir,
+        stage=STAGE,
+        stored_prefix=layout.stored(source_dir),
+        executor=executor,
+    )
+    roots = (Path(source_dir), unpacked_dir) if unpacked_dir.is_dir() else (Path(source_dir),)
+    jobs, result = _plan_jobs(entry, roots=roots, layout=layout)
+    result.failures[:0] = unpack_failures
     crop_fraction = entry.crop.fraction if entry.crop else 1.0
     chunks = [
         _Chunk(
@@ -359,31 +380,37 @@ def standardize_roi_partition(
 
 
 def _plan_jobs(
-    entry: SubDataset, *, source_dir: Path, layout: DataLayout
+    entry: SubDataset, *, roots: tuple[Path, ...], layout: DataLayout
 ) -> tuple[list[_ImageJob], StageResult]:
-    """Jobs for the used source images, and a result holding the skipped files and the
-    failures known before decoding (entries the walk refused, images a rule cannot label or
-    split)."""
-    annotator = Annotator(labels=entry.labels, splits=entry.splits, source_dir=source_dir)
-    source_prefix = layout.stored(source_dir)
+    """Jobs for the used images under `roots` (the source folder first, whose files the label
+    rules' CSVs live in; then the folder of unpacked patch arrays), and a result holding the
+    skipped files and the failures known before decoding (entries the walk refused, images a
+    rule cannot label or split)."""
+    stratified = isinstance(entry.splits, StratifiedSplit)
+    annotator = Annotator(
+        labels=entry.labels, splits=None if stratified else entry.splits, source_dir=roots[0]
+    )
     tables = {
         posixpath.normpath(rule.file)
         for rule in (entry.labels, entry.splits)
         if isinstance(rule, CsvRule)
     }
-    selection = find_roi_images(source_dir, tables)
-    by_scale = _sources_by_scale(entry, selection, source_dir)
-    planned = StageResult(
-        failures=selection.refused_rows(source_prefix, STAGE),
-        skipped=sorted(selection.skipped_rows(source_prefix), key=lambda row: row["file"]),
-    )
+    planned = StageResult()
+    by_scale: dict[str, dict[str, Path]] = defaultdict(dict)
+    for root in roots:
+        selection = find_roi_images(root, tables if root == roots[0] else ())
+        _add_by_scale(entry, selection, root, by_scale)
+        prefix = layout.stored(root)
+        planned.failures += selection.refused_rows(prefix, STAGE)
+        planned.skipped += selection.skipped_rows(prefix)
+    planned.skipped.sort(key=lambda row: row["file"])
     jobs = []
     for scale, sources in by_scale.items():
         output_dir = layout.image_dir(scale, entry.key)
         output_prefix = layout.relative(output_dir)
         stems = output_stems(sources)
-        for relative in sources:
-            source_file = f"{source_prefix}/{relative}"
+        for relative, root in sources.items():
+            source_file = f"{layout.stored(root)}/{relative}"
             try:
                 annotation = annotator.annotate(relative)
             except AnnotationError as exc:
@@ -391,7 +418,8 @@ def _plan_jobs(
                 continue
             jobs.append(
                 _ImageJob(
-                    source=source_dir / relative,
+                    source=root / relative,
+                    relative=relative,
                     source_file=source_file,
                     output=output_dir / f"{stems[relative]}.jpg",
                     path=f"{output_prefix}/{stems[relative]}.jpg",
@@ -401,23 +429,32 @@ def _plan_jobs(
                     split=annotation.split,
                 )
             )
+    if stratified:
+        jobs = _with_stratified_splits(jobs, entry.splits)
     return jobs, planned
 
 
-def _sources_by_scale(
-    entry: SubDataset, selection: RawSelection, source_dir: Path
-) -> dict[str, list[str]]:
-    """Relative POSIX paths of the used source images, grouped by their catalog scale; images
-    the catalog gives no scale are added to the selection's skipped files."""
-    by_scale: dict[str, list[str]] = defaultdict(list)
+def _with_stratified_splits(jobs: list[_ImageJob], rule: StratifiedSplit) -> list[_ImageJob]:
+    """The jobs with the entry's declared seeded stratified split (`splits` module)."""
+    splits = stratified_split(
+        ((job.relative, job.label) for job in jobs), ratios=rule.ratios, seed=rule.seed
+    )
+    return [replace(job, split=splits[job.relative]) for job in jobs]
+
+
+def _add_by_scale(
+    entry: SubDataset, selection: RawSelection, root: Path, by_scale: dict[str, dict[str, Path]]
+) -> None:
+    """Group the used images of `root` by their catalog scale (relative POSIX path -> root; the
+    first root wins a path found in two); images the catalog gives no scale are added to the
+    selection's skipped files."""
     for path in selection.used:
-        relative = path.relative_to(source_dir).as_posix()
+        relative = path.relative_to(root).as_posix()
         scale = entry.scale_for(relative)
         if scale is None:
             selection.skipped.append((relative, "the catalog's scale rules give it no scale"))
         else:
-            by_scale[scale].append(relative)
-    return dict(by_scale)
+            by_scale[scale].setdefault(relative, root)
 
 
 def _remove_stale_outputs(folders: Iterable[Path], kept: set[Path]) -> None:
@@ -437,6 +474,7 @@ def _remove_stale_outputs(folders: Iterable[Path], kept: set[Path]) -> None:
 @dataclass(frozen=True)
 class _ImageJob:
     source: Path
+    relative: str  # below its source root, as the catalog's rules see it
     source_file: str  # as stored in records
     output: Path
     path: str  # output as stored in records

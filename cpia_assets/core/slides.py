@@ -25,6 +25,7 @@ import openslide
 import pyvips
 
 from cpia_assets.core.catalog import WsiOptions
+from cpia_assets.core.dicom import container_identifier
 from cpia_assets.core.fsutil import walk_visible
 from cpia_assets.core.stage import RawSelection
 
@@ -107,10 +108,13 @@ class SlideInfo:
 def slide_stem(path: Path) -> str:
     """The slide name used in outputs: the file name up to its first dot, as the published
     scripts do (so `TCGA-...-BSA.<uuid>.svs` gives `TCGA-...-BSA`). A DICOM slide is a folder of
-    `.dcm` files, so its name is the folder's."""
+    `.dcm` files named by series UUID (IDC): its name is the slide's ContainerIdentifier (the
+    original slide name, `dicom.container_identifier`), else the folder's. The UUID stays in the
+    records' `source_file`."""
     path = Path(path)
-    name = path.parent.name if path.suffix.lower() == _DICOM_SUFFIX else path.name
-    return name.split(".", 1)[0]
+    if path.suffix.lower() == _DICOM_SUFFIX:
+        return container_identifier(path) or path.parent.name.split(".", 1)[0]
+    return path.name.split(".", 1)[0]
 
 
 def select_slides(raw_dir: Path, options: WsiOptions) -> RawSelection:

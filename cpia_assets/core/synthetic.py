@@ -1,13 +1,20 @@
-"""Synthetic H&E-like sources for the demo catalog and the tests: no network, deterministic.
+"""Synthetic sources for the demo catalog and the tests: no network, deterministic.
+
+The pixels are real H&E: a crop of OpenSlide's CMU-1 test slide shipped with the package
+(`data/cmu1_he_crop.jpg`, CC0, see the licence note beside it), resampled to the requested
+resolution and mirror-tiled (flipped copies meet without seams). Tissue islands of it sit on a
+near-white glass background, so slides also hold blank areas that the tissue test rejects.
 
 Slides are pyramidal tiled TIFFs (JPEG) whose resolution tags carry the MPP, so OpenSlide reads
-them as generic TIFF slides with `openslide.mpp-x/y`. Tissue islands sit on a white background.
+them as generic TIFF slides with `openslide.mpp-x/y`.
 """
 
 from __future__ import annotations
 
 import csv
 from collections.abc import Mapping
+from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +24,42 @@ from PIL import Image
 from cpia_assets.core.fsutil import atomic_path
 
 BACKGROUND = (243, 242, 245)
-STROMA = (232, 150, 190)
-NUCLEUS = (105, 55, 150)
+HE_SAMPLE_MPP = 0.499
+"""Microns per pixel of the shipped crop (CMU-1-Small-Region's level 0)."""
 _PIL_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".bmp": "BMP", ".tif": "TIFF"}
 
 
-def he_texture(width: int, height: int, seed: int, tissue_fraction: float = 0.5) -> pyvips.Image:
-    """An RGB uint8 image: pink stroma with purple nuclei over islands, white elsewhere."""
+@cache
+def he_sample() -> pyvips.Image:
+    """The shipped real H&E crop (RGB uint8, at `HE_SAMPLE_MPP`)."""
+    data = (resources.files("cpia_assets") / "data" / "cmu1_he_crop.jpg").read_bytes()
+    return pyvips.Image.new_from_buffer(data, "").copy_memory()
+
+
+def mirror_tile(
+    sample: pyvips.Image, width: int, height: int, *, left: int = 0, top: int = 0
+) -> pyvips.Image:
+    """A width x height image cut at (left, top) from `sample` tiled with its mirror images."""
+    row = sample.join(sample.flip("horizontal"), "horizontal")
+    block = row.join(row.flip("vertical"), "vertical")
+    left, top = left % block.width, top % block.height
+    across = (left + width) // block.width + 1
+    down = (top + height) // block.height + 1
+    tiled = block.replicate(across, down).crop(left, top, width, height)
+    return tiled.copy(interpretation="srgb")
+
+
+def he_texture(
+    width: int, height: int, seed: int, tissue_fraction: float = 0.5, mpp: float = HE_SAMPLE_MPP
+) -> pyvips.Image:
+    """An RGB uint8 image at `mpp` um/px: real H&E tissue over islands covering about
+    `tissue_fraction` of it, near-white glass elsewhere. `seed` picks the islands and where the
+    mirror-tiled tissue starts."""
+    sample = he_sample()
+    if mpp != HE_SAMPLE_MPP:
+        sample = sample.resize(HE_SAMPLE_MPP / mpp, kernel="lanczos3")
+    # Different seeds start the mirror-tiled tissue at different places (arbitrary strides).
+    tissue_rgb = mirror_tile(sample, width, height, left=seed * 389, top=seed * 241)
     cell = 256
     coarse = pyvips.Image.gaussnoise(
         width // cell + 3, height // cell + 3, sigma=1.0, mean=0.0, seed=seed
@@ -32,18 +68,9 @@ def he_texture(width: int, height: int, seed: int, tissue_fraction: float = 0.5)
     # A threshold at the (1 - fraction) quantile of a unit normal gives that tissue fraction.
     threshold = _normal_quantile(1.0 - tissue_fraction)
     tissue = coarse.crop(cell, cell, width, height) > threshold
-    # Nuclei: blobs about 10 px across covering ~10% of the tissue.
-    grain = pyvips.Image.gaussnoise(
-        width // 6 + 2, height // 6 + 2, sigma=1.0, mean=0.0, seed=seed + 1
-    )
-    nuclei = grain.resize(6, kernel="linear").crop(0, 0, width, height) > 1.3
-    shade = pyvips.Image.gaussnoise(width, height, sigma=8.0, mean=0.0, seed=seed + 2)
-    stroma = (shade + list(STROMA)).cast("uchar")
-    nucleus = (shade + list(NUCLEUS)).cast("uchar")
     background = (
         pyvips.Image.gaussnoise(width, height, sigma=2.0, mean=0.0, seed=seed + 3) + BACKGROUND
     )
-    tissue_rgb = nuclei.ifthenelse(nucleus, stroma)
     return tissue.ifthenelse(tissue_rgb, background.cast("uchar")).copy(interpretation="srgb")
 
 
@@ -92,8 +119,11 @@ def _generate_slides(spec: Mapping[str, Any], dest: Path) -> list[Path]:
     for slide in spec["slides"]:
         path = dest / f"{slide['name']}.tiff"
         if not path.exists():
-            image = he_texture(int(slide["width"]), int(slide["height"]), int(slide["seed"]))
-            write_slide(path, image, float(slide["mpp"]))
+            mpp = float(slide["mpp"])
+            image = he_texture(
+                int(slide["width"]), int(slide["height"]), int(slide["seed"]), mpp=mpp
+            )
+            write_slide(path, image, mpp)
         written.append(path)
     return written
 

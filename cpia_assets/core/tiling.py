@@ -2,9 +2,18 @@
 
 Geometry: XL tiles form a non-overlapping grid over the standardized slide (partial tiles at the
 right and bottom edges are not cut). A kept XL tile yields L = its 4x4 grid, M = its 10x10
-grid and S = a uniform sample (`s_fraction`, 10% = 160) of its 40x40 grid, drawn with a seed
-derived from the XL tile's name, so reruns pick the same cells. An S cell is a candidate only
-under a kept M tile (S is cut from M). Blank sub-tiles are dropped (`tissue` module docstring).
+grid and S cells of its 40x40 grid chosen by `s_rule`. An S cell is a candidate only under a
+kept M tile (S is cut from M). Blank sub-tiles are dropped (`tissue` module docstring).
+
+The paper states the S rule two ways. Its text: a uniform 10% of the 40x40 cells, so
+XL:L:M:S is 1:16:100:160 on tissue (`s_rule="uniform"`, the default; `s_fraction` of the cells,
+drawn with a seed derived from the XL tile's name, so reruns pick the same cells). Its Table I
+(WSIs-S / WSIs-M = 0.95) and the published script: one S crop per kept M tile, the cell at row 2,
+column 1 of the M tile's 4x4 grid of S cells (`s_rule="per_m_tile"`, reproduces the released
+data; `cpia_repo_notes.md`).
+
+An XL candidate that the thumbnail test rejects is never read at full resolution: its record
+holds the thumbnail's metrics with `blur` null (`rejection_counts` counts them).
 
 Names: `<slide stem>-<size>-<x>-<y>` with the top-left corner at (size * x, size * y) in the
 standardized slide, e.g. `TCGA-A2-A0EY-01A-01-BSA-960-39-6`. Tiles keep their native size.
@@ -31,7 +40,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +68,9 @@ SCALES = ("XL", "L", "M", "S")
 CELLS_PER_XL_EDGE = {"XL": 1, "L": 4, "M": 10, "S": 40}
 _PIL_ENCODE_MAX_PX = 96
 """Tiles up to this edge are encoded by Pillow (per-call overhead of libvips dominates)."""
+S_RULES = ("uniform", "per_m_tile")
+PER_M_TILE_S_CELL = (2, 1)
+"""(row, column) of the one S cell an M tile gives under `s_rule="per_m_tile"`."""
 _RESUME_VERSION = 1
 _STAGING_SUFFIX = ".tiles.tmp"
 
@@ -68,6 +80,9 @@ class TilingSettings:
     xl_size: int = 3840
     jpeg_quality: int = 75
     s_fraction: float = 0.1
+    """Share of the 40x40 S cells kept per XL tile under `s_rule="uniform"`."""
+    s_rule: str = "uniform"
+    """`uniform` (the paper's text) or `per_m_tile` (its Table I and scripts); module docstring."""
     thresholds: TissueThresholds = field(default_factory=TissueThresholds)
     metric_downsample: int = 4
     """Metrics are measured on the XL region box-shrunk by this factor (S cells stay whole)."""
@@ -82,11 +97,21 @@ class TilingSettings:
             )
         if not 0 < self.s_fraction <= 1:
             raise ValueError(f"s_fraction must be in (0, 1], got {self.s_fraction}")
+        if self.s_rule not in S_RULES:
+            raise ValueError(f"s_rule must be one of {S_RULES}, got {self.s_rule!r}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be 1-100, got {self.jpeg_quality}")
 
     def size(self, scale: str) -> int:
         return self.xl_size // CELLS_PER_XL_EDGE[scale]
+
+
+def with_thresholds(settings: TilingSettings, overrides: Mapping[str, float]) -> TilingSettings:
+    """`settings` with some tissue thresholds replaced: a catalog entry's `tissue_thresholds`,
+    e.g. a lower saturation for a pale stain (validated again by `TissueThresholds`)."""
+    if not overrides:
+        return settings
+    return replace(settings, thresholds=replace(settings.thresholds, **overrides))
 
 
 def tile_name(stem: str, size: int, x: int, y: int) -> str:
@@ -178,10 +203,7 @@ def _cut_region(
         cells = CELLS_PER_XL_EDGE[scale]
         size = settings.size(scale)
         metrics = metrics_from_sums(coarsen(sums, finest // cells))
-        if scale == "S":
-            chosen = sample_cells(xl_name, grid=cells, fraction=settings.s_fraction)
-        else:
-            chosen = range(cells * cells)
+        chosen = _s_cells(xl_name, kept_m, settings) if scale == "S" else range(cells * cells)
         for index in chosen:
             j, i = divmod(index, cells)
             name = tile_name(stem, size, column * cells + i, row * cells + j)
@@ -199,6 +221,29 @@ def _cut_region(
             yield Candidate(
                 scale, name, size, column * cells + i, row * cells + j, parent, values, file
             )
+
+
+def _s_cells(xl_name: str, kept_m: set[tuple[int, int]], settings: TilingSettings) -> list[int]:
+    """Row-major indices of the XL tile's S cells to cut, per `settings.s_rule`."""
+    grid = CELLS_PER_XL_EDGE["S"]
+    if settings.s_rule == "uniform":
+        return sample_cells(xl_name, grid=grid, fraction=settings.s_fraction)
+    per_m = grid // CELLS_PER_XL_EDGE["M"]
+    row, column = PER_M_TILE_S_CELL
+    return sorted((j * per_m + row) * grid + i * per_m + column for i, j in kept_m)
+
+
+def rejection_counts(rejected: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Rejected candidates (TILES rows) by the test that rejected them: `xl_thumbnail` (the
+    slide-level thumbnail test, `blur` null), `xl_tissue` (the XL tissue test) and `sub_tiles`
+    (blank L, M and S tiles)."""
+    counts = dict.fromkeys(("xl_thumbnail", "xl_tissue", "sub_tiles"), 0)
+    for row in rejected:
+        if row["scale"] != "XL":
+            counts["sub_tiles"] += 1
+        else:
+            counts["xl_thumbnail" if row["blur"] is None else "xl_tissue"] += 1
+    return counts
 
 
 def _global(cell: tuple[int, int], xl_position: tuple[int, int], cells: int) -> tuple[int, int]:

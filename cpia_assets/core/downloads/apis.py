@@ -99,7 +99,8 @@ def list_idc(spec: Mapping[str, Any], client: HttpClient, page_size: int) -> lis
     """DICOM instances of IDC collections (API v2 manifest preview), from IDC's public S3 bucket.
 
     Files land as `<crdc_series_uuid>/<crdc_instance_uuid>.dcm`: one folder per slide, which is
-    how OpenSlide opens a DICOM whole-slide image. S3's ETag is the MD5 of single-part objects.
+    how OpenSlide opens a DICOM whole-slide image (named after its ContainerIdentifier, see
+    `slides.slide_stem`). S3's ETag is the MD5 of single-part objects.
     """
     api = str(spec.get("api_url", IDC_API)).rstrip("/")
     storage = str(spec.get("storage_url", IDC_STORAGE)).rstrip("/")

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import dagster as dg
 
 from cpia_assets.core import integrity, manifest, mosaic
+from cpia_assets.core.paper_table_i import TABLE_I_NOTE, beside_paper
 from cpia_assets.defs.instance import DUCKDB_POOL as POOL
 from cpia_assets.defs.records import failures_markdown
 from cpia_assets.defs.resources import CpiaStore
@@ -46,7 +47,7 @@ def build_manifest_assets() -> list[dg.AssetsDefinition | dg.AssetChecksDefiniti
             context.log.warning(f"{problem['file']}: {problem['reason']}")
         picture = mosaic.mosaic_path(layout)
         with manifest.open_manifest(layout, on_wait=context.log.warning) as con:
-            table = manifest.markdown_table(manifest.table_i(con))
+            table = manifest.markdown_table(beside_paper(manifest.table_i(con)))
             compared = manifest.markdown_table(manifest.built_vs_published(con, built_only=True))
             if report.touched or not picture.exists():
                 mosaic.build_mosaic(con, layout, picture)
@@ -60,7 +61,7 @@ def build_manifest_assets() -> list[dg.AssetsDefinition | dg.AssetChecksDefiniti
             "files_removed": len(report.removed),
             "files_unchanged": report.unchanged,
             "unusable_files": dg.MetadataValue.md(failures_markdown(report.problems)),
-            "table_i": dg.MetadataValue.md(table),
+            "table_i": dg.MetadataValue.md(f"{TABLE_I_NOTE}\n\n{table}"),
             "built_vs_published": dg.MetadataValue.md(compared),
             "mosaic": dg.MetadataValue.path(str(picture)),
             "mosaic_preview": dg.MetadataValue.md(

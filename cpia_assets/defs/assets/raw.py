@@ -3,6 +3,7 @@
 import dagster as dg
 
 from cpia_assets.core import schema
+from cpia_assets.core.catalog import UNKNOWN, SubDataset
 from cpia_assets.core.downloads import (
     DownloadSettings,
     SourceIncomplete,
@@ -21,6 +22,24 @@ from cpia_assets.defs.records import (
 from cpia_assets.defs.resources import CpiaStore
 
 DownloadConfig = config_class(DownloadSettings, "DownloadConfig")
+
+
+def about_metadata(entry: SubDataset) -> dict[str, str | dg.MetadataValue]:
+    """The entry's organ, Table I row and `about` facts, shown with each partition in the UI."""
+    about = entry.about
+    landing = about.landing_page
+    return {
+        "organ": entry.organ,
+        "table_i_row": entry.table_i_organ,
+        "licence": about.licence,
+        "redistributable": {True: "yes", False: "no"}.get(about.redistributable, "unknown"),
+        "stain": about.stain,
+        "diseases": "; ".join(about.diseases) or UNKNOWN,
+        "pathology": about.pathology,
+        "year": str(about.year),
+        "landing_page": dg.MetadataValue.url(landing) if landing != UNKNOWN else landing,
+        "citation": about.citation,
+    }
 
 
 def build_raw_download(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
@@ -66,6 +85,7 @@ def build_raw_download(partitions: dg.PartitionsDefinition) -> dg.AssetsDefiniti
                 "bytes": sum(int(r["bytes"]) for r in rows),
                 "folder": dg.MetadataValue.path(str(layout.raw_dir(key))),
                 "source_type": entry.source["type"],
+                **about_metadata(entry),
             },
             data_version=dg.DataVersion(source_data_version(rows)[:16]),
         )

@@ -1,6 +1,7 @@
 """scale_tiles: the XL/L/M/S tiles of WSI sub-datasets and the partition's tile manifest."""
 
 from collections import Counter
+from dataclasses import asdict
 
 import dagster as dg
 
@@ -8,7 +9,12 @@ from cpia_assets.core import schema
 from cpia_assets.core.catalog import ALL_SCALES
 from cpia_assets.core.integrity import xl_ratio_text
 from cpia_assets.core.stage import StageResult
-from cpia_assets.core.tiling import TilingSettings, tile_partition
+from cpia_assets.core.tiling import (
+    TilingSettings,
+    rejection_counts,
+    tile_partition,
+    with_thresholds,
+)
 from cpia_assets.defs.records import (
     config_class,
     failures_markdown,
@@ -32,8 +38,9 @@ def build_scale_tiles(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinitio
         kinds={"python", "libvips", "parquet"},
         description=(
             "WSI sub-datasets: non-overlapping XL tiles (3840 px) with tissue, each cut into the "
-            "4x4 L (960), 10x10 M (384) and a seeded 10% sample of the 40x40 S (96) grids, blank "
-            "sub-tiles dropped, saved as cpia/{L,M,S}/<key>/<slide>-<size>-<x>-<y>.jpg. Every "
+            "4x4 L (960), 10x10 M (384) and S (96) cells (a seeded 10% of the 40x40 grid, or "
+            "s_rule per_m_tile: one per kept M tile), blank sub-tiles dropped, saved as "
+            "cpia/{L,M,S}/<key>/<slide>-<size>-<x>-<y>.jpg. Every "
             "candidate's metrics (kept or rejected) go to the partition's Parquet manifest. ROI "
             "sub-datasets: the standardized ROI images are registered as the partition's tiles."
         ),
@@ -51,12 +58,15 @@ def build_scale_tiles(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinitio
             result = StageResult(records=read_records(layout, key, "roi_images"))
         else:
             slides = read_records(layout, key, "slides")
+            settings = with_thresholds(
+                settings_from(config, TilingSettings), entry.tissue_thresholds.values()
+            )
             with workers.executor() as executor:
                 result = tile_partition(
                     slides,
                     key=key,
                     layout=layout,
-                    settings=settings_from(config, TilingSettings),
+                    settings=settings,
                     executor=executor,
                     progress=progress_logger(context),
                 )
@@ -75,7 +85,10 @@ def build_scale_tiles(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinitio
         metadata["images"] = len(result.records)
         if entry.kind == "wsi":
             metadata["ratio_XL_L_M_S"] = xl_ratio_text(counts)
+            metadata["tissue_thresholds"] = dg.MetadataValue.json(asdict(settings.thresholds))
             metadata["rejected_candidates"] = len(result.rejected)
+            for test, count in rejection_counts(result.rejected).items():
+                metadata[f"rejected_{test}"] = count
             metadata["reused_from_earlier_runs"] = result.reused
             metadata["failures"] = dg.MetadataValue.md(failures_markdown(result.failures))
         return dg.MaterializeResult(metadata=metadata)
