@@ -37,6 +37,14 @@ class DataLayout:
         """Folder of one sub-dataset's images of one scale (XL lands under L)."""
         return self.cpia_dir / SCALE_FOLDER_OF[scale] / key
 
+    def mini_image_dir(self, folder: str, key: str) -> Path:
+        """Folder of one sub-dataset's CPIA-Mini images under a top folder L, M or S."""
+        return self.root / "cpia-mini" / folder / key
+
+    def shards_dir(self, variant: str) -> Path:
+        """WebDataset shards and index of one data variant (core/variants.py)."""
+        return self.root / "shards" / variant
+
     @property
     def manifests_dir(self) -> Path:
         return self.root / "manifests"
