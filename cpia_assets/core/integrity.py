@@ -297,6 +297,79 @@ def unique_names_per_folder(con: duckdb.DuckDBPyConnection) -> CheckOutcome:
     )
 
 
+_MINI_PER_XL = """
+WITH mini AS (
+    SELECT subdataset, image_name, scale, parent_image FROM mini_images WHERE kind = 'wsi'
+), children AS (
+    SELECT c.subdataset, c.scale,
+        CASE WHEN c.scale = 'S' THEN m.parent_image ELSE c.parent_image END AS xl_image
+    FROM mini c
+    LEFT JOIN mini m ON c.scale = 'S' AND m.scale = 'M' AND m.subdataset = c.subdataset
+        AND m.image_name = c.parent_image
+    WHERE c.scale <> 'XL'
+), mini_counts AS (
+    SELECT subdataset, xl_image, count(*) FILTER (WHERE scale = 'L') AS l,
+        count(*) FILTER (WHERE scale = 'M') AS m, count(*) FILTER (WHERE scale = 'S') AS s
+    FROM children GROUP BY ALL
+), kept AS (
+    SELECT subdataset, parent_image AS xl_image, count(*) FILTER (WHERE scale = 'L') AS l,
+        count(*) FILTER (WHERE scale = 'M') AS m
+    FROM tiles
+    WHERE kind = 'wsi' AND path IS NOT NULL AND scale IN ('L', 'M')
+        AND mini_reason IS DISTINCT FROM 'excluded for evaluation'
+    GROUP BY ALL
+), per_xl AS (
+    SELECT x.subdataset, x.image_name AS xl_image, coalesce(c.l, 0) AS l,
+        coalesce(c.m, 0) AS m, coalesce(c.s, 0) AS s, coalesce(k.l, 0) AS kept_l,
+        coalesce(k.m, 0) AS kept_m
+    FROM mini x
+    LEFT JOIN mini_counts c ON c.subdataset = x.subdataset AND c.xl_image = x.image_name
+    LEFT JOIN kept k ON k.subdataset = x.subdataset AND k.xl_image = x.image_name
+    WHERE x.scale = 'XL'
+)
+"""
+
+
+_MINI_EXAMPLE_FIELDS = ("subdataset", "xl_image", "L", "M", "S", "kept_L", "kept_M")
+
+
+def mini_ratios(con: duckdb.DuckDBPyConnection) -> CheckOutcome:
+    """Per Mini XL tile: every kept L tile (at most 16), min(32, kept M) M tiles and one S crop
+    per Mini M tile; and every Mini L/M/S image has its Mini XL tile."""
+    limit_l, limit_m = MAX_MINI_PER_XL["L"], MAX_MINI_PER_XL["M"]
+    off = con.execute(
+        _MINI_PER_XL + "SELECT subdataset, xl_image, l, m, s, kept_l, kept_m, count(*) OVER () "
+        f"FROM per_xl WHERE l <> least(kept_l, {limit_l}) OR m <> least(kept_m, {limit_m}) "
+        "OR s <> m ORDER BY ALL LIMIT ?",
+        [EXAMPLES],
+    ).fetchall()
+    [(orphans,)] = con.execute(
+        _MINI_PER_XL + "SELECT count(*) FROM children c WHERE NOT EXISTS (SELECT 1 FROM mini x "
+        "WHERE x.scale = 'XL' AND x.subdataset = c.subdataset AND x.image_name = c.xl_image)"
+    ).fetchall()
+    counts = dict(
+        con.execute(
+            "SELECT scale, count(*) FROM mini_images WHERE kind = 'wsi' GROUP BY ALL"
+        ).fetchall()
+    )
+    off_count = off[0][-1] if off else 0
+    ratio = xl_ratio_text(counts)
+    return CheckOutcome(
+        passed=off_count == 0 and orphans == 0,
+        summary=(
+            f"Mini {counts.get('XL', 0)} XL tiles, XL:L:M:S = {ratio}; {off_count} XL tiles "
+            f"off 16/32/32 (beyond fewer kept sub-tiles), {orphans} images without a Mini XL"
+        ),
+        details={
+            "ratio_XL_L_M_S": ratio,
+            "max_mini_per_xl": dict(MAX_MINI_PER_XL),
+            "xl_tiles_off": off_count,
+            "images_without_xl": orphans,
+            "examples": [dict(zip(_MINI_EXAMPLE_FIELDS, row[:-1], strict=True)) for row in off],
+        },
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # All checks
 
@@ -309,6 +382,11 @@ CHECKS = {
     ),
     "unique_names_per_folder": (
         "No image name is used twice in one folder cpia/<L|M|S>/<sub-dataset>/."
+    ),
+    "mini_ratios": (
+        "CPIA-Mini is 1:16:32:32 per XL tile, allowing for XL tiles with fewer kept sub-tiles: "
+        "each Mini XL tile has all its kept L tiles (at most 16), min(32, kept M) M tiles and "
+        "exactly one S crop per Mini M tile, and every Mini L/M/S image has its Mini XL tile."
     ),
 }
 """Check name -> what it verifies."""
@@ -332,4 +410,6 @@ def run_checks(
         outcomes["ratios_within_spec"] = ratios_within_spec(con)
     if "unique_names_per_folder" in wanted:
         outcomes["unique_names_per_folder"] = unique_names_per_folder(con)
+    if "mini_ratios" in wanted:
+        outcomes["mini_ratios"] = mini_ratios(con)
     return {name: outcomes[name] for name in CHECKS if name in wanted}

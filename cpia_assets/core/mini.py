@@ -233,13 +233,16 @@ def build_mini_partition(
     tiles: Sequence[Mapping[str, Any]],
     *,
     quota: int,
+    exclusions: Exclusions,
     layout: DataLayout,
     settings: MiniSettings,
     executor: Executor | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> MiniResult:
-    """Build (or reuse) the Mini images of one partition from its kept TILES rows."""
-    exclusions = Exclusions.load(settings.exclusions)
+    """Build (or reuse) the Mini images of one partition from its kept TILES rows.
+
+    `quota` comes from `xl_quota` and `exclusions` from `Exclusions.load(settings.exclusions)`.
+    """
     key = entry.key
     parts = _Parts(layout, key)
     fingerprint = _fingerprint(entry, tiles, quota, settings, exclusions)

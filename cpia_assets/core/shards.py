@@ -27,13 +27,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 
+from cpia_assets.core.catalog import Catalog
 from cpia_assets.core.fsutil import atomic_path
 from cpia_assets.core.layout import SCALE_FOLDER_OF, SCALE_FOLDERS, DataLayout
 from cpia_assets.core.parallel import map_unordered
 from cpia_assets.core.stage import failure
+from cpia_assets.core.variants import VARIANT_FOLDERS
 
 STAGE = "training_shards"
+MINI_VARIANT = "cpia-mini"
 SCALES = ("XL", "L", "M", "S")
 SIDECAR_FIELDS = (
     "image_name", "subdataset", "organ", "scale", "folder", "label", "split", "source_tile",
@@ -73,6 +77,27 @@ def sidecar(row: Mapping[str, Any], organ: str) -> dict[str, Any]:
         "source_tile": row.get("source_tile"),
         "path": row["path"],
     }
+
+
+def variant_sidecars(
+    layout: DataLayout, catalog: Catalog, variant: str
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The sidecars of every image of `variant`, read from the per-partition records (Mini:
+    `mini_images`, else the kept `tiles` of the variant's folders), and the catalog keys
+    whose records are missing (partition not built yet)."""
+    table = "mini_images" if variant == MINI_VARIANT else "tiles"
+    scales = [scale for scale in SCALES if SCALE_FOLDER_OF[scale] in VARIANT_FOLDERS[variant]]
+    sidecars, missing = [], []
+    for entry in catalog.subdatasets:
+        path = layout.manifest_file(entry.key, table)
+        if not path.is_file():
+            missing.append(entry.key)
+            continue
+        rows = pl.read_parquet(path).filter(
+            pl.col("path").is_not_null() & pl.col("scale").is_in(scales)
+        )
+        sidecars += [sidecar(row, entry.organ) for row in rows.iter_rows(named=True)]
+    return sidecars, missing
 
 
 @dataclass
