@@ -37,9 +37,13 @@ class DataLayout:
         """Folder of one sub-dataset's images of one scale (XL lands under L)."""
         return self.cpia_dir / SCALE_FOLDER_OF[scale] / key
 
+    @property
+    def mini_dir(self) -> Path:
+        return self.root / "cpia-mini"
+
     def mini_image_dir(self, folder: str, key: str) -> Path:
         """Folder of one sub-dataset's CPIA-Mini images under a top folder L, M or S."""
-        return self.root / "cpia-mini" / folder / key
+        return self.mini_dir / folder / key
 
     def shards_dir(self, variant: str) -> Path:
         """WebDataset shards and index of one data variant (core/variants.py)."""

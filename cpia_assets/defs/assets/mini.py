@@ -105,9 +105,7 @@ def _mini_metadata(result: MiniResult, root: Path) -> dict[str, Any]:
         for scale in ALL_SCALES
         if counts.get(scale)
     }
-    metadata: dict[str, Any] = {
-        f"images_{scale}": counts.get(scale, 0) for scale in ALL_SCALES
-    }
+    metadata: dict[str, Any] = {f"images_{scale}": counts.get(scale, 0) for scale in ALL_SCALES}
     metadata |= {
         "images": len(result.records),
         "xl_quota": result.quota,
