@@ -7,7 +7,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-from cpia_assets.core import integrity
+from cpia_assets.core import integrity, schema
 from cpia_assets.core.fsutil import write_parquet_atomic
 from cpia_assets.core.manifest import load_manifest, open_manifest
 from cpia_assets_tests.test_manifest import DataFolder, build_data_folder
@@ -132,3 +132,40 @@ def test_the_same_name_in_two_folders_is_not_a_duplicate(loaded: DataFolder) -> 
     ])  # fmt: skip
     with open_manifest(loaded.layout) as con:
         assert integrity.unique_names_per_folder(con).passed
+
+
+def write_mini_of_first_xl(data: DataFolder, key: str, *, s_crops: int, orphan: bool) -> str:
+    """cpia_mini's records for the first XL tile of `key`: the XL, its kept L and M tiles and
+    `s_crops` S crops of those M tiles; `orphan` adds an L image whose XL is not in Mini."""
+    tiles = pl.read_parquet(data.layout.manifest_file(key, "tiles"))
+    xl = tiles.filter(pl.col("scale") == "XL").row(0, named=True)["image_name"]
+    children = tiles.filter(pl.col("parent_image") == xl).to_dicts()
+    m_names = [row["image_name"] for row in children if row["scale"] == "M"]
+    rows = [{"image_name": xl, "scale": "XL"}, *children]
+    rows += [{"image_name": f"{m}-c", "scale": "S", "parent_image": m} for m in m_names[:s_crops]]
+    if orphan:
+        rows.append({"image_name": "elsewhere-960-0-0", "scale": "L", "parent_image": "other-xl"})
+    rows = [{**row, "subdataset": key, "kind": "wsi", "path": "cpia-mini/x.jpg"} for row in rows]
+    write_parquet_atomic(
+        schema.frame(rows, schema.MINI_IMAGES), data.layout.manifest_file(key, "mini_images")
+    )
+    load_manifest(data.layout, data.catalog)
+    return xl
+
+
+def test_mini_ratio_check_requires_every_kept_child_and_one_s_per_m(loaded: DataFolder) -> None:
+    write_mini_of_first_xl(loaded, "wsi-breast", s_crops=2, orphan=False)
+    with open_manifest(loaded.layout) as con:
+        complete = integrity.mini_ratios(con)
+    assert complete.passed, complete.details
+    assert complete.details["ratio_XL_L_M_S"] == "1:2.0:2.0:2.0"  # XL tiles with 2 kept L, M
+
+    xl = write_mini_of_first_xl(loaded, "wsi-breast", s_crops=1, orphan=True)
+    with open_manifest(loaded.layout) as con:
+        broken = integrity.mini_ratios(con)
+    assert not broken.passed
+    assert broken.details["examples"] == [
+        {"subdataset": "wsi-breast", "xl_image": xl, "L": 2, "M": 2, "S": 1, "kept_L": 2,
+         "kept_M": 2}
+    ]  # fmt: skip
+    assert broken.details["images_without_xl"] == 1

@@ -265,7 +265,7 @@ def build_mini_partition(
         if progress:
             progress(f"Mini: {len(jobs)} XL tiles picked (quota {quota})")
     else:
-        result.records = _link_rois(entry, tiles, excluded, layout, staging)
+        result.records, result.failures = _link_rois(entry, tiles, excluded, layout, staging)
     result.records.sort(key=lambda row: (row["scale"], row["image_name"]))
     result.selection = _selection(entry, tiles, result.records, excluded)
     for folder, staged in staging.items():
@@ -332,7 +332,8 @@ def _selection(
 def _mini_row(
     key: str, tile: Mapping[str, Any], path: Path, layout: DataLayout, **values: Any
 ) -> dict[str, Any]:
-    """A MINI_IMAGES row for `tile`'s pixels saved at `path`; `values` override defaults."""
+    """A MINI_IMAGES row for `tile`'s pixels staged at `path`; `values` override defaults."""
+    final = layout.mini_image_dir(path.parent.parent.name, key) / path.name  # once moved in
     return {
         "image_name": tile["image_name"],
         "subdataset": key,
@@ -346,7 +347,7 @@ def _mini_row(
         "source_path": tile["path"],
         "source_file": tile["source_file"],
         "parent_image": None,
-        "path": layout.relative(path.parent.with_name(key) / path.name),
+        "path": layout.relative(final),
         "label": tile["label"],
         "split": tile["split"],
         "bytes": path.stat().st_size,
@@ -374,16 +375,22 @@ def _link_rois(
     excluded: set[str],
     layout: DataLayout,
     staging: Mapping[str, Path],
-) -> list[dict[str, Any]]:
-    rows = []
+) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Mini rows of the ROI images that enter Mini, linked; failures name unreadable ones."""
+    rows, failures = [], []
     for tile in tiles:
         if tile["image_name"] in excluded or _evaluation_split(entry, tile):
             continue
         source = layout.root / tile["path"]
         destination = staging[SCALE_FOLDER_OF[tile["scale"]]] / source.name
-        _link(source, destination)
+        try:
+            _link(source, destination)
+        except OSError as exc:
+            reason = f"{tile['path']}: cannot link the image into Mini: {exc}"
+            failures.append(failure(tile["path"], STAGE, reason))
+            continue
         rows.append(_mini_row(entry.key, tile, destination, layout))
-    return rows
+    return rows, failures
 
 
 @dataclass(frozen=True)
@@ -391,7 +398,7 @@ class _XlJob:
     """One picked XL tile and the children it brings (TILES rows); picklable."""
 
     key: str
-    root: Path
+    layout: DataLayout
     staging: Mapping[str, Path]
     xl: Mapping[str, Any]
     l_tiles: tuple[Mapping[str, Any], ...]
@@ -429,9 +436,7 @@ def _xl_jobs(
         )
         l_tiles = sorted(children[xl, "L"], key=lambda row: (row["y"], row["x"]))
         m_tiles = tuple(kept_m[i] for i in sorted(picked))
-        jobs.append(
-            _XlJob(key, layout.root, staging, by_name[xl], tuple(l_tiles), m_tiles, settings)
-        )
+        jobs.append(_XlJob(key, layout, staging, by_name[xl], tuple(l_tiles), m_tiles, settings))
     return jobs
 
 
@@ -466,18 +471,17 @@ def _resized(
     job: _XlJob, tile: Mapping[str, Any], written: list[Path], parent: str | None = None
 ) -> dict[str, Any]:
     """An XL or L tile shrunk to 384 px with the area filter."""
-    image = pyvips.Image.new_from_file(str(job.root / tile["path"]), access="sequential")
+    image = pyvips.Image.new_from_file(str(job.layout.root / tile["path"]), access="sequential")
     factors = (image.width / MINI_SIZE, image.height / MINI_SIZE)
     small = shrink_by(image, factors).crop(0, 0, MINI_SIZE, MINI_SIZE)
     path = _save(small, job, tile["scale"], tile["image_name"], written)
-    layout = DataLayout(job.root)
-    return _mini_row(job.key, tile, path, layout, parent_image=parent, resample="area")
+    return _mini_row(job.key, tile, path, job.layout, parent_image=parent, resample="area")
 
 
 def _m_and_s(job: _XlJob, m_tile: Mapping[str, Any], written: list[Path]) -> list[dict[str, Any]]:
     """The M tile linked unchanged, and its S crop enlarged to 384 px with Lanczos-3."""
-    layout = DataLayout(job.root)
-    source = job.root / m_tile["path"]
+    layout = job.layout
+    source = layout.root / m_tile["path"]
     destination = job.staging["M"] / source.name
     written.append(destination)
     _link(source, destination)
