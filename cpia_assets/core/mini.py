@@ -256,7 +256,7 @@ def build_mini_partition(
     excluded = _excluded_rows(entry, tiles, exclusions)
     result = MiniResult(quota=quota)
     if entry.kind == "wsi":
-        wanted = [row for row in tiles if row["image_name"] not in excluded]
+        wanted = [row for row in tiles if _identity(row) not in excluded]
         jobs = _xl_jobs(key, wanted, quota, layout, staging, settings)
         for outcome in map_unordered(_run_xl_job, jobs, executor):
             result.records.extend(outcome.rows)
@@ -266,6 +266,8 @@ def build_mini_partition(
             progress(f"Mini: {len(jobs)} XL tiles picked (quota {quota})")
     else:
         result.records, result.failures = _link_rois(entry, tiles, excluded, layout, staging)
+        if progress:
+            progress(f"Mini: {len(result.records)} of {len(tiles)} ROI images")
     result.records.sort(key=lambda row: (row["scale"], row["image_name"]))
     result.selection = _selection(entry, tiles, result.records, excluded)
     for folder, staged in staging.items():
@@ -294,31 +296,36 @@ def _source_names(key: str, row: Mapping[str, Any]) -> list[str]:
     return [relative, pure.name, pure.name.split(".", 1)[0], row["image_name"]]
 
 
+def _identity(row: Mapping[str, Any]) -> tuple[str, str]:
+    """(scale, name): names are unique per scale folder only."""
+    return row["scale"], row["image_name"]
+
+
 def _excluded_rows(
     entry: SubDataset, tiles: Sequence[Mapping[str, Any]], exclusions: Exclusions
-) -> set[str]:
-    """Names of the tiles excluded for evaluation (every tile of a wholly excluded set)."""
+) -> set[tuple[str, str]]:
+    """Identities of the tiles excluded for evaluation (all of a wholly excluded set)."""
     if exclusions.whole(entry.key):
-        return {row["image_name"] for row in tiles}
+        return {_identity(row) for row in tiles}
     excludes = exclusions.for_key(entry.key)
-    return {row["image_name"] for row in tiles if excludes(_source_names(entry.key, row))}
+    return {_identity(row) for row in tiles if excludes(_source_names(entry.key, row))}
 
 
 def _selection(
     entry: SubDataset,
     tiles: Sequence[Mapping[str, Any]],
     images: Sequence[Mapping[str, Any]],
-    excluded: set[str],
+    excluded: set[tuple[str, str]],
 ) -> list[dict[str, Any]]:
-    chosen = {(row["scale"], row["image_name"]) for row in images}
+    chosen = {_identity(row) for row in images}
     rows = []
     for tile in tiles:
         name, scale = tile["image_name"], tile["scale"]
-        if name in excluded:
+        if _identity(tile) in excluded:
             reason = EXCLUDED
         elif _evaluation_split(entry, tile):
             reason = EVAL_SPLIT
-        elif (scale, name) in chosen:
+        elif _identity(tile) in chosen:
             reason = SELECTED
         else:
             reason = NOT_SELECTED
@@ -372,14 +379,14 @@ def _evaluation_split(entry: SubDataset, tile: Mapping[str, Any]) -> bool:
 def _link_rois(
     entry: SubDataset,
     tiles: Sequence[Mapping[str, Any]],
-    excluded: set[str],
+    excluded: set[tuple[str, str]],
     layout: DataLayout,
     staging: Mapping[str, Path],
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Mini rows of the ROI images that enter Mini, linked; failures name unreadable ones."""
     rows, failures = [], []
     for tile in tiles:
-        if tile["image_name"] in excluded or _evaluation_split(entry, tile):
+        if _identity(tile) in excluded or _evaluation_split(entry, tile):
             continue
         source = layout.root / tile["path"]
         destination = staging[SCALE_FOLDER_OF[tile["scale"]]] / source.name
