@@ -49,7 +49,7 @@ class CheckOutcome:
 
 @dataclass
 class FileComparison:
-    """Kept-image rows of the manifest compared with the files under cpia/{L,M,S}/."""
+    """Kept-image rows of the manifest compared with the files under cpia/ and cpia-mini/."""
 
     rows: int = 0
     files: int = 0
@@ -65,35 +65,43 @@ class FileComparison:
 
 
 def compare_files(con: duckdb.DuckDBPyConnection, layout: DataLayout) -> FileComparison:
-    """Walk each sub-dataset's image folders and match them with its rows, one at a time.
+    """Walk each sub-dataset's image folders and match them with its rows, one at a time:
+    cpia/ with the `tiles` rows, cpia-mini/ with the `mini_images` rows.
 
-    Hidden entries (in-flight atomic writes) are ignored; files directly under cpia/<scale>/
+    Hidden entries (in-flight atomic writes) are ignored; files directly under <top>/<scale>/
     or in folders of sub-datasets without rows are orphans.
     """
     comparison = FileComparison()
-    keys = {row[0] for row in con.execute("SELECT DISTINCT subdataset FROM tiles").fetchall()}
-    for folder in SCALE_FOLDERS:
-        top = layout.cpia_dir / folder
-        for entry in _visible_entries(top):
-            if entry.is_dir(follow_symlinks=False):
-                keys.add(entry.name)
-            else:
-                comparison.files += 1
-                comparison.note("orphans", [layout.relative(Path(entry.path))])
-    for key in sorted(keys):
-        _compare_subdataset(con, layout, key, comparison)
+    for table, top in (("tiles", layout.cpia_dir), ("mini_images", layout.mini_dir)):
+        keys = {
+            row[0] for row in con.execute(f"SELECT DISTINCT subdataset FROM {table}").fetchall()
+        }
+        for folder in SCALE_FOLDERS:
+            for entry in _visible_entries(top / folder):
+                if entry.is_dir(follow_symlinks=False):
+                    keys.add(entry.name)
+                else:
+                    comparison.files += 1
+                    comparison.note("orphans", [layout.relative(Path(entry.path))])
+        for key in sorted(keys):
+            _compare_subdataset(con, layout, (table, top), key, comparison)
     return comparison
 
 
 def _compare_subdataset(
-    con: duckdb.DuckDBPyConnection, layout: DataLayout, key: str, comparison: FileComparison
+    con: duckdb.DuckDBPyConnection,
+    layout: DataLayout,
+    tree: tuple[str, Path],
+    key: str,
+    comparison: FileComparison,
 ) -> None:
+    table, top = tree
     rows = con.sql(
-        "SELECT path, bytes FROM tiles WHERE subdataset = ? AND path IS NOT NULL", params=[key]
+        f"SELECT path, bytes FROM {table} WHERE subdataset = ? AND path IS NOT NULL", params=[key]
     ).pl()
     listed: list[tuple[str, int]] = []
     for folder in SCALE_FOLDERS:
-        images = layout.image_dir(folder, key)
+        images = top / folder / key
         listed += _walk_files(images, f"{layout.relative(images)}/")
     files = pl.DataFrame(listed, schema={"path": pl.String, "size": pl.Int64}, orient="row")
     comparison.rows += rows.height
@@ -131,7 +139,7 @@ def _walk_files(folder: Path, prefix: str) -> Iterator[tuple[str, int]]:
 
 
 def rows_have_files(comparison: FileComparison) -> CheckOutcome:
-    """Every kept-image row has its file, of the recorded size."""
+    """Every kept-image row (CPIA and Mini) has its file, of the recorded size."""
     missing, wrong_size = comparison.problems["missing"], comparison.problems["wrong_size"]
     return CheckOutcome(
         passed=missing + wrong_size == 0,
@@ -153,7 +161,7 @@ def rows_have_files(comparison: FileComparison) -> CheckOutcome:
 
 
 def no_orphan_files(comparison: FileComparison) -> CheckOutcome:
-    """No image file under cpia/ lacks a manifest row."""
+    """No image file under cpia/ or cpia-mini/ lacks a manifest row."""
     orphans = comparison.problems["orphans"]
     return CheckOutcome(
         passed=orphans == 0,
@@ -374,8 +382,10 @@ def mini_ratios(con: duckdb.DuckDBPyConnection) -> CheckOutcome:
 # All checks
 
 CHECKS = {
-    "rows_have_files": "Every kept-image row has its file under cpia/, of the recorded size.",
-    "no_orphan_files": "No image file under cpia/{L,M,S}/ lacks a manifest row.",
+    "rows_have_files": (
+        "Every kept-image row has its file under cpia/ (Mini: cpia-mini/), of the recorded size."
+    ),
+    "no_orphan_files": "No image file under cpia/{L,M,S}/ or cpia-mini/{L,M,S}/ lacks a row.",
     "ratios_within_spec": (
         "Each WSI L/M/S tile lies inside an existing parent tile, and no XL tile has more "
         "children than the spec allows (16 L, 100 M, 160 S; Mini 16, 32, 32)."
