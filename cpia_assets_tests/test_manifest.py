@@ -772,7 +772,7 @@ def test_partition_runs_beside_manifest_runs_lose_nothing(tmp_path: Path) -> Non
 
     keys = load_catalog(catalog_file).keys
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        # Two manifest runs (each: tile_manifest and its 4 checks) start with the 4 partition
+        # Two manifest runs (each: tile_manifest and its 5 checks) start with the 4 partition
         # runs; they compete for the pool; a last one loads whatever they missed.
         concurrent = [
             *(materialize("--select", "raw_download,standardized_wsi,scale_tiles",
