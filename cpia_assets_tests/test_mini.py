@@ -17,19 +17,16 @@ import webdataset as wds
 from PIL import Image
 
 from cpia_assets.core.catalog import load_catalog
+from cpia_assets.core.exclusions import ExclusionError, Exclusions, ExclusionSettings
 from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.mini import (
-    EVAL_SPLIT,
-    EXCLUDED,
-    Exclusions,
-    ExclusionSettings,
-    MiniError,
     MiniSettings,
     build_mini_partition,
     choose_s_cell,
     spread_over_slides,
     xl_quota,
 )
+from cpia_assets.core.schema import MiniReason
 from cpia_assets.core.shards import ShardSettings, export_shards, sample_key
 from cpia_assets.definitions import PARTITIONED_ASSETS, build_definitions
 
@@ -97,10 +94,10 @@ def test_exclusion_rules_and_lists(tmp_path: Path) -> None:
     assert exclusions.for_key("tcga-kirc")(["TCGA-AB-1234-01Z.svs"])
     assert not exclusions.for_key("tcga-brca")(["TCGA-AB-1234-01Z.svs"])
     assert Exclusions.load(ExclusionSettings()).whole("prcc")
-    with pytest.raises(MiniError, match=r"missing\.txt: cannot read the exclusion list"):
+    with pytest.raises(ExclusionError, match=r"missing\.txt: cannot read the exclusion list"):
         Exclusions.load(ExclusionSettings(lists=(str(tmp_path / "missing.txt"),)))
     listed.write_text("cam16:\n")
-    with pytest.raises(MiniError, match=r"eval\.txt:1: exclusion rule 'cam16:'"):
+    with pytest.raises(ExclusionError, match=r"eval\.txt:1: exclusion rule 'cam16:'"):
         Exclusions.load(ExclusionSettings(lists=(str(listed),)))
 
 
@@ -228,7 +225,7 @@ def test_excluded_slide_never_enters_mini(built) -> None:
     tiles = _frame(layout, "wsi-20x", "tiles")
     excluded = tiles.filter(pl.col("source_file").str.contains(EXCLUDED_SLIDE))["image_name"]
     reasons = selection.filter(pl.col("image_name").is_in(excluded))["mini_reason"].unique()
-    assert excluded.len() and reasons.to_list() == [EXCLUDED]
+    assert excluded.len() and reasons.to_list() == [MiniReason.EXCLUDED]
 
 
 def test_labelled_roi_sets_give_only_their_training_split(built) -> None:
@@ -245,7 +242,7 @@ def test_labelled_roi_sets_give_only_their_training_split(built) -> None:
             assert (layout.root / row["path"]).read_bytes() == source.read_bytes()
         selection = _frame(layout, key, "mini_selection")
         held_out = selection.filter(~pl.col("in_mini"))
-        assert held_out["mini_reason"].unique().to_list() == [EVAL_SPLIT]
+        assert held_out["mini_reason"].unique().to_list() == [MiniReason.EVAL_SPLIT]
         assert held_out.height == tiles.height - train.height
 
 
@@ -266,7 +263,7 @@ def test_manifest_marks_in_mini_and_its_checks_pass(built) -> None:
         [(blank,)] = con.sql(
             "SELECT count(*) FROM rejected_tiles WHERE mini_reason <> 'blank'"
         ).fetchall()
-    assert set(reasons) == {"selected", "not selected", EVAL_SPLIT, EXCLUDED}
+    assert set(reasons) == {"selected", "not selected", "val/test split", "excluded for evaluation"}
     assert mini_total.item() == mini_rows > 0 and blank == 0
 
 

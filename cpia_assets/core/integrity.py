@@ -17,6 +17,7 @@ import duckdb
 import polars as pl
 
 from cpia_assets.core.layout import SCALE_FOLDER_OF, SCALE_FOLDERS, DataLayout
+from cpia_assets.core.schema import MiniReason
 
 TILE_EDGE_PX = {"XL": 3840, "L": 960, "M": 384, "S": 96}
 """Nominal WSI tile edge per scale at the standard resolution (the spec's scale table)."""
@@ -305,7 +306,7 @@ def unique_names_per_folder(con: duckdb.DuckDBPyConnection) -> CheckOutcome:
     )
 
 
-_MINI_PER_XL = """
+_MINI_PER_XL = f"""
 WITH mini AS (
     SELECT subdataset, image_name, scale, parent_image FROM mini_images WHERE kind = 'wsi'
 ), children AS (
@@ -324,7 +325,7 @@ WITH mini AS (
         count(*) FILTER (WHERE scale = 'M') AS m
     FROM tiles
     WHERE kind = 'wsi' AND path IS NOT NULL AND scale IN ('L', 'M')
-        AND mini_reason IS DISTINCT FROM 'excluded for evaluation'
+        AND mini_reason IS DISTINCT FROM '{MiniReason.EXCLUDED}'
     GROUP BY ALL
 ), per_xl AS (
     SELECT x.subdataset, x.image_name AS xl_image, coalesce(c.l, 0) AS l,

@@ -579,7 +579,7 @@ def _apply_mini_selection(con: duckdb.DuckDBPyConnection, partitions: set[str]) 
         [keys],
     )
     con.execute(
-        "UPDATE rejected_tiles SET in_mini = false, mini_reason = 'blank' "
+        f"UPDATE rejected_tiles SET in_mini = false, mini_reason = '{schema.MiniReason.BLANK}' "
         "WHERE mini_reason IS NULL AND subdataset IN (SELECT unnest(?::VARCHAR[]))",
         [keys],
     )

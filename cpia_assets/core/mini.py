@@ -18,7 +18,8 @@ like ROI images, are hard-linked (copied across file systems), never re-encoded.
 ROI sub-datasets. Every image of an unlabelled set; of a labelled set the `train` split and
 images without any split (`none`: no evaluation set is defined for them).
 
-Evaluation hygiene. `ExclusionSettings` rules keep the paper's downstream test data out.
+Evaluation hygiene. The exclusion rules (core/exclusions.py) keep the paper's downstream test
+data out of Mini.
 
 Names. A Mini image keeps its source image's name; a Mini S image takes the full-CPIA S name
 of the 96 px cell it was cut from (`<slide>-96-<x>-<y>`), so every name leads back to its slide.
@@ -40,7 +41,6 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field
-from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -50,9 +50,11 @@ import pyvips
 
 from cpia_assets.core import schema
 from cpia_assets.core.catalog import Catalog, SubDataset
+from cpia_assets.core.exclusions import Exclusions, ExclusionSettings
 from cpia_assets.core.fsutil import atomic_path, write_parquet_atomic
 from cpia_assets.core.layout import SCALE_FOLDER_OF, SCALE_FOLDERS, DataLayout
 from cpia_assets.core.parallel import map_unordered
+from cpia_assets.core.schema import MiniReason
 from cpia_assets.core.stage import StageResult, failure
 from cpia_assets.core.standardize import shrink_by
 from cpia_assets.core.tiling import tile_name
@@ -63,41 +65,11 @@ MINI_SIZE = 384
 S_CELLS_PER_M_EDGE = 4
 """An M tile (384 px) holds 4 x 4 S cells (96 px)."""
 
-SELECTED = "selected"
-NOT_SELECTED = "not selected"
-EVAL_SPLIT = "val/test split"
-EXCLUDED = "excluded for evaluation"
-BLANK = "blank"
-REASONS = (SELECTED, NOT_SELECTED, EVAL_SPLIT, EXCLUDED, BLANK)
-"""Why an image is in CPIA-Mini or not (`mini_reason`); BLANK marks rejected candidates."""
-
 MINI_SPLITS = ("train", "none")
 """Splits of labelled ROI sets that enter Mini."""
 
-DEFAULT_EXCLUSIONS = (
-    "cam16:*test_*",  # Camelyon16 test slides (the CAM16 evaluation)
-    "wbc:*TestA/*",  # Raabin-WBC Test-A (the WBC evaluation), under both spellings
-    "wbc:*Test-A/*",
-    "prcc",  # pRCC itself (the pRCC evaluation) ...
-    "tcga-kirp",  # ... and its source: no case list ships, so every TCGA-KIRP slide
-)
 _RESUME_VERSION = 1
 _STAGING_SUFFIX = ".mini.tmp"
-
-
-class MiniError(ValueError):
-    """Mini settings that cannot be used; the message names the file or rule and the reason."""
-
-
-@dataclass(frozen=True)
-class ExclusionSettings:
-    """Images that never enter Mini. A rule is `<sub-dataset glob>` (the whole sub-dataset) or
-    `<sub-dataset glob>:<name glob>`, the name glob matched against the source path below
-    raw/<key>/, the source file's name and stem, and the image name (slides, patients by name
-    prefix, single images). `lists` are files of such rules, one per line (# comments)."""
-
-    rules: tuple[str, ...] = DEFAULT_EXCLUSIONS
-    lists: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -121,48 +93,6 @@ class MiniSettings:
             raise ValueError(f"s_min_tissue must be in [0, 1], got {self.s_min_tissue}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be 1-100, got {self.jpeg_quality}")
-
-
-@dataclass(frozen=True)
-class ExclusionRule:
-    subdatasets: str
-    names: str | None  # None: the whole sub-dataset
-
-    @classmethod
-    def parse(cls, text: str, where: str) -> ExclusionRule:
-        key, _, names = text.strip().partition(":")
-        if not key or (_ and not names):
-            raise MiniError(f"{where}: exclusion rule {text!r} is not '<key glob>[:<name glob>]'")
-        return cls(key, names or None)
-
-
-@dataclass(frozen=True)
-class Exclusions:
-    rules: tuple[ExclusionRule, ...]
-
-    @classmethod
-    def load(cls, settings: ExclusionSettings) -> Exclusions:
-        """The settings' rules plus those of every list file (missing or unreadable: an error
-        naming the file, since silently dropping an exclusion would leak test images)."""
-        rules = [ExclusionRule.parse(text, "exclusions.rules") for text in settings.rules]
-        for listed in settings.lists:
-            try:
-                lines = Path(listed).read_text().splitlines()
-            except (OSError, UnicodeDecodeError) as exc:
-                raise MiniError(f"{listed}: cannot read the exclusion list: {exc}") from exc
-            for number, line in enumerate(lines, 1):
-                if line.strip() and not line.lstrip().startswith("#"):
-                    rules.append(ExclusionRule.parse(line, f"{listed}:{number}"))
-        return cls(tuple(rules))
-
-    def whole(self, key: str) -> bool:
-        """Is the sub-dataset `key` excluded entirely?"""
-        return any(r.names is None and fnmatchcase(key, r.subdatasets) for r in self.rules)
-
-    def for_key(self, key: str) -> Callable[[Iterable[str]], bool]:
-        """A test of an image's names against the name rules that apply to `key`."""
-        patterns = [r.names for r in self.rules if r.names and fnmatchcase(key, r.subdatasets)]
-        return lambda names: any(fnmatchcase(n, p) for p in patterns for n in names)
 
 
 def table_i_row(entry: SubDataset) -> str:
@@ -289,7 +219,7 @@ def _remove(folders: Iterable[Path]) -> None:
 
 
 def _source_names(key: str, row: Mapping[str, Any]) -> list[str]:
-    """What exclusion name globs are matched against (module docstring of ExclusionSettings)."""
+    """What exclusion name globs are matched against (see ExclusionSettings)."""
     source = str(row.get("source_file") or "")
     relative = source.split(f"raw/{key}/", 1)[-1]
     pure = PurePosixPath(relative)
@@ -322,15 +252,15 @@ def _selection(
     for tile in tiles:
         name, scale = tile["image_name"], tile["scale"]
         if _identity(tile) in excluded:
-            reason = EXCLUDED
+            reason = MiniReason.EXCLUDED
         elif _evaluation_split(entry, tile):
-            reason = EVAL_SPLIT
+            reason = MiniReason.EVAL_SPLIT
         elif _identity(tile) in chosen:
-            reason = SELECTED
+            reason = MiniReason.SELECTED
         else:
-            reason = NOT_SELECTED
+            reason = MiniReason.NOT_SELECTED
         rows.append(
-            {"image_name": name, "scale": scale, "in_mini": reason == SELECTED,
+            {"image_name": name, "scale": scale, "in_mini": reason == MiniReason.SELECTED,
              "mini_reason": reason}
         )  # fmt: skip
     return rows

@@ -35,7 +35,7 @@ TILES = {
     "saturation": pl.Float32,
     "blur": pl.Float32,
     "in_mini": pl.Boolean,
-    "mini_reason": pl.String,  # why in or out of CPIA-Mini (core/mini.py REASONS); null: not built
+    "mini_reason": pl.String,  # a MiniReason; null: Mini not built
 }
 
 MINI_IMAGES = {
@@ -98,6 +98,17 @@ FAILURES = {
     "stage": pl.String,
     "reason": pl.String,
 }
+
+
+class MiniReason:
+    """Values of `mini_reason`: why an image is in CPIA-Mini or not."""
+
+    SELECTED = "selected"
+    NOT_SELECTED = "not selected"
+    EVAL_SPLIT = "val/test split"  # of a labelled ROI set
+    EXCLUDED = "excluded for evaluation"
+    BLANK = "blank"  # rejected candidates (set by the manifest load)
+
 
 RUN_COLUMNS = {"run_id": pl.String, "code_version": pl.String}
 """Added by the Dagster shell to every record it writes, for lineage."""

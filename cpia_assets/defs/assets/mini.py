@@ -8,17 +8,16 @@ import dagster as dg
 
 from cpia_assets.core import schema
 from cpia_assets.core.catalog import ALL_SCALES
+from cpia_assets.core.exclusions import ExclusionError, Exclusions
 from cpia_assets.core.integrity import xl_ratio_text
 from cpia_assets.core.mini import (
-    SELECTED,
-    Exclusions,
-    MiniError,
     MiniResult,
     MiniSettings,
     build_mini_partition,
     xl_quota,
 )
 from cpia_assets.core.mosaic import preview_grid_uri
+from cpia_assets.core.schema import MiniReason
 from cpia_assets.core.shards import ShardSettings, export_shards, variant_sidecars
 from cpia_assets.core.variants import DATA_VARIANTS
 from cpia_assets.defs.records import (
@@ -64,7 +63,7 @@ def build_cpia_mini(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         settings = settings_from(config, MiniSettings)
         try:
             exclusions = Exclusions.load(settings.exclusions)
-        except MiniError as exc:
+        except ExclusionError as exc:
             raise dg.Failure(str(exc)) from exc
         quota = xl_quota(store.catalog(), key, settings, exclusions)
         with workers.executor() as executor:
@@ -96,7 +95,11 @@ def _mini_metadata(result: MiniResult, root: Path) -> dict[str, Any]:
     reasons = Counter(row["mini_reason"] for row in result.selection)
     left_out = "\n".join(
         ["| reason | images |", "|---|---|"]
-        + [f"| {reason} | {n} |" for reason, n in sorted(reasons.items()) if reason != SELECTED]
+        + [
+            f"| {reason} | {n} |"
+            for reason, n in sorted(reasons.items())
+            if reason != MiniReason.SELECTED
+        ]
     )
     preview = {
         scale: [root / row["path"] for row in result.records if row["scale"] == scale][
