@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -419,3 +422,21 @@ def test_changed_budget_rebuilds_only_partitions_whose_quota_changed(built) -> N
     mini = _frame(built["layout"], "wsi-20x", "mini_images")
     assert mini.filter(pl.col("scale") == "XL").height == 1
     assert not list(built["layout"].root.glob("cpia-mini/*/.*"))  # no staging left
+
+
+def test_demo_builds_mini_and_its_shards(small_catalog_path: Path, tmp_path: Path) -> None:
+    """`make demo`'s driver, on the small catalog: Mini for every partition, then the shards."""
+    env = {**os.environ, "CPIA_CATALOG": str(small_catalog_path), "CPIA_DATA_DIR": str(tmp_path),
+           "DAGSTER_HOME": str(tmp_path / "home"), "CPIA_WORKERS": "1"}  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-m", "cpia_assets.demo_run"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "Asset check 'mini_ratios' on 'tile_manifest' passed" in run.stdout
+    assert "CPIA-Mini (384 px):" in run.stdout
+    layout = DataLayout(tmp_path)
+    index = json.loads((layout.shards_dir("cpia-mini") / "index.json").read_text())
+    mini_files = list(layout.mini_dir.glob("*/*/*.jpg"))
+    assert index["images"] == len(mini_files) > 0
+    assert {p.parent.name for p in mini_files} == set(load_catalog(small_catalog_path).keys)
