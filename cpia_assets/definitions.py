@@ -15,6 +15,7 @@ import dagster as dg
 from cpia_assets.core.catalog import Catalog, load_catalog
 from cpia_assets.core.layout import default_data_dir
 from cpia_assets.defs.assets.manifest import build_manifest_assets
+from cpia_assets.defs.assets.mini import build_cpia_mini, build_training_shards
 from cpia_assets.defs.assets.raw import build_raw_download
 from cpia_assets.defs.assets.standardize import build_standardized_wsi
 from cpia_assets.defs.assets.tiles import build_scale_tiles
@@ -23,7 +24,7 @@ from cpia_assets.defs.pools import pool_watch
 from cpia_assets.defs.resources import CpiaStore, WorkerPool
 from cpia_assets.defs.schedules import build_schedules
 
-PARTITIONED_ASSETS = ("raw_download", "standardized_wsi", "scale_tiles")
+PARTITIONED_ASSETS = ("raw_download", "standardized_wsi", "scale_tiles", "cpia_mini")
 
 
 def build_definitions(catalog: Catalog, data_dir: Path, *, workers: int = 0) -> dg.Definitions:
@@ -32,12 +33,16 @@ def build_definitions(catalog: Catalog, data_dir: Path, *, workers: int = 0) -> 
         build_raw_download(partitions),
         build_standardized_wsi(partitions),
         build_scale_tiles(partitions),
+        build_cpia_mini(partitions),
     ]
     subdatasets_job = dg.define_asset_job(
         "build_subdatasets",
         selection=list(PARTITIONED_ASSETS),
         partitions_def=partitions,
-        description="Download, standardize and tile one sub-dataset (one run per partition).",
+        description=(
+            "Download, standardize, tile and build CPIA-Mini of one sub-dataset (one run per "
+            "partition)."
+        ),
     )
     manifest_job = dg.define_asset_job(
         "refresh_manifest",
@@ -45,7 +50,7 @@ def build_definitions(catalog: Catalog, data_dir: Path, *, workers: int = 0) -> 
         description="Load changed partitions into manifest.duckdb and run its checks.",
     )
     return dg.Definitions(
-        assets=[*partitioned, *build_manifest_assets()],
+        assets=[*partitioned, *build_manifest_assets(), build_training_shards()],
         jobs=[subdatasets_job, manifest_job],
         schedules=build_schedules(subdatasets_job, manifest_job),
         sensors=[pool_watch],

@@ -17,6 +17,7 @@ import polars as pl
 from cpia_assets.core.catalog import ALL_SCALES, load_catalog
 from cpia_assets.core.layout import DataLayout, default_data_dir
 from cpia_assets.core.manifest import count_tiles, markdown_table, open_manifest, table_i
+from cpia_assets.core.shards import MINI_VARIANT
 from cpia_assets.definitions import PARTITIONED_ASSETS
 from cpia_assets.defs.instance import prepare_instance
 
@@ -35,6 +36,8 @@ def main() -> int:
         _materialize(",".join(PARTITIONED_ASSETS), logs / f"{key}.log", partition=key)
     print("tile_manifest: loading manifest.duckdb", flush=True)
     _materialize("tile_manifest", logs / "tile_manifest.log")
+    print(f"training_shards: {MINI_VARIANT} as WebDataset shards", flush=True)
+    _materialize("training_shards", logs / "training_shards.log", partition=MINI_VARIANT)
     _print_summary(layout)
     print(f"Done in {time.monotonic() - started:.0f} s. Browse the runs: make ui", flush=True)
     return 0
@@ -69,13 +72,17 @@ def _print_summary(layout: DataLayout) -> None:
         counts = count_tiles(con, by=("subdataset", "scale"))
         organs = table_i(con).filter(pl.col("sub-datasets") > 0)  # the demo covers few organs
         table = markdown_table(organs)
+        mini = markdown_table(table_i(con, mini_only=True).filter(pl.col("total") > 0))
     per_scale = counts.pivot(on="scale", index="subdataset", values="images").fill_null(0)
     columns = [scale for scale in ALL_SCALES if scale in per_scale.columns]
     print(f"\n{'sub-dataset':<20}" + "".join(f"{scale:>7}" for scale in columns))
     for row in per_scale.sort("subdataset").iter_rows(named=True):
         print(f"{row['subdataset']:<20}" + "".join(f"{row[scale]:>7}" for scale in columns))
     print(f"\nTable I (organ x scale):\n{table}")
+    print(f"\nCPIA-Mini (384 px):\n{mini}")
     print(f"\nImages:   {layout.cpia_dir}/{{L,M,S}}/<sub-dataset>/")
+    print(f"Mini:     {layout.mini_dir}/{{L,M,S}}/<sub-dataset>/")
+    print(f"Shards:   {layout.shards_dir(MINI_VARIANT)}/ (index.json)")
     print(f"Manifest: {layout.duckdb_path} (query it: .venv/bin/cpia table1 / tiles / lineage)")
 
 

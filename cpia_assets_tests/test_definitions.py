@@ -12,7 +12,10 @@ import pytest
 from cpia_assets.core.catalog import load_catalog
 from cpia_assets.definitions import build_definitions
 
-EXPECTED_ASSETS = {"raw_download", "standardized_wsi", "scale_tiles", "tile_manifest"}
+EXPECTED_ASSETS = {
+    "raw_download", "standardized_wsi", "scale_tiles", "cpia_mini", "tile_manifest",
+    "training_shards",
+}  # fmt: skip
 
 
 def test_full_catalog_definitions_have_103_partitions(tmp_path: Path) -> None:

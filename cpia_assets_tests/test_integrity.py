@@ -7,7 +7,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-from cpia_assets.core import integrity
+from cpia_assets.core import integrity, schema
 from cpia_assets.core.fsutil import write_parquet_atomic
 from cpia_assets.core.manifest import load_manifest, open_manifest
 from cpia_assets_tests.test_manifest import DataFolder, build_data_folder
@@ -38,8 +38,8 @@ def add_tile_rows(data: DataFolder, key: str, rows: list[Mapping[str, Any]]) -> 
 
 def test_a_consistent_manifest_passes_every_check(loaded: DataFolder) -> None:
     rows, orphans = file_checks(loaded)
-    assert rows.passed and rows.details["rows"] == 22
-    assert orphans.passed and orphans.details["files"] == 22
+    assert rows.passed and rows.details["rows"] == 22 + 2  # and the two Mini images
+    assert orphans.passed and orphans.details["files"] == 22 + 2
     with open_manifest(loaded.layout) as con:
         ratios = integrity.ratios_within_spec(con)
         names = integrity.unique_names_per_folder(con)
@@ -57,10 +57,12 @@ def test_a_deleted_or_resized_file_fails_the_rows_check(loaded: DataFolder) -> N
     rows, orphans = file_checks(loaded)
     assert not rows.passed
     assert rows.details["missing_examples"] == ["cpia/M/wsi-breast/BRS-0001-384-1-0.jpg"]
+    # the Mini image is a hard link of the resized file: it changed too
     assert rows.details["wrong_size_examples"] == [
-        {"path": "cpia/S/roi-blood/cell_1.jpg", "recorded": recorded, "actual": recorded + 10}
+        {"path": f"{top}/S/roi-blood/cell_1.jpg", "recorded": recorded, "actual": recorded + 10}
+        for top in ("cpia", "cpia-mini")
     ]
-    assert "1 files missing, 1 of another size" in rows.summary
+    assert "1 files missing, 2 of another size" in rows.summary
     assert orphans.passed
 
 
@@ -168,3 +170,40 @@ def test_the_same_name_in_two_folders_is_not_a_duplicate(loaded: DataFolder) -> 
     ])  # fmt: skip
     with open_manifest(loaded.layout) as con:
         assert integrity.unique_names_per_folder(con).passed
+
+
+def write_mini_of_first_xl(data: DataFolder, key: str, *, s_crops: int, orphan: bool) -> str:
+    """cpia_mini's records for the first XL tile of `key`: the XL, its kept L and M tiles and
+    `s_crops` S crops of those M tiles; `orphan` adds an L image whose XL is not in Mini."""
+    tiles = pl.read_parquet(data.layout.manifest_file(key, "tiles"))
+    xl = tiles.filter(pl.col("scale") == "XL").row(0, named=True)["image_name"]
+    children = tiles.filter(pl.col("parent_image") == xl).to_dicts()
+    m_names = [row["image_name"] for row in children if row["scale"] == "M"]
+    rows = [{"image_name": xl, "scale": "XL"}, *children]
+    rows += [{"image_name": f"{m}-c", "scale": "S", "parent_image": m} for m in m_names[:s_crops]]
+    if orphan:
+        rows.append({"image_name": "elsewhere-960-0-0", "scale": "L", "parent_image": "other-xl"})
+    rows = [{**row, "subdataset": key, "kind": "wsi", "path": "cpia-mini/x.jpg"} for row in rows]
+    write_parquet_atomic(
+        schema.frame(rows, schema.MINI_IMAGES), data.layout.manifest_file(key, "mini_images")
+    )
+    load_manifest(data.layout, data.catalog)
+    return xl
+
+
+def test_mini_ratio_check_requires_every_kept_child_and_one_s_per_m(loaded: DataFolder) -> None:
+    write_mini_of_first_xl(loaded, "wsi-breast", s_crops=2, orphan=False)
+    with open_manifest(loaded.layout) as con:
+        complete = integrity.mini_ratios(con)
+    assert complete.passed, complete.details
+    assert complete.details["ratio_XL_L_M_S"] == "1:2.0:2.0:2.0"  # XL tiles with 2 kept L, M
+
+    xl = write_mini_of_first_xl(loaded, "wsi-breast", s_crops=1, orphan=True)
+    with open_manifest(loaded.layout) as con:
+        broken = integrity.mini_ratios(con)
+    assert not broken.passed
+    assert broken.details["examples"] == [
+        {"subdataset": "wsi-breast", "xl_image": xl, "L": 2, "M": 2, "S": 1, "kept_L": 2,
+         "kept_M": 2}
+    ]  # fmt: skip
+    assert broken.details["images_without_xl"] == 1

@@ -48,8 +48,10 @@ RUN_IDS = {
     "raw_download": "run-raw-1",
     "standardized_wsi": "run-std-1",
     "scale_tiles": "run-tiles-1",
+    "cpia_mini": "run-mini-1",
 }
-CODE_VERSIONS = {"raw_download": "raw-v1", "standardized_wsi": "std-v2", "scale_tiles": "tiles-v3"}
+CODE_VERSIONS = {"raw_download": "raw-v1", "standardized_wsi": "std-v2", "scale_tiles": "tiles-v3",
+                 "cpia_mini": "mini-v1"}  # fmt: skip
 EDGE = {"XL": 3840, "L": 960, "M": 384, "S": 96}
 PIXELS_PER_SAVED_PX = 16  # saved images are the slide region shrunk to keep the tests small
 TISSUE_ORIGIN = (700, 900)  # level-0 pixel of the slide where tile (0, 0) starts: tissue there
@@ -156,7 +158,8 @@ def write_wsi_partition(
 
 
 def write_roi_partition(layout: DataLayout, key: str, count: int) -> None:
-    """`count` S-scale ROI images from PNG sources in <label>/ folders; train ones in Mini."""
+    """`count` S-scale ROI images from PNG sources in <label>/ folders; train ones in Mini
+    (flagged in the tiles, and as cpia_mini's records, with the Mini images linked)."""
     raw_rows, images = [], []
     with openslide.OpenSlide(SLIDE) as slide:
         for index in range(count):
@@ -181,6 +184,19 @@ def write_roi_partition(layout: DataLayout, key: str, count: int) -> None:
     write_records(layout, key, "raw_files", raw_rows, schema.RAW_FILES, "raw_download")
     write_records(layout, key, "roi_images", images, schema.TILES, "standardized_wsi")
     write_records(layout, key, "tiles", images, schema.TILES, "scale_tiles")
+    selection, mini = [], []
+    for image in images:
+        reason = "selected" if image["in_mini"] else "val/test split"
+        selection.append({**image, "mini_reason": reason})
+        if image["in_mini"]:
+            linked = layout.mini_image_dir("S", key) / Path(image["path"]).name
+            linked.parent.mkdir(parents=True, exist_ok=True)
+            os.link(layout.root / image["path"], linked)
+            mini.append(
+                {**image, "source_tile": image["image_name"], "path": layout.relative(linked)}
+            )
+    write_records(layout, key, "mini_selection", selection, schema.MINI_SELECTION, "cpia_mini")
+    write_records(layout, key, "mini_images", mini, schema.MINI_IMAGES, "cpia_mini")
 
 
 def build_data_folder(root: Path) -> DataFolder:
@@ -238,8 +254,9 @@ def loaded_at(layout: DataLayout) -> dict[str, Any]:
 def test_full_load_reads_every_partition_file(data: DataFolder) -> None:
     report = load_manifest(data.layout, data.catalog)
     assert report.rows == {"tiles": 22, "rejected_tiles": 2, "roi_images": 4, "slides": 2,
-                           "raw_files": 6, "failures": 1, "skipped": 0}  # fmt: skip
-    assert len(report.loaded) == 13 and report.unchanged == 0 and not report.problems
+                           "raw_files": 6, "failures": 1, "skipped": 0, "mini_images": 2,
+                           "mini_selection": 4}  # fmt: skip
+    assert len(report.loaded) == 16 and report.unchanged == 0 and not report.problems
     assert report.reloaded_partitions == ["wsi-breast", "wsi-colon", "roi-blood"]
     with open_manifest(data.layout) as con:
         per_partition = dict(
@@ -257,7 +274,7 @@ def test_full_load_reads_every_partition_file(data: DataFolder) -> None:
 def test_second_load_without_changes_touches_nothing(loaded: DataFolder) -> None:
     before = loaded_at(loaded.layout)
     report = load_manifest(loaded.layout, loaded.catalog)
-    assert report.loaded == () and report.removed == () and report.unchanged == 13
+    assert report.loaded == () and report.removed == () and report.unchanged == 15
     assert report.reloaded_partitions == []
     assert report.rows["tiles"] == 22
     assert loaded_at(loaded.layout) == before
@@ -352,7 +369,7 @@ def test_file_with_corrupt_data_pages_is_skipped_and_the_rest_loads(data: DataFo
     bad = "manifests/roi-blood/tiles.parquet"
     assert [problem["file"] for problem in report.problems] == [bad]
     assert "unreadable Parquet data" in report.problems[0]["reason"]
-    assert bad not in [file.path for file in report.loaded] and len(report.loaded) == 12
+    assert bad not in [file.path for file in report.loaded] and len(report.loaded) == 14
     assert report.rows["tiles"] == 18 and report.rows["roi_images"] == 4
     with open_manifest(layout) as con:
         per_partition = dict(
@@ -370,13 +387,13 @@ def test_file_with_corrupt_data_pages_is_skipped_and_the_rest_loads(data: DataFo
 def test_missing_columns_load_as_null_and_extra_columns_are_ignored(loaded: DataFolder) -> None:
     layout = loaded.layout
     tiles_file = layout.manifest_file("roi-blood", "tiles")
-    drifted = pl.read_parquet(tiles_file).drop("in_mini").with_columns(note=pl.lit("extra"))
+    drifted = pl.read_parquet(tiles_file).drop("upscaled").with_columns(note=pl.lit("extra"))
     write_parquet_atomic(drifted, tiles_file)
     report = load_manifest(layout, loaded.catalog)
     assert not report.problems and report.rows["tiles"] == 22
     with open_manifest(layout) as con:
         flags = con.execute(
-            "SELECT DISTINCT in_mini FROM tiles WHERE subdataset = 'roi-blood'"
+            "SELECT DISTINCT upscaled FROM tiles WHERE subdataset = 'roi-blood'"
         ).fetchall()
     assert flags == [(None,)]
 
@@ -422,6 +439,33 @@ def test_table_i_counts_per_organ_with_totals(loaded: DataFolder) -> None:
     assert rows["liver"] == [0] * 9
     assert rows["Total"] == [3, 3, 6, 0, 6, 0, 3, 4, 22]
     assert mini.filter(pl.col("organ") == "Total")["ROIs-S"].item() == 2  # the train images
+
+
+def test_load_copies_the_mini_selection_onto_the_tiles(data: DataFolder) -> None:
+    key = "roi-blood"
+    selection = data.layout.manifest_file(key, "mini_selection")
+    # cpia_mini's selection wins over the flags in scale_tiles' records
+    rows = pl.read_parquet(selection).with_columns(
+        in_mini=pl.col("image_name") == "cell_2",
+        mini_reason=pl.when(pl.col("image_name") == "cell_2")
+        .then(pl.lit("selected"))
+        .otherwise(pl.lit("excluded for evaluation")),
+    )
+    write_parquet_atomic(rows, selection)
+    load_manifest(data.layout, data.catalog)
+    with open_manifest(data.layout) as con:
+        flags = con.sql(
+            "SELECT image_name, in_mini, mini_reason FROM tiles WHERE subdataset = ? ORDER BY 1",
+            params=[key],
+        ).fetchall()
+        rejected = con.sql("SELECT DISTINCT in_mini, mini_reason FROM rejected_tiles").fetchall()
+    assert flags == [
+        ("cell_0", False, "excluded for evaluation"),
+        ("cell_1", False, "excluded for evaluation"),
+        ("cell_2", True, "selected"),
+        ("cell_3", False, "excluded for evaluation"),
+    ]
+    assert rejected == [(False, "blank")]
 
 
 def test_built_vs_published_per_subdataset_and_scale(data: DataFolder) -> None:
@@ -635,6 +679,7 @@ def test_tile_manifest_loads_real_partitions_and_passes_its_checks(pipeline: Pip
     assert check_results(result) == {
         "rows_have_files": True, "no_orphan_files": True, "ratios_within_spec": True,
         "unique_names_per_folder": True, "raw_files_accounted": True,
+        "mini_ratios": True,
     }  # fmt: skip
 
 
@@ -688,6 +733,7 @@ def test_the_checks_fail_on_a_deleted_file_and_on_an_orphan(pipeline: PipelineRu
     assert checks == {
         "rows_have_files": False, "no_orphan_files": False, "ratios_within_spec": True,
         "unique_names_per_folder": True, "raw_files_accounted": True,
+        "mini_ratios": True,
     }  # fmt: skip
     assert check_results(materialize_manifest(pipeline))["rows_have_files"]
 
@@ -728,7 +774,7 @@ def test_partition_runs_beside_manifest_runs_lose_nothing(tmp_path: Path) -> Non
 
     keys = load_catalog(catalog_file).keys
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        # Two manifest runs (each: tile_manifest and its 4 checks) start with the 4 partition
+        # Two manifest runs (each: tile_manifest and its 5 checks) start with the 4 partition
         # runs; they compete for the pool; a last one loads whatever they missed.
         concurrent = [
             *(materialize("--select", "raw_download,standardized_wsi,scale_tiles",
@@ -765,6 +811,7 @@ def test_partition_runs_beside_manifest_runs_lose_nothing(tmp_path: Path) -> Non
         assert {result.check_name: result.passed for result in results} == {
             "rows_have_files": True, "no_orphan_files": True, "ratios_within_spec": True,
             "unique_names_per_folder": True, "raw_files_accounted": True,
+            "mini_ratios": True,
         }  # fmt: skip
 
     layout = DataLayout(data)

@@ -17,6 +17,7 @@ import duckdb
 import polars as pl
 
 from cpia_assets.core.layout import SCALE_FOLDER_OF, SCALE_FOLDERS, DataLayout
+from cpia_assets.core.schema import MiniReason
 
 TILE_EDGE_PX = {"XL": 3840, "L": 960, "M": 384, "S": 96}
 """Nominal WSI tile edge per scale at the standard resolution (the spec's scale table)."""
@@ -49,7 +50,7 @@ class CheckOutcome:
 
 @dataclass
 class FileComparison:
-    """Kept-image rows of the manifest compared with the files under cpia/{L,M,S}/."""
+    """Kept-image rows of the manifest compared with the files under cpia/ and cpia-mini/."""
 
     rows: int = 0
     files: int = 0
@@ -65,35 +66,43 @@ class FileComparison:
 
 
 def compare_files(con: duckdb.DuckDBPyConnection, layout: DataLayout) -> FileComparison:
-    """Walk each sub-dataset's image folders and match them with its rows, one at a time.
+    """Walk each sub-dataset's image folders and match them with its rows, one at a time:
+    cpia/ with the `tiles` rows, cpia-mini/ with the `mini_images` rows.
 
-    Hidden entries (in-flight atomic writes) are ignored; files directly under cpia/<scale>/
+    Hidden entries (in-flight atomic writes) are ignored; files directly under <top>/<scale>/
     or in folders of sub-datasets without rows are orphans.
     """
     comparison = FileComparison()
-    keys = {row[0] for row in con.execute("SELECT DISTINCT subdataset FROM tiles").fetchall()}
-    for folder in SCALE_FOLDERS:
-        top = layout.cpia_dir / folder
-        for entry in _visible_entries(top):
-            if entry.is_dir(follow_symlinks=False):
-                keys.add(entry.name)
-            else:
-                comparison.files += 1
-                comparison.note("orphans", [layout.relative(Path(entry.path))])
-    for key in sorted(keys):
-        _compare_subdataset(con, layout, key, comparison)
+    for table, top in (("tiles", layout.cpia_dir), ("mini_images", layout.mini_dir)):
+        keys = {
+            row[0] for row in con.execute(f"SELECT DISTINCT subdataset FROM {table}").fetchall()
+        }
+        for folder in SCALE_FOLDERS:
+            for entry in _visible_entries(top / folder):
+                if entry.is_dir(follow_symlinks=False):
+                    keys.add(entry.name)
+                else:
+                    comparison.files += 1
+                    comparison.note("orphans", [layout.relative(Path(entry.path))])
+        for key in sorted(keys):
+            _compare_subdataset(con, layout, (table, top), key, comparison)
     return comparison
 
 
 def _compare_subdataset(
-    con: duckdb.DuckDBPyConnection, layout: DataLayout, key: str, comparison: FileComparison
+    con: duckdb.DuckDBPyConnection,
+    layout: DataLayout,
+    tree: tuple[str, Path],
+    key: str,
+    comparison: FileComparison,
 ) -> None:
+    table, top = tree
     rows = con.sql(
-        "SELECT path, bytes FROM tiles WHERE subdataset = ? AND path IS NOT NULL", params=[key]
+        f"SELECT path, bytes FROM {table} WHERE subdataset = ? AND path IS NOT NULL", params=[key]
     ).pl()
     listed: list[tuple[str, int]] = []
     for folder in SCALE_FOLDERS:
-        images = layout.image_dir(folder, key)
+        images = top / folder / key
         listed += _walk_files(images, f"{layout.relative(images)}/")
     files = pl.DataFrame(listed, schema={"path": pl.String, "size": pl.Int64}, orient="row")
     comparison.rows += rows.height
@@ -131,7 +140,7 @@ def _walk_files(folder: Path, prefix: str) -> Iterator[tuple[str, int]]:
 
 
 def rows_have_files(comparison: FileComparison) -> CheckOutcome:
-    """Every kept-image row has its file, of the recorded size."""
+    """Every kept-image row (CPIA and Mini) has its file, of the recorded size."""
     missing, wrong_size = comparison.problems["missing"], comparison.problems["wrong_size"]
     return CheckOutcome(
         passed=missing + wrong_size == 0,
@@ -153,7 +162,7 @@ def rows_have_files(comparison: FileComparison) -> CheckOutcome:
 
 
 def no_orphan_files(comparison: FileComparison) -> CheckOutcome:
-    """No image file under cpia/ lacks a manifest row."""
+    """No image file under cpia/ or cpia-mini/ lacks a manifest row."""
     orphans = comparison.problems["orphans"]
     return CheckOutcome(
         passed=orphans == 0,
@@ -297,6 +306,79 @@ def unique_names_per_folder(con: duckdb.DuckDBPyConnection) -> CheckOutcome:
     )
 
 
+_MINI_PER_XL = f"""
+WITH mini AS (
+    SELECT subdataset, image_name, scale, parent_image FROM mini_images WHERE kind = 'wsi'
+), children AS (
+    SELECT c.subdataset, c.scale,
+        CASE WHEN c.scale = 'S' THEN m.parent_image ELSE c.parent_image END AS xl_image
+    FROM mini c
+    LEFT JOIN mini m ON c.scale = 'S' AND m.scale = 'M' AND m.subdataset = c.subdataset
+        AND m.image_name = c.parent_image
+    WHERE c.scale <> 'XL'
+), mini_counts AS (
+    SELECT subdataset, xl_image, count(*) FILTER (WHERE scale = 'L') AS l,
+        count(*) FILTER (WHERE scale = 'M') AS m, count(*) FILTER (WHERE scale = 'S') AS s
+    FROM children GROUP BY ALL
+), kept AS (
+    SELECT subdataset, parent_image AS xl_image, count(*) FILTER (WHERE scale = 'L') AS l,
+        count(*) FILTER (WHERE scale = 'M') AS m
+    FROM tiles
+    WHERE kind = 'wsi' AND path IS NOT NULL AND scale IN ('L', 'M')
+        AND mini_reason IS DISTINCT FROM '{MiniReason.EXCLUDED}'
+    GROUP BY ALL
+), per_xl AS (
+    SELECT x.subdataset, x.image_name AS xl_image, coalesce(c.l, 0) AS l,
+        coalesce(c.m, 0) AS m, coalesce(c.s, 0) AS s, coalesce(k.l, 0) AS kept_l,
+        coalesce(k.m, 0) AS kept_m
+    FROM mini x
+    LEFT JOIN mini_counts c ON c.subdataset = x.subdataset AND c.xl_image = x.image_name
+    LEFT JOIN kept k ON k.subdataset = x.subdataset AND k.xl_image = x.image_name
+    WHERE x.scale = 'XL'
+)
+"""
+
+
+_MINI_EXAMPLE_FIELDS = ("subdataset", "xl_image", "L", "M", "S", "kept_L", "kept_M")
+
+
+def mini_ratios(con: duckdb.DuckDBPyConnection) -> CheckOutcome:
+    """Per Mini XL tile: every kept L tile (at most 16), min(32, kept M) M tiles and one S crop
+    per Mini M tile; and every Mini L/M/S image has its Mini XL tile."""
+    limit_l, limit_m = MAX_MINI_PER_XL["L"], MAX_MINI_PER_XL["M"]
+    off = con.execute(
+        _MINI_PER_XL + "SELECT subdataset, xl_image, l, m, s, kept_l, kept_m, count(*) OVER () "
+        f"FROM per_xl WHERE l <> least(kept_l, {limit_l}) OR m <> least(kept_m, {limit_m}) "
+        "OR s <> m ORDER BY ALL LIMIT ?",
+        [EXAMPLES],
+    ).fetchall()
+    [(orphans,)] = con.execute(
+        _MINI_PER_XL + "SELECT count(*) FROM children c WHERE NOT EXISTS (SELECT 1 FROM mini x "
+        "WHERE x.scale = 'XL' AND x.subdataset = c.subdataset AND x.image_name = c.xl_image)"
+    ).fetchall()
+    counts = dict(
+        con.execute(
+            "SELECT scale, count(*) FROM mini_images WHERE kind = 'wsi' GROUP BY ALL"
+        ).fetchall()
+    )
+    off_count = off[0][-1] if off else 0
+    ratio = xl_ratio_text(counts)
+    return CheckOutcome(
+        passed=off_count == 0 and orphans == 0,
+        summary=(
+            f"Mini {counts.get('XL', 0)} XL tiles, XL:L:M:S = {ratio}; {off_count} XL tiles "
+            f"off 16/32/32 (beyond fewer kept sub-tiles), {orphans} images without a Mini XL"
+        ),
+        details={
+            "ratio_XL_L_M_S": ratio,
+            "max_mini_per_xl": dict(MAX_MINI_PER_XL),
+            "xl_tiles_off": off_count,
+            "images_without_xl": orphans,
+            "examples": [dict(zip(_MINI_EXAMPLE_FIELDS, row[:-1], strict=True)) for row in off],
+        },
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Raw files accounted for
 
@@ -353,8 +435,10 @@ def raw_files_accounted(con: duckdb.DuckDBPyConnection) -> CheckOutcome:
 # All checks
 
 CHECKS = {
-    "rows_have_files": "Every kept-image row has its file under cpia/, of the recorded size.",
-    "no_orphan_files": "No image file under cpia/{L,M,S}/ lacks a manifest row.",
+    "rows_have_files": (
+        "Every kept-image row has its file under cpia/ (Mini: cpia-mini/), of the recorded size."
+    ),
+    "no_orphan_files": "No image file under cpia/{L,M,S}/ or cpia-mini/{L,M,S}/ lacks a row.",
     "ratios_within_spec": (
         "Each WSI L/M/S tile lies inside an existing parent tile, and no XL tile has more "
         "children than the spec allows (16 L, 100 M, 160 S; Mini 16, 32, 32)."
@@ -365,6 +449,11 @@ CHECKS = {
     "raw_files_accounted": (
         "Every raw file of a standardized partition ends as an output (standardized slide or "
         "ROI image), a failure, or a skip with its reason."
+    ),
+    "mini_ratios": (
+        "CPIA-Mini is 1:16:32:32 per XL tile, allowing for XL tiles with fewer kept sub-tiles: "
+        "each Mini XL tile has all its kept L tiles (at most 16), min(32, kept M) M tiles and "
+        "exactly one S crop per Mini M tile, and every Mini L/M/S image has its Mini XL tile."
     ),
 }
 """Check name -> what it verifies."""
@@ -390,4 +479,6 @@ def run_checks(
         outcomes["unique_names_per_folder"] = unique_names_per_folder(con)
     if "raw_files_accounted" in wanted:
         outcomes["raw_files_accounted"] = raw_files_accounted(con)
+    if "mini_ratios" in wanted:
+        outcomes["mini_ratios"] = mini_ratios(con)
     return {name: outcomes[name] for name in CHECKS if name in wanted}

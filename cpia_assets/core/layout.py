@@ -42,6 +42,18 @@ class DataLayout:
         return self.cpia_dir / SCALE_FOLDER_OF[scale] / key
 
     @property
+    def mini_dir(self) -> Path:
+        return self.root / "cpia-mini"
+
+    def mini_image_dir(self, folder: str, key: str) -> Path:
+        """Folder of one sub-dataset's CPIA-Mini images under a top folder L, M or S."""
+        return self.mini_dir / folder / key
+
+    def shards_dir(self, variant: str) -> Path:
+        """WebDataset shards and index of one data variant (core/variants.py)."""
+        return self.root / "shards" / variant
+
+    @property
     def manifests_dir(self) -> Path:
         return self.root / "manifests"
 

@@ -7,13 +7,16 @@ with the one recorded when the file was last loaded, and replaces the rows of ch
 in one transaction: readers see the manifest before or after a load, never half of one.
 
 Record tables (`tiles`, `rejected_tiles`, `roi_images`, `slides`, `raw_files`, `failures`,
-`skipped`) hold the Parquet columns (schema.py) plus `subdataset` (the partition key, from the
-folder) and `manifest_file` (the Parquet file each row came from). `subdatasets` and `organs` come
-from the catalog; `manifest_files` is the load state; `tile_counts` keeps image counts per file so
-Table I never scans the tiles. Views: `lineage` (a kept image, its parent tiles, standardized slide
-and source file, with each stage's run id and code version; filter it by `subdataset` as well as
-`image_name` and DuckDB reads one partition's row groups) and `table_i` (the paper's Table I, each
-sub-dataset counted under its catalog `table_i_organ`).
+`skipped`, `mini_images`, `mini_selection`) hold the Parquet columns (schema.py) plus
+`subdataset` (the partition key, from the folder) and `manifest_file` (the Parquet file each
+row came from). `subdatasets` and `organs` come from the catalog; `manifest_files` is the load
+state; `tile_counts` keeps image counts per file and collection (`cpia`, `cpia-mini`) so
+Table I never scans the tiles. Each load copies `mini_selection` (written by cpia_mini) onto
+the `in_mini` and `mini_reason` columns of the tiles of the partitions it touched; rejected
+candidates are `blank`. Views: `lineage` (a kept image, its parent tiles, standardized slide
+and source file, with each stage's run id and code version; filter it by `subdataset` as
+well as `image_name` and DuckDB reads one partition's row groups) and `table_i` (the paper's
+Table I, each sub-dataset counted under its catalog `table_i_organ`).
 User values reach SQL only as bound parameters; identifiers come from this module's constants.
 """
 
@@ -75,6 +78,8 @@ RECORD_TABLES = (
     RecordTable("raw_files", "raw_files.parquet", schema.RAW_FILES),
     RecordTable("failures", "failures-*.parquet", schema.FAILURES),
     RecordTable("skipped", "skipped.parquet", schema.SKIPPED),
+    RecordTable("mini_images", "mini_images.parquet", schema.MINI_IMAGES),
+    RecordTable("mini_selection", "mini_selection.parquet", schema.MINI_SELECTION),
 )
 _RECORD_TABLE = {table.name: table for table in RECORD_TABLES}
 
@@ -112,7 +117,7 @@ _SUPPORT_COLUMNS = {
     "fingerprint VARCHAR, rows BIGINT, loaded_at TIMESTAMP WITH TIME ZONE",  # the load state
     # Kept images per file and category, kept with the tiles: Table I never scans them.
     "tile_counts": "manifest_file VARCHAR, subdataset VARCHAR, kind VARCHAR, scale VARCHAR, "
-    "in_mini BOOLEAN, images BIGINT",
+    "collection VARCHAR, images BIGINT",  # collection: cpia (tiles) | cpia-mini (mini_images)
 }
 
 _LINEAGE_VIEW = """
@@ -161,7 +166,7 @@ WITH built AS (
     SELECT s.key, s.organ, s.kind, {published},
         {built}
     FROM subdatasets s
-    LEFT JOIN tile_counts c ON c.subdataset = s.key
+    LEFT JOIN tile_counts c ON c.subdataset = s.key AND c.collection = 'cpia'
     GROUP BY ALL
 )
 SELECT key AS subdataset, organ, kind,
@@ -184,7 +189,7 @@ CREATE OR REPLACE MACRO table_i_for(mini_only) AS TABLE
 WITH images AS (
     SELECT subdataset, kind, scale, sum(images) AS images
     FROM tile_counts
-    WHERE NOT mini_only OR in_mini
+    WHERE collection = CASE WHEN mini_only THEN 'cpia-mini' ELSE 'cpia' END
     GROUP BY ALL
 ), organ_rows AS (
     SELECT o.position, o.organ, count(DISTINCT s.key)::BIGINT AS "sub-datasets",
@@ -525,6 +530,7 @@ def _apply_changes(
                 _insert_batch(con, layout, table, batch)
             except duckdb.Error as exc:
                 raise _BatchInsertError(batch) from exc
+    _apply_mini_selection(con, {probed.file.subdataset for probed in usable})
     _record(con, usable, problems)
     return usable, problems, removed, len(files) - len(changed)
 
@@ -647,14 +653,37 @@ def _insert_batch(
         "FROM read_parquet(?, filename = true, union_by_name = true)",
         [len(root) + 1, [root + probed.file.path for probed in batch]],
     )
-    if table.name == "tiles":
+    if table.name in _COLLECTIONS:
         con.execute(
-            "INSERT INTO tile_counts SELECT manifest_file, subdataset, kind, scale, "
-            "coalesce(in_mini, false), count(*) FROM tiles "
+            f"INSERT INTO tile_counts SELECT manifest_file, subdataset, kind, scale, "
+            f"'{_COLLECTIONS[table.name]}', count(*) FROM {table.name} "
             "WHERE path IS NOT NULL AND manifest_file IN (SELECT unnest(?::VARCHAR[])) "
             "GROUP BY ALL",
             [[probed.file.path for probed in batch]],
         )
+
+
+_COLLECTIONS = {"tiles": "cpia", "mini_images": "cpia-mini"}
+"""The image collection each counted table belongs to."""
+
+
+def _apply_mini_selection(con: duckdb.DuckDBPyConnection, partitions: set[str]) -> None:
+    """Copy each touched partition's Mini selection onto its tiles; rejected candidates are
+    blank. Tiles of partitions without a selection keep the values of their Parquet files."""
+    if not partitions:
+        return
+    keys = sorted(partitions)
+    con.execute(
+        "UPDATE tiles SET in_mini = s.in_mini, mini_reason = s.mini_reason FROM mini_selection s "
+        "WHERE tiles.subdataset = s.subdataset AND tiles.image_name = s.image_name "
+        "AND tiles.scale = s.scale AND tiles.subdataset IN (SELECT unnest(?::VARCHAR[]))",
+        [keys],
+    )
+    con.execute(
+        f"UPDATE rejected_tiles SET in_mini = false, mini_reason = '{schema.MiniReason.BLANK}' "
+        "WHERE mini_reason IS NULL AND subdataset IN (SELECT unnest(?::VARCHAR[]))",
+        [keys],
+    )
 
 
 def _record(

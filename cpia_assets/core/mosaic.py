@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +120,26 @@ def preview_data_uri(png: Path, *, max_width: int = 640) -> str:
             (max(1, round(image.width * scale)), max(1, round(image.height * scale))),
             Image.Resampling.LANCZOS,
         )
+    return _jpeg_data_uri(small, quality=70)
+
+
+def _jpeg_data_uri(image: Image.Image, *, quality: int) -> str:
     buffer = io.BytesIO()
-    small.save(buffer, format="JPEG", quality=70)
+    image.save(buffer, format="JPEG", quality=quality)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def preview_grid_uri(rows: Mapping[str, Sequence[Path]], *, thumb_px: int = 64) -> str:
+    """A small grid, one labelled row of thumbnails per key of `rows`, as a JPEG data: URI."""
+    gap, label_px = 4, 40
+    width = label_px + max((len(paths) for paths in rows.values()), default=0) * (thumb_px + gap)
+    height = max(len(rows), 1) * (thumb_px + gap)
+    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=14)
+    for row, (label, paths) in enumerate(rows.items()):
+        top = row * (thumb_px + gap)
+        draw.text((gap, top + thumb_px // 2 - 8), label, TEXT, font=font)
+        for column, path in enumerate(paths):
+            canvas.paste(_thumbnail(path, thumb_px), (label_px + column * (thumb_px + gap), top))
+    return _jpeg_data_uri(canvas, quality=80)

@@ -35,6 +35,34 @@ TILES = {
     "saturation": pl.Float32,
     "blur": pl.Float32,
     "in_mini": pl.Boolean,
+    "mini_reason": pl.String,  # a MiniReason; null: Mini not built
+}
+
+MINI_IMAGES = {
+    "image_name": pl.String,  # the source tile's name (S: the 96 px cell cut from `source_tile`)
+    "subdataset": pl.String,
+    "kind": pl.String,  # wsi | roi
+    "scale": pl.String,  # XL | L | M | S
+    "size_px": pl.Int32,  # edge of the Mini image (384)
+    "source_size_px": pl.Int32,  # edge of the pixels it was made from (3840, 960, 384, 96)
+    "x": pl.Int32,  # grid position of those pixels, as in TILES (S: the chosen 96 px cell)
+    "y": pl.Int32,
+    "source_tile": pl.String,  # the full-CPIA image the pixels come from
+    "source_path": pl.String,  # its file
+    "source_file": pl.String,  # the raw source file (slide or ROI image)
+    "parent_image": pl.String,  # Mini parent: L and M from XL, S from M; null for XL and ROIs
+    "path": pl.String,  # the Mini image under cpia-mini/
+    "label": pl.String,
+    "split": pl.String,
+    "bytes": pl.Int64,
+    "resample": pl.String,  # area | lanczos | none (linked unchanged)
+}
+
+MINI_SELECTION = {
+    "image_name": pl.String,  # every kept full-CPIA image of the partition
+    "scale": pl.String,
+    "in_mini": pl.Boolean,
+    "mini_reason": pl.String,
 }
 
 SLIDES = {
@@ -75,6 +103,17 @@ SKIPPED = {
     "file": pl.String,  # a raw file a standardizing stage leaves out on purpose
     "reason": pl.String,  # e.g. "not a slide file (.txt)", "data file of the MIRAX slide x.mrxs"
 }
+
+
+class MiniReason:
+    """Values of `mini_reason`: why an image is in CPIA-Mini or not."""
+
+    SELECTED = "selected"
+    NOT_SELECTED = "not selected"
+    EVAL_SPLIT = "val/test split"  # of a labelled ROI set
+    EXCLUDED = "excluded for evaluation"
+    BLANK = "blank"  # rejected candidates (set by the manifest load)
+
 
 RUN_COLUMNS = {"run_id": pl.String, "code_version": pl.String}
 """Added by the Dagster shell to every record it writes, for lineage."""

@@ -205,14 +205,18 @@ def shrink_image(image: pyvips.Image, plan: ResamplePlan) -> pyvips.Image:
     `reduce` (widened to the footprint) for the fractional rest."""
     if plan.enlarges:
         raise ValueError(f"shrink_image cannot enlarge (scale {plan.scale})")
-    factors = [1 / scale for scale in plan.scale]
+    return shrink_by(image, [1 / scale for scale in plan.scale]).crop(0, 0, *plan.output_size)
+
+
+def shrink_by(image: pyvips.Image, factors: Sequence[float]) -> pyvips.Image:
+    """`image` shrunk by (x, y) `factors` >= 1 with the area-style filter of `shrink_image`."""
     whole = [max(1, math.floor(factor + 1e-9)) for factor in factors]
     if max(whole) > 1:
         image = image.shrink(*whole)
     rest = [factor / block for factor, block in zip(factors, whole, strict=True)]
     if max(rest) > 1 + 1e-9:
         image = image.reduce(*rest, kernel="linear")
-    return image.crop(0, 0, *plan.output_size)
+    return image
 
 
 class _PngRowStream:

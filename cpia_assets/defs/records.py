@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 import dagster as dg
 import polars as pl
@@ -70,7 +70,8 @@ def config_class(settings_cls: type, name: str) -> type[dg.Config]:
     """A Dagster run-config class with the same fields and defaults as a core settings dataclass.
 
     The core owns the knobs and their defaults; the UI's launchpad shows them unchanged. Nested
-    settings dataclasses become nested config classes.
+    settings dataclasses become nested config classes; tuples (immutable settings) become lists,
+    which Dagster's config system accepts.
     """
     hints = get_type_hints(settings_cls)
     model_fields: dict[str, Any] = {}
@@ -79,6 +80,8 @@ def config_class(settings_cls: type, name: str) -> type[dg.Config]:
         if is_dataclass(annotation):
             nested = config_class(annotation, name + annotation.__name__)
             model_fields[field.name] = (nested, nested())
+        elif get_origin(annotation) is tuple:
+            model_fields[field.name] = (list[get_args(annotation)[0]], list(field.default))
         else:
             model_fields[field.name] = (annotation, field.default)
     return create_model(name, __base__=dg.Config, **model_fields)
@@ -91,5 +94,9 @@ def settings_from(config: dg.Config, settings_cls: type) -> Any:
     for field in fields(settings_cls):
         value = getattr(config, field.name)
         annotation = hints[field.name]
-        values[field.name] = settings_from(value, annotation) if is_dataclass(annotation) else value
+        if is_dataclass(annotation):
+            value = settings_from(value, annotation)
+        elif get_origin(annotation) is tuple:
+            value = tuple(value)
+        values[field.name] = value
     return settings_cls(**values)
