@@ -38,6 +38,23 @@ class DataLayout:
         return self.cpia_dir / SCALE_FOLDER_OF[scale] / key
 
     @property
+    def mini_dir(self) -> Path:
+        return self.root / "cpia-mini"
+
+    def shards_dir(self, variant: str) -> Path:
+        """WebDataset shards of one data variant plus their index.json."""
+        return self.root / "shards" / variant
+
+    def ssl_checkpoint_dir(self, method: str, variant: str) -> Path:
+        """One pre-training's encoder, Lightning checkpoints, resolved config and metrics."""
+        return self.root / "ssl" / "checkpoints" / f"{method}__{variant}"
+
+    @property
+    def ssl_eval_dir(self) -> Path:
+        """Downstream results, one JSON per task and evaluated encoder."""
+        return self.root / "ssl" / "eval"
+
+    @property
     def manifests_dir(self) -> Path:
         return self.root / "manifests"
 
