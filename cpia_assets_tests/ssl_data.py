@@ -62,7 +62,9 @@ def write_shards(root: Path, shards: Path, *, shard_size: int, seed: int = 0) ->
                 index["per_scale"][scale] += 1
                 index["per_folder"][SCALE_FOLDER_OF[scale]] += 1
                 index["images"] += 1
-        index["shards"].append({"file": name, "images": sum(per_scale.values()), "per_scale": per_scale})
+        index["shards"].append(
+            {"file": name, "images": sum(per_scale.values()), "per_scale": per_scale}
+        )
     (shards / "index.json").write_text(json.dumps(index))
     return index
 

@@ -6,10 +6,11 @@ shard folder (`shards/<variant>/index.json` + `shard-NNNNNN.tar`, WebDataset sam
 
 The stream is endless and a pure function of the seed (and, for shards, of the number of ranks x
 loader workers): batch j of rank r is the same on every run, and every sample's augmentation is
-seeded from its place in the stream. A run resumed at batch j (optimizer step x accumulation) therefore sees exactly the
-images and crops an uninterrupted run would. Folders: position p of the global stream is image
-p mod n of the seeded permutation of epoch p // n. Shards: each epoch permutes the shard list and
-deals the shards out to the (rank, worker) slots; a slot reads its shards in order.
+seeded from its place in the stream. A run resumed at batch j (optimizer step x accumulation)
+therefore sees exactly the images and crops an uninterrupted run would. Folders: position p of the
+global stream is image p mod n of the seeded permutation of epoch p // n. Shards: each epoch
+permutes the shard list and deals the shards out to the (rank, worker) slots; a slot reads its
+shards in order.
 
 An image that cannot be decoded is skipped with a warning naming it; its batch is one smaller.
 """

@@ -46,7 +46,14 @@ class PretrainSettings:
     dino: DINOSettings = field(default_factory=DINOSettings)
 
     def __post_init__(self) -> None:
-        positive = ("image_size", "batch_size", "accumulation", "checkpoint_every", "devices", "nodes")
+        positive = (
+            "image_size",
+            "batch_size",
+            "accumulation",
+            "checkpoint_every",
+            "devices",
+            "nodes",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -57,7 +64,9 @@ class PretrainSettings:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.init != "random" and not Path(self.init).is_file():
-            raise ValueError(f"init must be 'random' or a local checkpoint file; {self.init} is missing")
+            raise ValueError(
+                f"init must be 'random' or a local checkpoint file; {self.init} is missing"
+            )
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,12 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from cpia_assets.core.datasets import Transform
 from cpia_assets.core.ssl.augment import dino_views
-from cpia_assets.core.ssl.common import cosine_momentum, frozen_copy, mean_across_ranks, momentum_update
+from cpia_assets.core.ssl.common import (
+    cosine_momentum,
+    frozen_copy,
+    mean_across_ranks,
+    momentum_update,
+)
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,9 @@ class DINO(nn.Module):
         encoder = build_encoder()
         dim = encoder.embed_dim
         self.student = nn.Sequential(encoder, DINOHead(dim, settings))
-        self.teacher = frozen_copy(self.student, nn.Sequential(build_encoder(), DINOHead(dim, settings)))
+        self.teacher = frozen_copy(
+            self.student, nn.Sequential(build_encoder(), DINOHead(dim, settings))
+        )
         self.register_buffer("center", torch.zeros(1, settings.out_dim))
 
     def views(self, image_size: int) -> Transform:
@@ -68,14 +75,20 @@ class DINO(nn.Module):
         return self.teacher[0]  # the paper evaluates the teacher
 
     def after_step(self, progress: float) -> None:
-        momentum_update(self.student, self.teacher, cosine_momentum(self.settings.momentum, progress))
+        momentum_update(
+            self.student, self.teacher, cosine_momentum(self.settings.momentum, progress)
+        )
 
-    def training_loss(self, views: list[torch.Tensor], seeds: torch.Tensor, progress: float) -> torch.Tensor:
+    def training_loss(
+        self, views: list[torch.Tensor], seeds: torch.Tensor, progress: float
+    ) -> torch.Tensor:
         settings = self.settings
         global_views = torch.cat(views[:2])
         with torch.no_grad():
             teacher_out = self.teacher(global_views).float()
-            targets = F.softmax((teacher_out - self.center) / settings.teacher_temp, dim=-1).chunk(2)
+            targets = F.softmax((teacher_out - self.center) / settings.teacher_temp, dim=-1).chunk(
+                2
+            )
         student_out = [self.student(global_views)]
         if len(views) > 2:  # local crops have their own size: one forward pass for them all
             student_out.append(self.student(torch.cat(views[2:])))
@@ -85,5 +98,7 @@ class DINO(nn.Module):
         loss = sum(-(targets[t] * log_probs[s]).sum(-1).mean() for t, s in pairs) / len(pairs)
         with torch.no_grad():
             batch_center = mean_across_ranks(teacher_out.mean(0, keepdim=True))
-            self.center.mul_(settings.center_momentum).add_(batch_center, alpha=1 - settings.center_momentum)
+            self.center.mul_(settings.center_momentum).add_(
+                batch_center, alpha=1 - settings.center_momentum
+            )
         return loss

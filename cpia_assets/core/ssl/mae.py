@@ -59,7 +59,10 @@ class MAE(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.prefix + patches, dim))
         self.decoder_blocks = nn.Sequential(
-            *(Block(dim, settings.decoder_heads, qkv_bias=True) for _ in range(settings.decoder_depth))
+            *(
+                Block(dim, settings.decoder_heads, qkv_bias=True)
+                for _ in range(settings.decoder_depth)
+            )
         )
         self.decoder_norm = nn.LayerNorm(dim)
         self.decoder_pred = nn.Linear(dim, self.patch**2 * 3)
@@ -76,24 +79,32 @@ class MAE(nn.Module):
     def after_step(self, progress: float) -> None:
         """MAE has no teacher."""
 
-    def training_loss(self, views: list[torch.Tensor], seeds: torch.Tensor, progress: float) -> torch.Tensor:
+    def training_loss(
+        self, views: list[torch.Tensor], seeds: torch.Tensor, progress: float
+    ) -> torch.Tensor:
         images = views[0]
         tokens = self.encoder._pos_embed(self.encoder.patch_embed(images))
         batch, length, width = tokens.shape
         patches = length - self.prefix
         keep = max(1, round(patches * (1 - self.settings.mask_ratio)))
         generator = torch.Generator().manual_seed(int(seeds[0]))
-        kept, restore = (t.to(images.device) for t in random_masking(batch, patches, keep, generator))
+        kept, restore = (
+            t.to(images.device) for t in random_masking(batch, patches, keep, generator)
+        )
         visible = tokens[:, self.prefix :].gather(1, kept[..., None].expand(-1, -1, width))
         encoded = self.encoder.norm(
-            self.encoder.blocks(self.encoder.norm_pre(torch.cat([tokens[:, : self.prefix], visible], 1)))
+            self.encoder.blocks(
+                self.encoder.norm_pre(torch.cat([tokens[:, : self.prefix], visible], 1))
+            )
         )
         decoded = self.decoder_embed(encoded)
         masked = self.mask_token.expand(batch, patches - keep, -1)
         sequence = torch.cat([decoded[:, self.prefix :], masked], dim=1)
         sequence = sequence.gather(1, restore[..., None].expand(-1, -1, sequence.shape[-1]))
         decoded = torch.cat([decoded[:, : self.prefix], sequence], dim=1) + self.decoder_pos_embed
-        prediction = self.decoder_pred(self.decoder_norm(self.decoder_blocks(decoded)))[:, self.prefix :]
+        prediction = self.decoder_pred(self.decoder_norm(self.decoder_blocks(decoded)))[
+            :, self.prefix :
+        ]
         target = patchify(images, self.patch)
         if self.settings.norm_pix_loss:
             mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)

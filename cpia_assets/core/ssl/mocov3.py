@@ -12,7 +12,12 @@ from torch import nn
 
 from cpia_assets.core.datasets import Transform
 from cpia_assets.core.ssl.augment import moco_views
-from cpia_assets.core.ssl.common import cosine_momentum, frozen_copy, gather_batches, momentum_update
+from cpia_assets.core.ssl.common import (
+    cosine_momentum,
+    frozen_copy,
+    gather_batches,
+    momentum_update,
+)
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,9 @@ class MoCoV3(nn.Module):
     def after_step(self, progress: float) -> None:
         momentum_update(self.base, self.momentum, cosine_momentum(self.settings.momentum, progress))
 
-    def training_loss(self, views: list[torch.Tensor], seeds: torch.Tensor, progress: float) -> torch.Tensor:
+    def training_loss(
+        self, views: list[torch.Tensor], seeds: torch.Tensor, progress: float
+    ) -> torch.Tensor:
         first, second = views
         q1, q2 = self.predictor(self.base(first)), self.predictor(self.base(second))
         with torch.no_grad():

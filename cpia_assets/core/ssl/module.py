@@ -59,7 +59,9 @@ class PretrainModule(pl.LightningModule):
     def _progress(self) -> float:
         return self.trainer.global_step / self.total_steps
 
-    def training_step(self, batch: tuple[list[torch.Tensor], torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batch: tuple[list[torch.Tensor], torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         views, seeds = batch
         return self.method.training_loss(views, seeds, self._progress())
 
@@ -82,7 +84,10 @@ class PretrainModule(pl.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda step: lr_factor(
-                step, warmup=settings.warmup_steps, total=self.total_steps, schedule=settings.schedule
+                step,
+                warmup=settings.warmup_steps,
+                total=self.total_steps,
+                schedule=settings.schedule,
             ),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

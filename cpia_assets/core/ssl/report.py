@@ -11,7 +11,12 @@ from cpia_assets.core.fsutil import atomic_path
 
 
 def plot_curve(
-    steps: Sequence[int], values: Sequence[float], path: Path, *, title: str, size: tuple[int, int] = (640, 360)
+    steps: Sequence[int],
+    values: Sequence[float],
+    path: Path,
+    *,
+    title: str,
+    size: tuple[int, int] = (640, 360),
 ) -> Path:
     width, height = size
     left, right, top, bottom = 60, 20, 30, 40
