@@ -45,9 +45,13 @@ class DataLayout:
         """WebDataset shards of one data variant plus their index.json."""
         return self.root / "shards" / variant
 
+    @property
+    def ssl_checkpoints_dir(self) -> Path:
+        return self.root / "ssl" / "checkpoints"
+
     def ssl_checkpoint_dir(self, method: str, variant: str) -> Path:
         """One pre-training's encoder, Lightning checkpoints, resolved config and metrics."""
-        return self.root / "ssl" / "checkpoints" / f"{method}__{variant}"
+        return self.ssl_checkpoints_dir / f"{method}__{variant}"
 
     @property
     def ssl_eval_dir(self) -> Path:

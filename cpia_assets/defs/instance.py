@@ -1,7 +1,8 @@
 """Dagster instance settings the platform relies on: concurrency pools.
 
 Pools bound concurrency across runs: `duckdb` (limit 1) keeps tile_manifest and its checks the only
-process with manifest.duckdb open; `downloads` bounds how many raw_download steps run at once.
+process with manifest.duckdb open; `downloads` bounds how many raw_download steps run at once;
+`gpu` (limit 1 per GPU host) keeps two trainings or evaluations off the same GPU.
 `make demo` and `make ui` prepare DAGSTER_HOME with `python -m cpia_assets.defs.instance`.
 """
 
@@ -16,11 +17,12 @@ import dagster as dg
 
 DUCKDB_POOL = "duckdb"
 DOWNLOADS_POOL = "downloads"
-POOL_LIMITS: Mapping[str, int] = {DUCKDB_POOL: 1, DOWNLOADS_POOL: 4}
+GPU_POOL = "gpu"
+POOL_LIMITS: Mapping[str, int] = {DUCKDB_POOL: 1, DOWNLOADS_POOL: 4, GPU_POOL: 1}
 
 INSTANCE_YAML = """\
 # Written by cpia_assets (defs/instance.py). A pool without an explicit limit gets 1; the
-# explicit limits (duckdb 1, downloads 4) are set with `dagster instance concurrency set`.
+# explicit limits (duckdb 1, downloads 4, gpu 1) are set with `dagster instance concurrency set`.
 concurrency:
   pools:
     granularity: op

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,19 +19,7 @@ from cpia_assets.core.ssl.common import (
     mean_across_ranks,
     momentum_update,
 )
-
-
-@dataclass(frozen=True)
-class DINOSettings:
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    out_dim: int = 65536
-    local_crops: int = 8
-    local_crop_fraction: float = 96 / 224  # local crop edge relative to the image size
-    teacher_temp: float = 0.04
-    student_temp: float = 0.1
-    center_momentum: float = 0.9
-    momentum: float = 0.996  # teacher EMA, rising to 1 on a cosine schedule
+from cpia_assets.core.ssl.config import DINOSettings
 
 
 class DINOHead(nn.Module):

@@ -4,9 +4,11 @@ on validation, report test accuracy, macro F1 and the confusion matrix (the pape
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +17,18 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from cpia_assets.core.fsutil import atomic_path, sha256_file
+from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.ssl.augment import eval_transform, finetune_transform
 from cpia_assets.core.ssl.common import create_encoder
+from cpia_assets.core.ssl.config import (
+    DATA_NAMES,
+    ENCODER_FILE,
+    JOB_FILE,
+    METHOD_NAMES,
+    FinetuneSettings,
+    PretrainJob,
+)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
 SPLITS = ("train", "val", "test")
@@ -36,29 +48,6 @@ PUBLISHED_TABLE_II: tuple[tuple[str, ...], ...] = (
     ("ImageNet", "MAE", "CPIA-S", "97.49 (95.57)", "84.45 (83.28)", "92.13 (92.13)"),
 )
 """The paper's Table II: init, method, data, accuracy % (F1 %) per task."""
-
-
-@dataclass(frozen=True)
-class FinetuneSettings:
-    """Fine-tuning knobs. `tasks` maps a task name to a local ImageFolder: `<split>/<class>/*`
-    with splits train/test (and val, else 1/8 of train per class), or `<class>/*`, split 7:1:2
-    per class with `seed`. `imagenet_init` is a local timm checkpoint for the ImageNet baseline
-    row (empty: no such row)."""
-
-    tasks: dict[str, str] = field(default_factory=dict)
-    epochs: int = 50
-    batch_size: int = 32
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    image_size: int = 224
-    seed: int = 0
-    workers: int = 4
-    random_init_baseline: bool = True
-    imagenet_init: str = ""
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be at least 1")
 
 
 @dataclass
@@ -269,3 +258,81 @@ def table_ii_markdown(rows: Sequence[dict[str, Any]]) -> str:
         values = " | ".join(cells.get(task, "") for task in tasks)
         lines.append(f"| {source} | {init} | {method} | {data} | {values} |")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One Table II row to evaluate: an encoder file (None: random init) and its labels."""
+
+    init: str
+    method: str
+    data: str
+    model: str
+    weights: Path | None
+
+    @property
+    def row_id(self) -> str:
+        return "__".join((self.init, self.method, self.data)).replace("/", "-")
+
+
+def candidates(layout: DataLayout, settings: FinetuneSettings) -> list[Candidate]:
+    """Every finished pre-training under the data folder, plus the baseline rows."""
+    rows = []
+    for job_file in sorted(layout.ssl_checkpoints_dir.glob(f"*/{JOB_FILE}")):
+        encoder = job_file.parent / ENCODER_FILE
+        if encoder.is_file():
+            job = PretrainJob.load(job_file)
+            init = "random" if job.settings.init == "random" else "ImageNet"
+            method, data = METHOD_NAMES[job.method], DATA_NAMES.get(job.data, job.data)
+            rows.append(Candidate(init, method, data, job.settings.model, encoder))
+    if settings.random_init_baseline:
+        rows.append(Candidate("random", "none", "none", settings.baseline_model, None))
+    if settings.imagenet_init:
+        weights = Path(settings.imagenet_init)
+        rows.append(Candidate("ImageNet", "none", "none", settings.baseline_model, weights))
+    return rows
+
+
+def evaluate_all(
+    layout: DataLayout, settings: FinetuneSettings, progress: Callable[[str], None] = print
+) -> tuple[list[dict[str, Any]], list[dict[str, str]], int]:
+    """Fine-tune every candidate on every task; results already computed for the same encoder
+    bytes, settings and task are reused. Returns (rows, failures, reused); a task or encoder that
+    fails is recorded in failures and the others go on."""
+    rows, failures, reused = [], [], 0
+    settings_key = json.dumps(
+        {k: v for k, v in asdict(settings).items() if k != "tasks"}, sort_keys=True
+    )
+    for name, root in sorted(settings.tasks.items()):
+        try:
+            task = load_task(name, Path(root), settings.seed)
+        except (OSError, ValueError) as exc:
+            failures.append({"file": str(root), "reason": f"task {name}: {exc}"})
+            continue
+        failures += task.failures
+        for candidate in candidates(layout, settings):
+            weights = candidate.weights
+            fingerprint = hashlib.sha256(
+                "|".join([settings_key, str(task.root), candidate.model,
+                          sha256_file(weights) if weights else "random"]).encode()
+            ).hexdigest()  # fmt: skip
+            result_path = layout.ssl_eval_dir / name / f"{candidate.row_id}.json"
+            result = json.loads(result_path.read_text()) if result_path.exists() else {}
+            if result.get("fingerprint") == fingerprint:
+                reused += 1
+            else:
+                progress(f"fine-tuning {candidate.row_id} on {name}")
+                try:
+                    result = finetune(task, model=candidate.model, weights=weights,
+                                      settings=settings, progress=progress)  # fmt: skip
+                except (OSError, ValueError, RuntimeError) as exc:
+                    failures.append({"file": str(weights or candidate.model), "reason": str(exc)})
+                    continue
+                result |= asdict(candidate) | {
+                    "weights": str(weights or ""),
+                    "fingerprint": fingerprint,
+                }
+                with atomic_path(result_path) as tmp:
+                    tmp.write_text(json.dumps(result, indent=2))
+            rows.append(result)
+    return rows, failures, reused

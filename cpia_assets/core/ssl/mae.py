@@ -6,8 +6,6 @@ exported state dict is a plain timm checkpoint. The decoder is a few timm blocks
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
@@ -15,19 +13,7 @@ from torch import nn
 
 from cpia_assets.core.datasets import Transform
 from cpia_assets.core.ssl.augment import mae_views
-
-
-@dataclass(frozen=True)
-class MAESettings:
-    mask_ratio: float = 0.75
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_heads: int = 16
-    norm_pix_loss: bool = True  # targets normalised per patch, as in the paper's best setting
-
-    def __post_init__(self) -> None:
-        if not 0 < self.mask_ratio < 1:
-            raise ValueError(f"mae.mask_ratio must lie in (0, 1), got {self.mask_ratio}")
+from cpia_assets.core.ssl.config import MAESettings
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:

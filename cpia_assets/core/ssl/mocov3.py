@@ -4,7 +4,6 @@ momentum encoder's keys of the other view, with a symmetric InfoNCE loss."""
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,14 +17,7 @@ from cpia_assets.core.ssl.common import (
     gather_batches,
     momentum_update,
 )
-
-
-@dataclass(frozen=True)
-class MoCoSettings:
-    hidden_dim: int = 4096
-    out_dim: int = 256
-    temperature: float = 0.2
-    momentum: float = 0.99  # momentum encoder EMA, rising to 1 on a cosine schedule
+from cpia_assets.core.ssl.config import MoCoSettings
 
 
 def mlp(in_dim: int, hidden: int, out: int, layers: int, last_bn: bool) -> nn.Sequential:

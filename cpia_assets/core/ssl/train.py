@@ -4,8 +4,8 @@ Under several devices or nodes launch it with `torchrun --nproc_per_node N [--nn
 Lightning's DDP then joins the processes torchrun started. Outputs in the job's `out_dir`:
 `encoder.pth` (timm ViT state dict, no classifier), `checkpoints/last.ckpt` (and one every
 `checkpoint_every` steps; a rerun resumes from last.ckpt), `metrics.jsonl` (loss and learning
-rate per step), `loss_curve.png` and `summary.json`. Under Dagster Pipes, rank 0 sends progress
-lines and the summary back to the asset.
+rate per step), `loss_curve.png` and `summary.json` (what the asset reports). Under Dagster Pipes,
+rank 0 sends its progress lines to the asset's log.
 """
 
 from __future__ import annotations
@@ -24,14 +24,15 @@ import torch
 
 from cpia_assets.core.datasets import count_training_images
 from cpia_assets.core.fsutil import atomic_path
-from cpia_assets.core.ssl.config import PretrainJob
+from cpia_assets.core.ssl.config import (
+    ENCODER_FILE,
+    LAST_CHECKPOINT,
+    LOSS_CURVE_FILE,
+    SUMMARY_FILE,
+    PretrainJob,
+)
 from cpia_assets.core.ssl.module import MetricsRecorder, PretrainModule
 from cpia_assets.core.ssl.report import plot_curve
-
-ENCODER_FILE = "encoder.pth"
-SUMMARY_FILE = "summary.json"
-LOSS_CURVE_FILE = "loss_curve.png"
-LAST_CHECKPOINT = "checkpoints/last.ckpt"
 
 
 def total_steps(job: PretrainJob) -> int:
@@ -143,11 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("DAGSTER_PIPES_CONTEXT") and int(os.environ.get("RANK", "0")) == 0:
             from dagster_pipes import open_dagster_pipes  # the Pipes protocol, not Dagster itself
 
-            pipes = stack.enter_context(open_dagster_pipes())
-            progress = pipes.log.info
-        summary = run_training(job, progress=progress)
-        if summary is not None and progress is not print:
-            pipes.report_asset_materialization(metadata=summary)
+            progress = stack.enter_context(open_dagster_pipes()).log.info
+        run_training(job, progress=progress)
     return 0
 
 
