@@ -13,6 +13,8 @@ import webdataset as wds
 from PIL import Image
 
 from cpia_assets.core.layout import SCALE_FOLDER_OF
+from cpia_assets.core.ssl.config import DINOSettings, MAESettings, MoCoSettings, PretrainSettings
+from cpia_assets.core.synthetic import generate_source
 from cpia_assets_tests.conftest import TESTDATA
 
 SLIDE = TESTDATA / "CMU-1-Small-Region.svs"
@@ -79,3 +81,24 @@ def image_bytes(colour: tuple[int, int, int], size: int = 64) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (size, size), colour).save(buffer, format="JPEG")
     return buffer.getvalue()
+
+
+def tiny_settings(**overrides: object) -> PretrainSettings:
+    """vit_tiny at 64 px with small heads: a few seconds per dozen steps on one CPU core."""
+    values: dict = {
+        "model": "vit_tiny_patch16_224", "image_size": 64, "batch_size": 8, "steps": 12,
+        "lr": 1e-3, "warmup_steps": 2, "workers": 0, "checkpoint_every": 6,
+        "mae": MAESettings(decoder_dim=64, decoder_depth=1, decoder_heads=2),
+        "dino": DINOSettings(hidden_dim=128, bottleneck_dim=32, out_dim=256, local_crops=2,
+                             momentum=0.9),
+        "mocov3": MoCoSettings(hidden_dim=128, out_dim=32, momentum=0.9),
+    }  # fmt: skip
+    return PretrainSettings(**(values | overrides))
+
+
+def labelled_task(dest: Path, per_split: dict[str, int], seed: int = 31) -> Path:
+    """A labelled ROI set like the demo's: `<split>/<class>/` images, assorted sizes and formats."""
+    spec = {"recipe": "roi", "layout": "folders", "classes": ["lymphocyte", "neutrophil"],
+            "per_split": per_split, "seed": seed}  # fmt: skip
+    generate_source(spec, dest)
+    return dest

@@ -155,12 +155,10 @@ class FolderStream(_Stream):
 
     def __iter__(self) -> Iterator[Batch]:
         worker, workers = self._worker()
-        # The DataLoader takes batches from its workers in turn: local batch j comes from worker
-        # j mod workers, so each worker produces every workers-th batch from its first one on.
-        start = self.slice.start_batch
-        first = start + (worker - start) % workers
+        # The DataLoader takes batches from its workers in turn, starting with worker 0: its i-th
+        # batch is batch start + i of this rank's stream and comes from worker i mod workers.
         order, epoch, size = torch.empty(0, dtype=torch.int64), -1, self.batch_size
-        for local_batch in range(first, 2**62, workers):
+        for local_batch in range(self.slice.start_batch + worker, 2**62, workers):
             global_batch = local_batch * self.slice.world_size + self.slice.rank
             samples = []
             for position in range(global_batch * size, (global_batch + 1) * size):
@@ -204,10 +202,14 @@ class ShardStream(_Stream):
 
     def __iter__(self) -> Iterator[Batch]:
         worker, workers = self._worker()
-        slot, slots = self.slice.rank * workers + worker, self.slice.world_size * workers
-        start = self.slice.start_batch
-        first = start + (worker - start) % workers
-        skip = (first // workers) * self.batch_size  # this slot's samples before its first batch
+        # Batch b of this rank comes from role b mod workers: the shards of slot (rank, role), read
+        # in order. The DataLoader's i-th batch (batch start + i) comes from worker i mod workers,
+        # so a worker plays role (start + worker) mod workers from its batch (start + worker) //
+        # workers on.
+        first = self.slice.start_batch + worker
+        slot = self.slice.rank * workers + first % workers
+        slots = self.slice.world_size * workers
+        skip = (first // workers) * self.batch_size  # samples of this slot before its first batch
         samples: list[tuple[list[torch.Tensor], int]] = []
         taken = 0  # samples of the current batch read so far, decodable or not
         for epoch in range(2**62):

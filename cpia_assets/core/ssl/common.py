@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import pickle
 from pathlib import Path
 
+import safetensors.torch
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed
@@ -28,11 +30,14 @@ def create_encoder(
 
 
 def load_encoder_weights(encoder: nn.Module, path: Path) -> None:
-    """Load a timm ViT state dict, dropping its classifier and resampling the position embedding
-    to the encoder's grid; any other mismatch is an error naming the file."""
+    """Load a timm ViT state dict (.pth/.bin/.safetensors), dropping its classifier and resampling
+    the position embedding to the encoder's grid; any other mismatch is an error naming the file."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as exc:
+        if path.suffix == ".safetensors":  # the format of timm's weights on the Hugging Face hub
+            state = safetensors.torch.load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
         raise ValueError(f"{path}: cannot read the weights file ({exc})") from exc
     for wrapper in ("state_dict", "model"):
         state = state.get(wrapper, state)
@@ -45,7 +50,10 @@ def load_encoder_weights(encoder: nn.Module, path: Path) -> None:
             new_size=list(encoder.patch_embed.grid_size),
             num_prefix_tokens=encoder.num_prefix_tokens,
         )
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = encoder.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes differ: another model's weights
+        raise ValueError(f"{path}: does not match the encoder ({exc})") from exc
     if missing or unexpected:
         raise ValueError(
             f"{path}: does not match the encoder: missing {sorted(missing)[:5]}, "

@@ -121,6 +121,7 @@ class MetricsRecorder(pl.Callback):
         self._images = 0
         self._started: float | None = None
         self.images_per_s = 0.0
+        self._recorded_step = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}
@@ -128,14 +129,18 @@ class MetricsRecorder(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict["history"])
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._recorded_step = trainer.global_step  # restored when resuming
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
         batch_idx: int,
     ) -> None:  # fmt: skip
         self._window_loss += float(outputs["loss"])  # already divided by the accumulation
         step = trainer.global_step
-        if self.history and step == self.history[-1]["step"]:
+        if step == self._recorded_step:  # still accumulating gradients
             return
+        self._recorded_step = step
         now = time.perf_counter()
         if self._started is None:  # the first step includes start-up: time from its end
             self._started = now
