@@ -121,7 +121,10 @@ def test_imagenet_style_init_is_loaded_and_resampled(tmp_path: Path) -> None:
     assert encoder.pos_embed.shape == (1, 17, 192)  # resampled from 197 tokens
     wrong = tmp_path / "small.pth"
     torch.save(timm.create_model("vit_small_patch16_224").state_dict(), wrong)
-    with pytest.raises(ValueError, match=r"small\.pth: does not match the encoder .*size mismatch"):
+    with pytest.raises(
+        ValueError,
+        match=r"small\.pth: does not match the encoder: cls_token has shape \(1, 1, 384\)",
+    ):
         create_encoder("vit_tiny_patch16_224", 64, weights=wrong)
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"garbage\.pth: cannot read the weights file"):

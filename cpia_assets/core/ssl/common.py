@@ -41,7 +41,7 @@ def load_encoder_weights(encoder: nn.Module, path: Path) -> None:
         raise ValueError(f"{path}: cannot read the weights file ({exc})") from exc
     for wrapper in ("state_dict", "model"):
         state = state.get(wrapper, state)
-    expected = encoder.state_dict().keys()
+    expected = encoder.state_dict()
     state = {key.removeprefix("module."): value for key, value in state.items()}
     state = {k: v for k, v in state.items() if k in expected or not k.startswith("head.")}
     if "pos_embed" in state and state["pos_embed"].shape != encoder.pos_embed.shape:
@@ -50,15 +50,19 @@ def load_encoder_weights(encoder: nn.Module, path: Path) -> None:
             new_size=list(encoder.patch_embed.grid_size),
             num_prefix_tokens=encoder.num_prefix_tokens,
         )
-    try:
-        missing, unexpected = encoder.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shapes differ: another model's weights
-        raise ValueError(f"{path}: does not match the encoder ({exc})") from exc
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: does not match the encoder: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}"
+    problems = [f"missing {key}" for key in expected if key not in state]
+    problems += [f"unexpected {key}" for key in state if key not in expected]
+    problems += [
+        f"{key} has shape {tuple(value.shape)}, the encoder {tuple(expected[key].shape)}"
+        for key, value in state.items()
+        if key in expected and value.shape != expected[key].shape
+    ]
+    if problems:
+        shown = "; ".join(problems[:3]) + (
+            f"; {len(problems) - 3} more" if len(problems) > 3 else ""
         )
+        raise ValueError(f"{path}: does not match the encoder: {shown}")
+    encoder.load_state_dict(state)
 
 
 def frozen_copy(source: nn.Module, target: nn.Module) -> nn.Module:
