@@ -196,7 +196,13 @@ def training_source(layout: DataLayout, variant: str) -> tuple[Path, tuple[str, 
     shards = layout.shards_dir(variant)
     if (shards / "index.json").is_file():
         return shards, folders
-    return (layout.mini_dir if variant == "cpia-mini" else layout.cpia_dir), folders
+    root = layout.mini_dir if variant == "cpia-mini" else layout.cpia_dir
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"{root}: no training images for {variant} (neither this folder nor "
+            f"{shards}/index.json exists); build the images or the shards first"
+        )
+    return root, folders
 
 
 def prepare_run_dir(job: PretrainJob) -> str:
