@@ -49,9 +49,11 @@ class DataLayout:
     def ssl_checkpoints_dir(self) -> Path:
         return self.root / "ssl" / "checkpoints"
 
-    def ssl_checkpoint_dir(self, method: str, variant: str) -> Path:
-        """One pre-training's encoder, Lightning checkpoints, resolved config and metrics."""
-        return self.ssl_checkpoints_dir / f"{method}__{variant}"
+    def ssl_checkpoint_dir(self, method: str, variant: str, init: str = "random") -> Path:
+        """One pre-training's encoder, Lightning checkpoints, resolved config and metrics; runs
+        started from ImageNet weights (`init="ImageNet"`) keep their own folder."""
+        suffix = "" if init == "random" else f"__{init.lower()}"
+        return self.ssl_checkpoints_dir / f"{method}__{variant}{suffix}"
 
     @property
     def ssl_eval_dir(self) -> Path:

@@ -110,6 +110,11 @@ class PretrainSettings:
                 f"init must be 'random' or a local checkpoint file; {self.init} is missing"
             )
 
+    @property
+    def init_label(self) -> str:
+        """Table II's init column: random, or ImageNet for a local checkpoint file."""
+        return "random" if self.init == "random" else "ImageNet"
+
 
 @dataclass(frozen=True)
 class PretrainJob:

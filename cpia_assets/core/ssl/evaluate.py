@@ -282,9 +282,10 @@ def candidates(layout: DataLayout, settings: FinetuneSettings) -> list[Candidate
         encoder = job_file.parent / ENCODER_FILE
         if encoder.is_file():
             job = PretrainJob.load(job_file)
-            init = "random" if job.settings.init == "random" else "ImageNet"
             method, data = METHOD_NAMES[job.method], DATA_NAMES.get(job.data, job.data)
-            rows.append(Candidate(init, method, data, job.settings.model, encoder))
+            rows.append(
+                Candidate(job.settings.init_label, method, data, job.settings.model, encoder)
+            )
     if settings.random_init_baseline:
         rows.append(Candidate("random", "none", "none", settings.baseline_model, None))
     if settings.imagenet_init:

@@ -55,7 +55,7 @@ def build_ssl_assets() -> list[dg.AssetsDefinition]:
         description=(
             "Self-supervised pre-training of a timm ViT (MAE, MoCo-v3 or DINO) on one data variant "
             "as its own process (torchrun for several devices). Outputs under "
-            "ssl/checkpoints/<method>__<data>/: encoder.pth (timm state dict without classifier), "
+            "ssl/checkpoints/<method>__<data>[__imagenet]/: encoder.pth (timm state dict), "
             "Lightning checkpoints (a rerun resumes from the last), config.json, metrics."
         ),
     )
@@ -69,11 +69,13 @@ def build_ssl_assets() -> list[dg.AssetsDefinition]:
         method, data = keys["method"], keys["data"]
         layout = store.layout
         source, folders = training_source(layout, data)
-        out = layout.ssl_checkpoint_dir(method, data)
         settings = settings_from(config, PretrainSettings)
+        out = layout.ssl_checkpoint_dir(method, data, settings.init_label)
         job = PretrainJob(method, data, str(source), folders, str(out), settings)
         start = prepare_run_dir(job)
-        context.log.info(f"[{method}|{data}] {start} run on {source} ({', '.join(folders)})")
+        context.log.info(
+            f"[{context.partition_key}] {start} run on {source} ({', '.join(folders)})"
+        )
         pipes_subprocess_client.run(
             context=context, command=launch_command(out / JOB_FILE, settings)
         ).get_results()
