@@ -4,6 +4,8 @@ interrupted run resumes to the same weights as an uninterrupted one."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +15,14 @@ import timm
 import torch
 
 from cpia_assets.core.ssl.common import create_encoder
-from cpia_assets.core.ssl.config import LAST_CHECKPOINT, PretrainJob
+from cpia_assets.core.ssl.config import (
+    JOB_FILE,
+    LAST_CHECKPOINT,
+    SUMMARY_FILE,
+    PretrainJob,
+    launch_command,
+    prepare_run_dir,
+)
 from cpia_assets.core.ssl.train import run_training
 from cpia_assets_tests.ssl_data import tiny_settings, write_folder_tree
 
@@ -129,3 +138,19 @@ def test_imagenet_style_init_is_loaded_and_resampled(tmp_path: Path) -> None:
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"garbage\.pth: cannot read the weights file"):
         create_encoder("vit_tiny_patch16_224", 64, weights=tmp_path / "garbage.pth")
+
+
+def test_two_processes_under_torchrun_train_one_model(mini: Path, tmp_path: Path) -> None:
+    """The DDP path the asset uses for several devices, on CPU (gloo): MoCo-v3 gathers the keys
+    of both ranks, each rank reads its own half of every global batch."""
+    ddp = job(mini, tmp_path, "mocov3", steps=3, devices=2, batch_size=4)
+    prepare_run_dir(ddp)
+    command = launch_command(tmp_path / JOB_FILE, ddp.settings)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    summary = json.loads((tmp_path / SUMMARY_FILE).read_text())
+    assert summary["steps"] == 3
+    timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=64,
+                      checkpoint_path=str(tmp_path / "encoder.pth"))  # fmt: skip
+    assert (tmp_path / LAST_CHECKPOINT).is_file()

@@ -68,12 +68,16 @@ def training_loader(
     unknown = set(folders) - set(SCALE_FOLDERS)
     if unknown or not folders:
         raise ValueError(f"{source}: folders must be a subset of {SCALE_FOLDERS}, got {folders}")
-    common = {"transform": transform, "batch_size": batch_size, "seed": seed, "slice": stream_slice}
+    common = {"transform": transform, "batch_size": batch_size, "seed": seed}
     if (Path(source) / SHARD_INDEX).is_file():
-        stream: _Stream = ShardStream(Path(source), folders=tuple(folders), **common)
+        stream: _Stream = ShardStream(
+            Path(source), folders=tuple(folders), stream_slice=stream_slice, **common
+        )
         workers = min(workers, len(stream.shards) // stream_slice.world_size)
     else:
-        stream = FolderStream(list_folder_images(Path(source), folders), **common)
+        stream = FolderStream(
+            list_folder_images(Path(source), folders), stream_slice=stream_slice, **common
+        )
     return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False)
 
 
@@ -117,7 +121,7 @@ def sample_seed(*parts: int) -> int:
 
 class _Stream(IterableDataset):
     def __init__(
-        self, *, transform: Transform, batch_size: int, seed: int, slice: StreamSlice
+        self, *, transform: Transform, batch_size: int, seed: int, stream_slice: StreamSlice
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -125,7 +129,7 @@ class _Stream(IterableDataset):
         self.transform = transform
         self.batch_size = batch_size
         self.seed = seed
-        self.slice = slice
+        self.slice = stream_slice
 
     def _views(self, data: bytes, name: str, seed: int) -> list[torch.Tensor] | None:
         image = decode_rgb(data, name)

@@ -80,7 +80,7 @@ def run_training(
         devices=settings.devices,
         num_nodes=settings.nodes,
         strategy="ddp" if distributed else "auto",
-        sync_batchnorm=distributed,
+        sync_batchnorm=distributed and cuda,  # SyncBatchNorm needs GPUs
         precision=precision,
         max_steps=steps,
         accumulate_grad_batches=settings.accumulation,
