@@ -23,7 +23,7 @@ from cpia_assets.defs.instance import prepare_instance
 
 DEMO_TASK = "demo-roi-cells"  # labelled ROI set with train/val/test folders
 DEMO_PRETRAIN = {
-    "model": "vit_tiny_patch16_224", "image_size": 64, "batch_size": 16, "steps": 30,
+    "model": "vit_tiny_patch16_224", "image_size": 64, "batch_size": 16, "steps": 20,
     "warmup_steps": 5, "lr": 1e-3, "workers": 0, "checkpoint_every": 10,
     "mae": {"decoder_dim": 64, "decoder_depth": 1, "decoder_heads": 2},
 }  # fmt: skip
