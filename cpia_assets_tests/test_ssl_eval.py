@@ -7,9 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from cpia_assets.core.ssl.config import FinetuneSettings
+from cpia_assets.core.layout import DataLayout
+from cpia_assets.core.ssl.config import (
+    ENCODER_FILE,
+    FinetuneSettings,
+    PretrainJob,
+    PretrainSettings,
+    prepare_run_dir,
+)
 from cpia_assets.core.ssl.evaluate import (
     accuracy_and_macro_f1,
+    candidates,
     confusion_matrix,
     finetune,
     load_task,
@@ -93,3 +101,24 @@ def test_table_ii_lists_our_rows_beside_the_paper() -> None:
     paper_row = "| paper | random | MAE | CPIA |  | 97.58 (95.83) | 92.58 (91.94) | 93.98 (93.98) |"
     assert paper_row in table
     assert len(table) == 2 + 1 + 9
+
+
+def test_candidates_are_every_encoder_plus_the_baseline_rows(tmp_path: Path) -> None:
+    layout = DataLayout(tmp_path)
+    imagenet = tmp_path / "imagenet.pth"
+    imagenet.write_bytes(b"weights")
+    for method, data, init in (("mae", "cpia-s", str(imagenet)), ("dino", "cpia", "random")):
+        settings = PretrainSettings(init=init)
+        out = layout.ssl_checkpoint_dir(method, data, settings.init_label)
+        prepare_run_dir(PretrainJob(method, data, str(tmp_path), ("S",), str(out), settings))
+        (out / ENCODER_FILE).write_bytes(b"encoder")
+    unfinished = layout.ssl_checkpoint_dir("mocov3", "cpia-l")
+    prepare_run_dir(PretrainJob("mocov3", "cpia-l", str(tmp_path), ("L",), str(unfinished),
+                                PretrainSettings()))  # fmt: skip
+    rows = candidates(layout, FinetuneSettings(imagenet_init=str(imagenet)))
+    assert [(c.init, c.method, c.data, c.weights is not None) for c in rows] == [
+        ("random", "DINO", "CPIA", True),
+        ("ImageNet", "MAE", "CPIA-S", True),  # its own folder: mae__cpia-s__imagenet
+        ("random", "none", "none", False),
+        ("ImageNet", "none", "none", True),
+    ]

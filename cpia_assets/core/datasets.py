@@ -96,6 +96,9 @@ def read_shard_index(folder: Path) -> dict[str, Any]:
     try:
         index = json.loads(path.read_text())
         files = [entry["file"] for entry in index["shards"]]
+        for entry in (index, *index["shards"]):
+            if not set(entry["per_scale"]) <= set(SCALE_FOLDER_OF):
+                raise ValueError(f"unknown scale in per_scale {entry['per_scale']}")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path}: not a valid shard index ({exc})") from exc
     missing = [name for name in files if not (folder / name).is_file()]
@@ -116,7 +119,7 @@ def decode_rgb(data: bytes, name: str) -> Image.Image | None:
 
 def sample_seed(*parts: int) -> int:
     """A 63-bit seed from integers (run seed, stream coordinates), well mixed."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
 
 
 class _Stream(IterableDataset):

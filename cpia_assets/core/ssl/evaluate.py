@@ -298,12 +298,14 @@ def evaluate_all(
     layout: DataLayout, settings: FinetuneSettings, progress: Callable[[str], None] = print
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]], int]:
     """Fine-tune every candidate on every task; results already computed for the same encoder
-    bytes, settings and task are reused. Returns (rows, failures, reused); a task or encoder that
-    fails is recorded in failures and the others go on."""
+    bytes, settings and task images are reused. Returns (rows, failures, reused); a task or
+    encoder that fails is recorded in failures and the others go on."""
     rows, failures, reused = [], [], 0
     settings_key = json.dumps(
         {k: v for k, v in asdict(settings).items() if k != "tasks"}, sort_keys=True
     )
+    encoders = [(c, sha256_file(c.weights) if c.weights else "random")
+                for c in candidates(layout, settings)]  # fmt: skip
     for name, root in sorted(settings.tasks.items()):
         try:
             task = load_task(name, Path(root), settings.seed)
@@ -311,12 +313,13 @@ def evaluate_all(
             failures.append({"file": str(root), "reason": f"task {name}: {exc}"})
             continue
         failures += task.failures
-        for candidate in candidates(layout, settings):
+        images = json.dumps({split: [str(path) for path, _ in items]
+                             for split, items in task.splits.items()})  # fmt: skip
+        for candidate, encoder_hash in encoders:
             weights = candidate.weights
             fingerprint = hashlib.sha256(
-                "|".join([settings_key, str(task.root), candidate.model,
-                          sha256_file(weights) if weights else "random"]).encode()
-            ).hexdigest()  # fmt: skip
+                "|".join([settings_key, images, candidate.model, encoder_hash]).encode()
+            ).hexdigest()
             result_path = layout.ssl_eval_dir / name / f"{candidate.row_id}.json"
             result = json.loads(result_path.read_text()) if result_path.exists() else {}
             if result.get("fingerprint") == fingerprint:
