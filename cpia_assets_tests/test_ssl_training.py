@@ -24,7 +24,7 @@ from cpia_assets.core.ssl.config import (
     prepare_run_dir,
 )
 from cpia_assets.core.ssl.train import run_training
-from cpia_assets_tests.ssl_data import tiny_settings, write_folder_tree
+from cpia_assets_tests.ssl_data import tiny_settings, write_folder_tree, write_shards
 
 torch.set_num_threads(1)  # the test machine's cores are shared
 
@@ -96,10 +96,25 @@ class InterruptAt(pl.Callback):
             raise Interrupt
 
 
-@pytest.mark.parametrize("method", ["mae", "dino"])
-def test_resumed_run_reaches_the_same_weights(mini: Path, tmp_path: Path, method: str) -> None:
-    overrides = {"steps": 6, "checkpoint_every": 3, "accumulation": 2, "batch_size": 4}
+@pytest.fixture(scope="module")
+def mini_shards(mini: Path) -> Path:
+    shards = mini.parent / "shards" / "cpia-mini"
+    write_shards(mini, shards, shard_size=4)
+    return shards
+
+
+@pytest.mark.parametrize(
+    ("method", "layout", "workers"), [("mae", "folders", 0), ("dino", "folders", 0),
+                                      ("mae", "shards", 2)]
+)  # fmt: skip
+def test_resumed_run_reaches_the_same_weights(
+    mini: Path, mini_shards: Path, tmp_path: Path, method: str, layout: str, workers: int
+) -> None:
+    overrides = {"steps": 6, "checkpoint_every": 3, "accumulation": 2, "batch_size": 4,
+                 "workers": workers}  # fmt: skip
     straight = job(mini, tmp_path / "straight", method, **overrides)
+    if layout == "shards":
+        straight = replace(straight, source=str(mini_shards))
     run_training(straight, log_every=100)
     resumed = replace(straight, out_dir=str(tmp_path / "resumed"))
     with pytest.raises(Interrupt):
