@@ -132,6 +132,8 @@ def test_resumed_run_reaches_the_same_weights(
     ]
     curve = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").open()]
     assert [row["step"] for row in curve] == [1, 2, 3, 4, 5, 6]  # one curve across the interrupt
+    rerun = run_training(resumed, log_every=100)  # finished: nothing left to train
+    assert rerun is not None and rerun["steps"] == 6 and rerun["images_per_s"] > 0
 
 
 def test_imagenet_style_init_is_loaded_and_resampled(tmp_path: Path) -> None:

@@ -124,10 +124,12 @@ class MetricsRecorder(pl.Callback):
         self._recorded_step = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history}
+        return {"history": self.history, "images_per_s": self.images_per_s}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A resumed run continues the curve; a finished one rerun keeps its measured speed."""
         self.history = list(state_dict["history"])
+        self.images_per_s = state_dict["images_per_s"]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._recorded_step = trainer.global_step  # restored when resuming
