@@ -294,12 +294,19 @@ def candidates(layout: DataLayout, settings: FinetuneSettings) -> list[Candidate
     return rows
 
 
+@dataclass
+class Evaluation:
+    rows: list[dict[str, Any]]  # one finetune() result per task and encoder, with its labels
+    failures: list[dict[str, str]]  # {"file", "reason"}: unreadable images, tasks, encoders
+    reused: int  # rows taken from an earlier run with the same fingerprint
+
+
 def evaluate_all(
     layout: DataLayout, settings: FinetuneSettings, progress: Callable[[str], None] = print
-) -> tuple[list[dict[str, Any]], list[dict[str, str]], int]:
+) -> Evaluation:
     """Fine-tune every candidate on every task; results already computed for the same encoder
-    bytes, settings and task images are reused. Returns (rows, failures, reused); a task or
-    encoder that fails is recorded in failures and the others go on."""
+    bytes, settings and task images are reused. A task or encoder that fails is recorded in
+    failures and the others go on."""
     rows, failures, reused = [], [], 0
     settings_key = json.dumps(
         {k: v for k, v in asdict(settings).items() if k != "tasks"}, sort_keys=True
@@ -339,4 +346,19 @@ def evaluate_all(
                 with atomic_path(result_path) as tmp:
                     tmp.write_text(json.dumps(result, indent=2))
             rows.append(result)
-    return rows, failures, reused
+    return Evaluation(rows, failures, reused)
+
+
+def confusion_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """Each result's confusion matrix as a markdown table (rows: true class)."""
+    parts = []
+    for row in rows:
+        header = "| true \\ predicted | " + " | ".join(row["classes"]) + " |"
+        lines = [header, "|---" * (len(row["classes"]) + 1) + "|"]
+        lines += [
+            f"| {name} | " + " | ".join(map(str, counts)) + " |"
+            for name, counts in zip(row["classes"], row["confusion"], strict=True)
+        ]
+        title = f"**{row['task']}: {row['init']} / {row['method']} / {row['data']}**"
+        parts.append(title + f" (best epoch {row['best_epoch']})\n\n" + "\n".join(lines))
+    return "\n\n".join(parts)

@@ -4,7 +4,6 @@ Dagster Pipes; torch is imported only there and inside downstream_eval's body.""
 
 import json
 import warnings
-from typing import Any
 
 import dagster as dg
 
@@ -105,12 +104,17 @@ def build_ssl_assets() -> list[dg.AssetsDefinition]:
     def downstream_eval(
         context: dg.AssetExecutionContext, config: FinetuneConfig, store: CpiaStore
     ) -> dg.MaterializeResult:
-        from cpia_assets.core.ssl.evaluate import evaluate_all, table_ii_markdown
+        from cpia_assets.core.ssl.evaluate import (
+            confusion_markdown,
+            evaluate_all,
+            table_ii_markdown,
+        )
 
         settings = settings_from(config, FinetuneSettings)
         if not settings.tasks:
             raise dg.Failure("no downstream tasks configured: set tasks: {name: /path/to/folder}")
-        rows, failures, reused = evaluate_all(store.layout, settings, progress=context.log.info)
+        evaluation = evaluate_all(store.layout, settings, progress=context.log.info)
+        rows, failures = evaluation.rows, evaluation.failures
         if not rows:
             raise dg.Failure(
                 "no task could be evaluated",
@@ -119,9 +123,9 @@ def build_ssl_assets() -> list[dg.AssetsDefinition]:
         return dg.MaterializeResult(
             metadata={
                 "table_ii": dg.MetadataValue.md(table_ii_markdown(rows)),
-                "confusion_matrices": dg.MetadataValue.md(_confusion_markdown(rows)),
-                "evaluated": len(rows) - reused,
-                "reused_from_earlier_runs": reused,
+                "confusion_matrices": dg.MetadataValue.md(confusion_markdown(rows)),
+                "evaluated": len(rows) - evaluation.reused,
+                "reused_from_earlier_runs": evaluation.reused,
                 "failures": dg.MetadataValue.md(failures_markdown(failures)),
             }
         )
@@ -135,17 +139,3 @@ def _data_dimension_mapping() -> dg.PartitionMapping:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", dg.BetaWarning)
         return dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="data")
-
-
-def _confusion_markdown(rows: list[dict[str, Any]]) -> str:
-    parts = []
-    for row in rows:
-        header = "| true \\ predicted | " + " | ".join(row["classes"]) + " |"
-        lines = [header, "|---" * (len(row["classes"]) + 1) + "|"]
-        lines += [
-            f"| {name} | " + " | ".join(map(str, counts)) + " |"
-            for name, counts in zip(row["classes"], row["confusion"], strict=True)
-        ]
-        title = f"**{row['task']}: {row['init']} / {row['method']} / {row['data']}**"
-        parts.append(title + f" (best epoch {row['best_epoch']})\n\n" + "\n".join(lines))
-    return "\n\n".join(parts)
