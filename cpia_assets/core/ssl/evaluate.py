@@ -181,8 +181,10 @@ def finetune(
     """Fine-tune `model` (random init when `weights` is None) with a new linear head; the epoch
     with the best validation accuracy is evaluated on test."""
     torch.manual_seed(settings.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     network = create_encoder(model, settings.image_size, weights=weights)
     network.reset_classifier(len(task.classes))
+    network.to(device)
     train = DataLoader(
         LabelledImages(task.splits["train"], finetune_transform(settings.image_size)),
         batch_size=settings.batch_size, shuffle=True, num_workers=settings.workers,
@@ -196,7 +198,7 @@ def finetune(
     for epoch in range(1, settings.epochs + 1):
         network.train()
         for images, labels in train:
-            loss = F.cross_entropy(network(images), labels)
+            loss = F.cross_entropy(network(images.to(device)), labels.to(device))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -236,7 +238,7 @@ def _confusion(
     truth, predicted = [], []
     for images, labels in loader:
         truth += labels.tolist()
-        predicted += network(images).argmax(1).tolist()
+        predicted += network(images.to(next(network.parameters()).device)).argmax(1).tolist()
     return confusion_matrix(truth, predicted, len(task.classes))
 
 
