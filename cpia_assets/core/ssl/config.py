@@ -73,6 +73,7 @@ class PretrainSettings:
     schedule: str = "cosine"
     warmup_steps: int = 500
     weight_decay: float = 0.05
+    gradient_clip: float = 0.0  # max gradient norm, 0 = off (DINO uses 3.0)
     seed: int = 0
     precision: str = "auto"
     workers: int = 8  # loader processes per device

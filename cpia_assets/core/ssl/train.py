@@ -84,6 +84,7 @@ def run_training(
         precision=precision,
         max_steps=steps,
         accumulate_grad_batches=settings.accumulation,
+        gradient_clip_val=settings.gradient_clip or None,
         callbacks=[recorder, checkpoints, *callbacks],
         deterministic="warn" if cuda else True,
         use_distributed_sampler=False,  # the stream splits itself over ranks
