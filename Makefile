@@ -36,6 +36,7 @@ lint:
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_tiling.py
 	$(BIN)/python benchmarks/bench_manifest.py
+	$(BIN)/python benchmarks/bench_ssl_loader.py
 
 clean:
 	rm -rf $(CPIA_DATA_DIR)

@@ -17,6 +17,7 @@ from cpia_assets.core.layout import default_data_dir
 from cpia_assets.defs.assets.manifest import build_manifest_assets
 from cpia_assets.defs.assets.mini import build_cpia_mini, build_training_shards
 from cpia_assets.defs.assets.raw import build_raw_download
+from cpia_assets.defs.assets.ssl import build_ssl_assets
 from cpia_assets.defs.assets.standardize import build_standardized_wsi
 from cpia_assets.defs.assets.tiles import build_scale_tiles
 from cpia_assets.defs.partitions import subdataset_partitions
@@ -50,13 +51,19 @@ def build_definitions(catalog: Catalog, data_dir: Path, *, workers: int = 0) -> 
         description="Load changed partitions into manifest.duckdb and run its checks.",
     )
     return dg.Definitions(
-        assets=[*partitioned, *build_manifest_assets(), build_training_shards()],
+        assets=[
+            *partitioned,
+            *build_manifest_assets(),
+            build_training_shards(),
+            *build_ssl_assets(),
+        ],
         jobs=[subdatasets_job, manifest_job],
         schedules=build_schedules(subdatasets_job, manifest_job),
         sensors=[pool_watch],
         resources={
             "store": CpiaStore(data_dir=str(data_dir), catalog_path=str(catalog.path)),
             "workers": WorkerPool(workers=workers),
+            "pipes_subprocess_client": dg.PipesSubprocessClient(),
         },
     )
 

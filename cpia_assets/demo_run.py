@@ -6,6 +6,7 @@ Progress lines (per partition, per slide) are echoed; each run's full log is kep
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +21,18 @@ from cpia_assets.core.manifest import count_tiles, markdown_table, open_manifest
 from cpia_assets.core.shards import MINI_VARIANT
 from cpia_assets.definitions import PARTITIONED_ASSETS
 from cpia_assets.defs.instance import prepare_instance
+
+DEMO_TASK = "demo-roi-cells"  # labelled ROI set with train/val/test folders
+DEMO_PRETRAIN = {
+    "model": "vit_tiny_patch16_224", "image_size": 64, "batch_size": 16, "steps": 20,
+    "warmup_steps": 5, "lr": 1e-3, "workers": 0, "checkpoint_every": 10,
+    "mae": {"decoder_dim": 64, "decoder_depth": 1, "decoder_heads": 2},
+}  # fmt: skip
+DEMO_EVAL = {
+    "epochs": 3, "batch_size": 8, "image_size": 64, "lr": 1e-3, "workers": 0,
+    "baseline_model": "vit_tiny_patch16_224",
+}  # fmt: skip
+SSL_PROGRESS = ("step ", "validation accuracy", "fine-tuning ")
 
 
 def main() -> int:
@@ -39,17 +52,22 @@ def main() -> int:
     print(f"training_shards: {MINI_VARIANT} as WebDataset shards", flush=True)
     _materialize("training_shards", logs / "training_shards.log", partition=MINI_VARIANT)
     _print_summary(layout)
+    _pretrain_and_evaluate(layout, logs)
     print(f"Done in {time.monotonic() - started:.0f} s. Browse the runs: make ui", flush=True)
     return 0
 
 
-def _materialize(selection: str, log_path: Path, partition: str | None = None) -> None:
+def _materialize(
+    selection: str, log_path: Path, partition: str | None = None, config: dict | None = None
+) -> None:
     command = [
         sys.executable, "-m", "dagster", "asset", "materialize",
         "-m", "cpia_assets.definitions", "--select", selection,
     ]  # fmt: skip
     if partition:
         command += ["--partition", partition]
+    if config:
+        command += ["--config-json", json.dumps({"ops": {selection: {"config": config}}})]
     with log_path.open("w") as log:
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
@@ -59,12 +77,32 @@ def _materialize(selection: str, log_path: Path, partition: str | None = None) -
             log.write(line)
             if partition and f"[{partition}]" in line:
                 print("    " + line.split(f"[{partition}] ", 1)[-1].rstrip(), flush=True)
+            elif any(marker in line for marker in SSL_PROGRESS):
+                print("    " + line.split(" - ")[-1].rstrip(), flush=True)
             elif "ASSET_CHECK_EVALUATION - " in line:
                 print("    " + line.split("ASSET_CHECK_EVALUATION - ", 1)[1].rstrip(), flush=True)
             elif "STEP_FAILURE" in line or "Error" in line.split(" - ")[-1][:40]:
                 print("    " + line.rstrip(), flush=True)
         if process.wait() != 0:
             raise SystemExit(f"materializing {selection} failed; full log: {log_path}")
+
+
+def _pretrain_and_evaluate(layout: DataLayout, logs: Path) -> None:
+    """One small MAE checkpoint (vit_tiny, CPU) pre-trained on the CPIA-Mini shards, and its
+    fine-tuning on the labelled demo cells."""
+    partition = f"{MINI_VARIANT}|mae"
+    print(f"ssl_checkpoint {partition}: MAE pre-training, vit_tiny on CPU", flush=True)
+    _materialize("ssl_checkpoint", logs / "ssl_checkpoint.log", partition, DEMO_PRETRAIN)
+    print("downstream_eval: fine-tuning on the labelled demo cells", flush=True)
+    tasks = {DEMO_TASK: str(layout.raw_dir(DEMO_TASK))}
+    _materialize(
+        "downstream_eval", logs / "downstream_eval.log", config=DEMO_EVAL | {"tasks": tasks}
+    )
+    print(f"\n{'encoder':<28}{'test accuracy':>14}{'macro F1':>10}")
+    for result in sorted((layout.ssl_eval_dir / DEMO_TASK).glob("*.json")):
+        row = json.loads(result.read_text())
+        name = f"{row['init']} / {row['method']} / {row['data']}"
+        print(f"{name:<28}{row['accuracy']:>14.2f}{row['macro_f1']:>10.2f}")
 
 
 def _print_summary(layout: DataLayout) -> None:

@@ -14,7 +14,7 @@ from cpia_assets.definitions import build_definitions
 
 EXPECTED_ASSETS = {
     "raw_download", "standardized_wsi", "scale_tiles", "cpia_mini", "tile_manifest",
-    "training_shards",
+    "training_shards", "ssl_checkpoint", "downstream_eval",
 }  # fmt: skip
 
 
@@ -58,7 +58,8 @@ def test_cli_validates_definitions(tmp_path: Path, catalog: str) -> None:
 def test_loading_definitions_imports_no_heavy_libraries() -> None:
     code = (
         "import sys, cpia_assets.definitions as d; d.defs();"
-        "print(','.join(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))"
+        "heavy = ('torch', 'timm', 'torchvision', 'pytorch_lightning', 'webdataset');"
+        "print(','.join(m for m in heavy if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

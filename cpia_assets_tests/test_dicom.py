@@ -10,7 +10,7 @@ import pytest
 from cpia_assets.core.catalog import WsiOptions
 from cpia_assets.core.dicom import container_identifier
 from cpia_assets.core.layout import DataLayout
-from cpia_assets.core.slides import find_slides, slide_stem
+from cpia_assets.core.slides import select_slides, slide_stem
 from cpia_assets.core.standardize import StandardizeSettings, standardize_partition
 
 SERIES = "1.3.6.1.4.1.5962.99.1.2786334768.1849416866.1385765836848.3.0"
@@ -100,7 +100,7 @@ def test_idc_slides_are_recorded_under_their_slide_name_with_the_uuid_kept(tmp_p
     dicom_file(raw / SERIES / "a.dcm", container=b"C3L-00004-21")
     dicom_file(raw / SERIES / "b.dcm", container=b"C3L-00004-21")  # same series: one slide
     dicom_file(raw / "other-series" / "a.dcm", container=b"C3L-00004-21")  # same slide name
-    slides = find_slides(raw, WsiOptions())
+    slides = select_slides(raw, WsiOptions()).used
     assert [slide_stem(path) for path in slides] == ["C3L-00004-21", "C3L-00004-21"]
     result = standardize_partition(
         slides, key="cptac-test", layout=layout, options=WsiOptions(),

@@ -54,6 +54,21 @@ class DataLayout:
         return self.root / "shards" / variant
 
     @property
+    def ssl_checkpoints_dir(self) -> Path:
+        return self.root / "ssl" / "checkpoints"
+
+    def ssl_checkpoint_dir(self, method: str, variant: str, init: str = "random") -> Path:
+        """One pre-training's encoder, Lightning checkpoints, resolved config and metrics; runs
+        started from ImageNet weights (`init="ImageNet"`) keep their own folder."""
+        suffix = "" if init == "random" else f"__{init.lower()}"
+        return self.ssl_checkpoints_dir / f"{method}__{variant}{suffix}"
+
+    @property
+    def ssl_eval_dir(self) -> Path:
+        """Downstream results, one JSON per task and evaluated encoder."""
+        return self.root / "ssl" / "eval"
+
+    @property
     def manifests_dir(self) -> Path:
         return self.root / "manifests"
 

@@ -1,7 +1,8 @@
 """Dagster instance settings the platform relies on: concurrency pools and run monitoring.
 
 Pools bound concurrency across runs: `duckdb` (limit 1) keeps tile_manifest and its checks the only
-process with manifest.duckdb open; `downloads` bounds how many raw_download steps run at once.
+process with manifest.duckdb open; `downloads` bounds how many raw_download steps run at once;
+`gpu` (limit 1 per GPU host) keeps two trainings or evaluations off the same GPU.
 Run monitoring lets the daemon free the slots of ended runs; `pools.py` frees those of killed ones.
 `make demo` and `make ui` prepare DAGSTER_HOME with `python -m cpia_assets.defs.instance`;
 `python -m cpia_assets.defs.instance --pools` frees the slots of dead runs and lists who waits.
@@ -20,12 +21,13 @@ from cpia_assets.defs.pools import announce_waits, describe_holders, free_dead_r
 
 DUCKDB_POOL = "duckdb"
 DOWNLOADS_POOL = "downloads"
-POOL_LIMITS: Mapping[str, int] = {DUCKDB_POOL: 1, DOWNLOADS_POOL: 4}
+GPU_POOL = "gpu"
+POOL_LIMITS: Mapping[str, int] = {DUCKDB_POOL: 1, DOWNLOADS_POOL: 4, GPU_POOL: 1}
 
 _HEADER = "# Written by cpia_assets (defs/instance.py)."
 INSTANCE_YAML = f"""\
 {_HEADER} A pool without an explicit limit gets 1; the
-# explicit limits (duckdb 1, downloads 4) are set with `dagster instance concurrency set`.
+# explicit limits (duckdb 1, downloads 4, gpu 1) are set with `dagster instance concurrency set`.
 concurrency:
   pools:
     granularity: op

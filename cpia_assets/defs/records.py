@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import fields, is_dataclass
+from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 import dagster as dg
 import polars as pl
-from pydantic import create_model
+from pydantic import Field, create_model
 
 from cpia_assets.core import schema
 from cpia_assets.core.fsutil import write_parquet_atomic
@@ -82,6 +82,8 @@ def config_class(settings_cls: type, name: str) -> type[dg.Config]:
             model_fields[field.name] = (nested, nested())
         elif get_origin(annotation) is tuple:
             model_fields[field.name] = (list[get_args(annotation)[0]], list(field.default))
+        elif field.default is MISSING:  # a mutable default such as a dict
+            model_fields[field.name] = (annotation, Field(default_factory=field.default_factory))
         else:
             model_fields[field.name] = (annotation, field.default)
     return create_model(name, __base__=dg.Config, **model_fields)

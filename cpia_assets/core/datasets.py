@@ -1,0 +1,273 @@
+"""Training images from either CPIA layout as a deterministic, resumable PyTorch stream.
+
+Layouts: a folder root (`cpia/` or `cpia-mini/`, images in `{L,M,S}/<sub-dataset>/*.jpg`) or a
+shard folder (`shards/<variant>/index.json` + `shard-NNNNNN.tar`, WebDataset samples `<k>.jpg` +
+`<k>.json`, see README). Either can be restricted to some top folders (L, M, S).
+
+The stream is endless and a pure function of the seed (and, for shards, of the number of ranks x
+loader workers): batch j of rank r is the same on every run, and every sample's augmentation is
+seeded from its place in the stream. A run resumed at batch j (optimizer step x accumulation)
+therefore sees exactly the images and crops an uninterrupted run would. Folders: position p of the
+global stream is image p mod n of the seeded permutation of epoch p // n. Shards: each epoch
+permutes the shard list and deals the shards out to the (rank, worker) slots; a slot reads its
+shards in order.
+
+An image that cannot be decoded is skipped with a warning naming it; its batch is one smaller.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from cpia_assets.core.layout import SCALE_FOLDER_OF, SCALE_FOLDERS
+
+log = logging.getLogger(__name__)
+
+Transform = Callable[[Image.Image], list[torch.Tensor]]
+"""Turns one image into its views (MAE: one, MoCo-v3: two, DINO: two global + local crops)."""
+
+Batch = tuple[list[torch.Tensor], torch.Tensor]
+"""The views of a batch, each stacked to (B, 3, H, W), and every sample's augmentation seed."""
+
+SHARD_INDEX = "index.json"
+_ORDER, _FOLDER_SAMPLE, _SHARD_SAMPLE = 1, 2, 3  # keep the seeds of different uses apart
+
+
+@dataclass(frozen=True)
+class StreamSlice:
+    """Which part of the global batch stream one process reads: its rank, and where to start."""
+
+    rank: int = 0
+    world_size: int = 1
+    start_batch: int = 0
+
+
+def training_loader(
+    source: Path,
+    *,
+    transform: Transform,
+    batch_size: int,
+    seed: int,
+    folders: Sequence[str] = SCALE_FOLDERS,
+    workers: int = 0,
+    stream_slice: StreamSlice = StreamSlice(),
+) -> DataLoader:
+    """A DataLoader of `Batch`es over a folder root or a shard folder (detected by index.json)."""
+    unknown = set(folders) - set(SCALE_FOLDERS)
+    if unknown or not folders:
+        raise ValueError(f"{source}: folders must be a subset of {SCALE_FOLDERS}, got {folders}")
+    common = {"transform": transform, "batch_size": batch_size, "seed": seed}
+    if (Path(source) / SHARD_INDEX).is_file():
+        stream: _Stream = ShardStream(
+            Path(source), folders=tuple(folders), stream_slice=stream_slice, **common
+        )
+        workers = min(workers, len(stream.shards) // stream_slice.world_size)
+    else:
+        stream = FolderStream(
+            list_folder_images(Path(source), folders), stream_slice=stream_slice, **common
+        )
+    return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False)
+
+
+def list_folder_images(root: Path, folders: Sequence[str]) -> list[Path]:
+    """The JPEGs of `root/<folder>/<sub-dataset>/`, sorted, so every run lists the same order."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: training image folder does not exist")
+    images = sorted(p for folder in folders for p in (root / folder).glob("*/*.jp*g"))
+    if not images:
+        raise FileNotFoundError(f"{root}: no .jpg images under {', '.join(folders)}/<sub-dataset>/")
+    return images
+
+
+def read_shard_index(folder: Path) -> dict[str, Any]:
+    path = folder / SHARD_INDEX
+    try:
+        index = json.loads(path.read_text())
+        files = [entry["file"] for entry in index["shards"]]
+        for entry in (index, *index["shards"]):
+            if not set(entry["per_scale"]) <= set(SCALE_FOLDER_OF):
+                raise ValueError(f"unknown scale in per_scale {entry['per_scale']}")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a valid shard index ({exc})") from exc
+    missing = [name for name in files if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path}: shards listed but missing: {', '.join(missing[:5])}")
+    return index
+
+
+def decode_rgb(data: bytes, name: str) -> Image.Image | None:
+    """The image as RGB, or None (with a warning naming it) when it cannot be decoded."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        log.warning("skipping %s: not a decodable image (%s)", name, exc)
+        return None
+
+
+def sample_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (run seed, stream coordinates), well mixed."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class _Stream(IterableDataset):
+    def __init__(
+        self, *, transform: Transform, batch_size: int, seed: int, stream_slice: StreamSlice
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.transform = transform
+        self.batch_size = batch_size
+        self.seed = seed
+        self.slice = stream_slice
+
+    def _views(self, data: bytes, name: str, seed: int) -> list[torch.Tensor] | None:
+        image = decode_rgb(data, name)
+        if image is None:
+            return None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image)
+
+    @staticmethod
+    def _collate(samples: list[tuple[list[torch.Tensor], int]]) -> Batch:
+        views = [torch.stack(group) for group in zip(*(s[0] for s in samples), strict=True)]
+        return views, torch.tensor([s[1] for s in samples], dtype=torch.int64)
+
+    @staticmethod
+    def _worker() -> tuple[int, int]:
+        info = get_worker_info()
+        return (info.id, info.num_workers) if info else (0, 1)
+
+
+class FolderStream(_Stream):
+    """Endless seeded permutations of a list of image files."""
+
+    def __init__(self, images: Sequence[Path], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.images = list(images)
+
+    def __iter__(self) -> Iterator[Batch]:
+        worker, workers = self._worker()
+        # The DataLoader takes batches from its workers in turn, starting with worker 0: its i-th
+        # batch is batch start + i of this rank's stream and comes from worker i mod workers.
+        order, epoch, size = torch.empty(0, dtype=torch.int64), -1, self.batch_size
+        for local_batch in range(self.slice.start_batch + worker, 2**62, workers):
+            global_batch = local_batch * self.slice.world_size + self.slice.rank
+            samples = []
+            for position in range(global_batch * size, (global_batch + 1) * size):
+                if position // len(self.images) != epoch:
+                    epoch = position // len(self.images)
+                    generator = torch.Generator().manual_seed(sample_seed(self.seed, _ORDER, epoch))
+                    order = torch.randperm(len(self.images), generator=generator)
+                path = self.images[int(order[position % len(self.images)])]
+                seed = sample_seed(self.seed, _FOLDER_SAMPLE, position)
+                try:
+                    views = self._views(path.read_bytes(), str(path), seed)
+                except OSError as exc:
+                    log.warning("skipping %s: unreadable (%s)", path, exc)
+                    continue
+                if views is not None:
+                    samples.append((views, seed))
+            if samples:
+                yield self._collate(samples)
+
+
+class ShardStream(_Stream):
+    """Endless passes over WebDataset shards; each pass deals a seeded shard order to the slots."""
+
+    def __init__(self, folder: Path, *, folders: tuple[str, ...], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.folder = folder
+        index = read_shard_index(folder)
+        self.shards = [entry["file"] for entry in index["shards"]]
+        # Images per shard inside the selected folders, so that skipping needs no reading.
+        self.counts = [
+            sum(n for scale, n in entry["per_scale"].items() if SCALE_FOLDER_OF[scale] in folders)
+            for entry in index["shards"]
+        ]
+        self.folders = folders
+        if len(self.shards) < self.slice.world_size:
+            raise ValueError(
+                f"{folder}: {len(self.shards)} shards cannot feed {self.slice.world_size} ranks"
+            )
+        if sum(self.counts) == 0:
+            raise ValueError(f"{folder}: no images in folders {', '.join(folders)}")
+
+    def __iter__(self) -> Iterator[Batch]:
+        worker, workers = self._worker()
+        # Batch b of this rank comes from role b mod workers: the shards of slot (rank, role), read
+        # in order. The DataLoader's i-th batch (batch start + i) comes from worker i mod workers,
+        # so a worker plays role (start + worker) mod workers from its batch (start + worker) //
+        # workers on.
+        first = self.slice.start_batch + worker
+        slot = self.slice.rank * workers + first % workers
+        slots = self.slice.world_size * workers
+        skip = (first // workers) * self.batch_size  # samples of this slot before its first batch
+        samples: list[tuple[list[torch.Tensor], int]] = []
+        taken = 0  # samples of the current batch read so far, decodable or not
+        for epoch in range(2**62):
+            generator = torch.Generator().manual_seed(sample_seed(self.seed, _ORDER, epoch))
+            mine = torch.randperm(len(self.shards), generator=generator).tolist()[slot::slots]
+            if sum(self.counts[shard] for shard in mine) == 0:
+                raise ValueError(
+                    f"{self.folder}: the shards of loader slot {slot} hold no images in folders "
+                    f"{', '.join(self.folders)}; use fewer workers or the variant's own shards"
+                )
+            for shard in mine:
+                if skip >= self.counts[shard]:
+                    skip -= self.counts[shard]
+                    continue
+                for number, (key, data) in enumerate(self._read(shard)):
+                    if number < skip:
+                        continue
+                    seed = sample_seed(self.seed, _SHARD_SAMPLE, epoch, shard, number)
+                    views = self._views(data, f"{self.folder / self.shards[shard]}:{key}", seed)
+                    if views is not None:
+                        samples.append((views, seed))
+                    taken += 1
+                    if taken == self.batch_size:
+                        if samples:
+                            yield self._collate(samples)
+                        samples, taken = [], 0
+                skip = 0
+
+    def _read(self, shard: int) -> Iterator[tuple[str, bytes]]:
+        """(key, jpeg bytes) of the shard's samples in the selected folders, in tar order."""
+        path = self.folder / self.shards[shard]
+        members: dict[str, dict[str, bytes]] = {}
+        try:
+            with tarfile.open(path, "r|") as tar:
+                for member in tar:
+                    key, _, ext = member.name.partition(".")
+                    handle = tar.extractfile(member) if member.isfile() else None
+                    if handle is None:
+                        continue
+                    members.setdefault(key, {})[ext] = handle.read()
+                    if {"jpg", "json"} <= members[key].keys():
+                        sample = members.pop(key)
+                        if json.loads(sample["json"])["folder"] in self.folders:
+                            yield key, sample["jpg"]
+        except (OSError, tarfile.TarError, ValueError, KeyError) as exc:
+            log.warning("skipping the rest of %s: unreadable shard (%s)", path, exc)
+
+
+def count_training_images(source: Path, folders: Sequence[str]) -> int:
+    """How many images a stream over `source` cycles through (from index.json for shards)."""
+    if (source / SHARD_INDEX).is_file():
+        per_scale = read_shard_index(source)["per_scale"]
+        return sum(n for scale, n in per_scale.items() if SCALE_FOLDER_OF[scale] in folders)
+    return len(list_folder_images(source, folders))

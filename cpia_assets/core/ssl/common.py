@@ -1,0 +1,105 @@
+"""Pieces shared by the methods: the timm encoder, its weights, momentum teachers, schedules."""
+
+from __future__ import annotations
+
+import math
+import pickle
+from pathlib import Path
+
+import safetensors.torch
+import timm
+import torch
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+
+def create_encoder(
+    name: str, image_size: int, *, weights: str | Path | None = None, dynamic_size: bool = False
+) -> nn.Module:
+    """A timm ViT without classifier (`num_classes=0`), randomly initialised or from a local file.
+
+    `dynamic_size` lets it take crops smaller than `image_size` (DINO's local crops). Nothing is
+    downloaded: `weights` is a local timm-style state dict (e.g. ImageNet-1k weights).
+    """
+    encoder = timm.create_model(
+        name, num_classes=0, img_size=image_size, dynamic_img_size=dynamic_size
+    )
+    if weights:
+        load_encoder_weights(encoder, Path(weights))
+    return encoder
+
+
+def load_encoder_weights(encoder: nn.Module, path: Path) -> None:
+    """Load a timm ViT state dict (.pth/.bin/.safetensors), dropping its classifier and resampling
+    the position embedding to the encoder's grid; any other mismatch is an error naming the file."""
+    try:
+        if path.suffix == ".safetensors":  # the format of timm's weights on the Hugging Face hub
+            state = safetensors.torch.load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
+        raise ValueError(f"{path}: cannot read the weights file ({exc})") from exc
+    for wrapper in ("state_dict", "model"):
+        state = state.get(wrapper, state)
+    expected = encoder.state_dict()
+    state = {key.removeprefix("module."): value for key, value in state.items()}
+    state = {k: v for k, v in state.items() if k in expected or not k.startswith("head.")}
+    if "pos_embed" in state and state["pos_embed"].shape != encoder.pos_embed.shape:
+        state["pos_embed"] = resample_abs_pos_embed(
+            state["pos_embed"],
+            new_size=list(encoder.patch_embed.grid_size),
+            num_prefix_tokens=encoder.num_prefix_tokens,
+        )
+    problems = [f"missing {key}" for key in expected if key not in state]
+    problems += [f"unexpected {key}" for key in state if key not in expected]
+    problems += [
+        f"{key} has shape {tuple(value.shape)}, the encoder {tuple(expected[key].shape)}"
+        for key, value in state.items()
+        if key in expected and value.shape != expected[key].shape
+    ]
+    if problems:
+        shown = "; ".join(problems[:3]) + (
+            f"; {len(problems) - 3} more" if len(problems) > 3 else ""
+        )
+        raise ValueError(f"{path}: does not match the encoder: {shown}")
+    encoder.load_state_dict(state)
+
+
+def frozen_copy(source: nn.Module, target: nn.Module) -> nn.Module:
+    """`target` (built like `source`) holding `source`'s weights, without gradients: a momentum
+    teacher. Built separately because weight-normed layers cannot be deep-copied."""
+    target.load_state_dict(source.state_dict())
+    for parameter in target.parameters():
+        parameter.requires_grad = False
+    return target
+
+
+@torch.no_grad()
+def momentum_update(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, over the parameters (the
+    teacher's normalisation statistics are its own)."""
+    for ours, theirs in zip(teacher.parameters(), student.parameters(), strict=True):
+        ours.mul_(momentum).add_(theirs.detach(), alpha=1 - momentum)
+
+
+def cosine_momentum(base: float, progress: float) -> float:
+    """Teacher momentum rising from `base` to 1 over training (BYOL/DINO schedule)."""
+    return 1 - (1 - base) * (math.cos(math.pi * min(progress, 1.0)) + 1) / 2
+
+
+def gather_batches(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All ranks' `tensor` concatenated (no gradient) and this rank's offset in it; itself when
+    not distributed."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return tensor, 0
+    parts = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts), torch.distributed.get_rank() * tensor.shape[0]
+
+
+def mean_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        tensor = tensor.clone()
+        torch.distributed.all_reduce(tensor)
+        tensor /= torch.distributed.get_world_size()
+    return tensor
