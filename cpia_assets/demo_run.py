@@ -15,14 +15,13 @@ from pathlib import Path
 
 import polars as pl
 
-from cpia_assets.core.catalog import ALL_SCALES, load_catalog
+from cpia_assets.core.catalog import ALL_SCALES, Catalog, ParentFolderRule, load_catalog
 from cpia_assets.core.layout import DataLayout, default_data_dir
 from cpia_assets.core.manifest import count_tiles, markdown_table, open_manifest, table_i
 from cpia_assets.core.shards import MINI_VARIANT
 from cpia_assets.definitions import PARTITIONED_ASSETS
 from cpia_assets.defs.instance import prepare_instance
 
-DEMO_TASK = "demo-roi-cells"  # labelled ROI set with train/val/test folders
 DEMO_PRETRAIN = {
     "model": "vit_tiny_patch16_224", "image_size": 64, "batch_size": 16, "steps": 20,
     "warmup_steps": 5, "lr": 1e-3, "workers": 0, "checkpoint_every": 10,
@@ -52,7 +51,7 @@ def main() -> int:
     print(f"training_shards: {MINI_VARIANT} as WebDataset shards", flush=True)
     _materialize("training_shards", logs / "training_shards.log", partition=MINI_VARIANT)
     _print_summary(layout)
-    _pretrain_and_evaluate(layout, logs)
+    _pretrain_and_evaluate(layout, logs, _evaluation_task(catalog))
     print(f"Done in {time.monotonic() - started:.0f} s. Browse the runs: make ui", flush=True)
     return 0
 
@@ -87,19 +86,28 @@ def _materialize(
             raise SystemExit(f"materializing {selection} failed; full log: {log_path}")
 
 
-def _pretrain_and_evaluate(layout: DataLayout, logs: Path) -> None:
+def _evaluation_task(catalog: Catalog) -> str:
+    """The first labelled ROI set whose split comes from its folders: an ImageFolder task with
+    train/val/test folders (the demo's blood cells)."""
+    for entry in catalog.subdatasets:
+        if entry.kind == "roi" and isinstance(entry.splits, ParentFolderRule):
+            return entry.key
+    raise SystemExit(f"{catalog.path}: no labelled ROI set with split folders to evaluate on")
+
+
+def _pretrain_and_evaluate(layout: DataLayout, logs: Path, task: str) -> None:
     """One small MAE checkpoint (vit_tiny, CPU) pre-trained on the CPIA-Mini shards, and its
     fine-tuning on the labelled demo cells."""
     partition = f"{MINI_VARIANT}|mae"
     print(f"ssl_checkpoint {partition}: MAE pre-training, vit_tiny on CPU", flush=True)
     _materialize("ssl_checkpoint", logs / "ssl_checkpoint.log", partition, DEMO_PRETRAIN)
     print("downstream_eval: fine-tuning on the labelled demo cells", flush=True)
-    tasks = {DEMO_TASK: str(layout.raw_dir(DEMO_TASK))}
+    tasks = {task: str(layout.raw_dir(task))}
     _materialize(
         "downstream_eval", logs / "downstream_eval.log", config=DEMO_EVAL | {"tasks": tasks}
     )
     print(f"\n{'encoder':<28}{'test accuracy':>14}{'macro F1':>10}")
-    for result in sorted((layout.ssl_eval_dir / DEMO_TASK).glob("*.json")):
+    for result in sorted((layout.ssl_eval_dir / task).glob("*.json")):
         row = json.loads(result.read_text())
         name = f"{row['init']} / {row['method']} / {row['data']}"
         print(f"{name:<28}{row['accuracy']:>14.2f}{row['macro_f1']:>10.2f}")

@@ -47,9 +47,10 @@ def test_table1_mini_counts_only_mini_images(
     assert "shape: (29, 10)" in out and "multiple organs" in out
     code, out = run(capsys, loaded, "table1", "--mini", "--markdown")
     assert code == 0
-    # Of roi-blood's 4 images only the 2 train images are in CPIA-Mini (all 18 WSI tiles are).
+    # Mini counts the CPIA-Mini images: of roi-blood's 4 images its 2 train images; the fixture
+    # builds no WSI Mini images (without --mini: 22 images, see above).
     assert "| blood | 1 | 0 | 0 | 0 | 0 | 0 | 0 | 2 | 2 |" in out.splitlines()
-    assert out.splitlines()[-1] == "| Total | 3 | 3 | 6 | 0 | 6 | 0 | 3 | 2 | 20 |"
+    assert out.splitlines()[-1] == "| Total | 3 | 0 | 0 | 0 | 0 | 0 | 0 | 2 | 2 |"
 
 
 def test_tiles_filters_and_limit(capsys: pytest.CaptureFixture[str], loaded: DataFolder) -> None:

@@ -256,7 +256,7 @@ def test_full_load_reads_every_partition_file(data: DataFolder) -> None:
     assert report.rows == {"tiles": 22, "rejected_tiles": 2, "roi_images": 4, "slides": 2,
                            "raw_files": 6, "failures": 1, "skipped": 0, "mini_images": 2,
                            "mini_selection": 4}  # fmt: skip
-    assert len(report.loaded) == 16 and report.unchanged == 0 and not report.problems
+    assert len(report.loaded) == 15 and report.unchanged == 0 and not report.problems
     assert report.reloaded_partitions == ["wsi-breast", "wsi-colon", "roi-blood"]
     with open_manifest(data.layout) as con:
         per_partition = dict(

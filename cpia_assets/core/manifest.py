@@ -480,9 +480,10 @@ def load_manifest(
 
 
 def _rollback(con: duckdb.DuckDBPyConnection) -> None:
-    """Undo the load's transaction. A failed COMMIT (e.g. disk full) has already ended it, and
-    "no transaction is active" must not hide the error that ended it."""
-    with suppress(duckdb.TransactionException):
+    """Undo the load's transaction. A failed COMMIT (e.g. disk full) has already ended it, or
+    invalidated the database when its checkpoint failed; neither "no transaction is active" nor
+    "database has been invalidated" may hide the error that ended it."""
+    with suppress(duckdb.TransactionException, duckdb.FatalException):
         con.rollback()
 
 
