@@ -158,7 +158,10 @@ def test_catalog_fills_rule_defaults(tmp_path: Path) -> None:
         "file": "l.csv",
         "image_column": "i",
         "column": "c",
+        "one_hot": (),
         "delimiter": ",",
+        "normalise_names": False,
+        "keep_unlisted": False,
         "map": {},
         "default": None,
     }
@@ -168,16 +171,16 @@ def test_catalog_fills_rule_defaults(tmp_path: Path) -> None:
     ("rule", "message"),
     [
         ("labels: {from: folder}",
-         "field 'labels.from': must be one of parent_folder, regex, csv, constant (got 'folder')"),
+         "field 'labels.from': must be one of parent_folder, regex, csv, listed, constant (got 'folder')"),
         ("splits: {from: constant, value: train}",
-         "field 'splits.from': must be one of parent_folder, regex, csv, stratified "
+         "field 'splits.from': must be one of parent_folder, regex, csv, listed, stratified "
          "(got 'constant')"),
         ("splits: {from: stratified, ratios: {train: 0}}",
          "field 'splits.ratios': needs at least one non-zero ratio"),
         ("splits: {from: stratified, ratios: {dev: 1}}",
          "field 'splits.ratios.dev (key)': input should be 'train', 'val' or 'test' (got 'dev')"),
         ("labels: {level: 2}",
-         "field 'labels.from': must be one of parent_folder, regex, csv, and is missing"),
+         "field 'labels.from': must be one of parent_folder, regex, csv, listed, and is missing"),
         ("labels: {from: parent_folder, level: 0}",
          "field 'labels.level': input should be greater than or equal to 1 (got 0)"),
         ("labels: {from: parent_folder, level: '2'}",

@@ -219,15 +219,58 @@ class RegexRule(_Rule):
         return self
 
 
-class CsvRule(_Rule):
-    """The `column` value of the row of CSV `file` (in the source folder) naming the image in
-    `image_column` (by relative path, file name or stem)."""
+class _TableRule(_Rule):
+    """A rule that looks images up in label tables (CSV, or the first sheet of an .xlsx) in the
+    source folder, by the image's relative path, file name or stem in `image_column`.
+
+    `normalise_names` compares names with case ignored and every run of spaces, hyphens and
+    underscores read as one '-' (a table listing "Case 3 - A16" for the file Case-3-A16.jpg).
+    `keep_unlisted` keeps images no table lists, without a value (no label, split 'none'),
+    where a table labels only part of a set; otherwise such an image is a failure.
+    """
+
+    image_column: Text
+    delimiter: Annotated[StrictStr, Field(min_length=1, max_length=1)] = ","  # CSV only
+    normalise_names: StrictBool = False
+    keep_unlisted: StrictBool = False
+
+
+class CsvRule(_TableRule):
+    """The `column` value of the row naming the image in table `file` (or in any of a list of
+    tables); with `one_hot` instead of `column`, the name of the one listed column whose cell
+    is 1 (labels stored as one-hot columns)."""
 
     from_: Literal["csv"] = Field(alias="from")
-    file: Text
-    image_column: Text
-    column: Text
-    delimiter: Annotated[StrictStr, Field(min_length=1, max_length=1)] = ","
+    file: Text | tuple[Text, ...]
+    column: Text | None = None
+    one_hot: tuple[Text, ...] = ()
+
+    @model_validator(mode="after")
+    def _one_value_source(self) -> CsvRule:
+        if (self.column is None) == (not self.one_hot):
+            raise PydanticCustomError(
+                "catalog_csv_value",
+                "give either 'column' or 'one_hot'",
+                {"field": "column"},
+            )
+        return self
+
+    @property
+    def tables(self) -> tuple[str, ...]:
+        """The table files this rule reads, relative to the source folder."""
+        return (self.file,) if isinstance(self.file, str) else self.file
+
+
+class ListedRule(_TableRule):
+    """The value `files` gives the table that lists the image (`{Train.xlsx: train}`): for
+    sources whose split is which table names an image."""
+
+    from_: Literal["listed"] = Field(alias="from")
+    files: Annotated[dict[Text, Name], Field(min_length=1)]
+
+    @property
+    def tables(self) -> tuple[str, ...]:
+        return tuple(self.files)
 
 
 class StratifiedSplit(_Block):
@@ -257,14 +300,16 @@ class ConstantLabel(_Block):
     value: Name
 
 
-Rule = Annotated[ParentFolderRule | RegexRule | CsvRule, Field(discriminator="from_")]
+Rule = Annotated[ParentFolderRule | RegexRule | CsvRule | ListedRule, Field(discriminator="from_")]
 LabelRule = Annotated[
-    ParentFolderRule | RegexRule | CsvRule | ConstantLabel, Field(discriminator="from_")
+    ParentFolderRule | RegexRule | CsvRule | ListedRule | ConstantLabel,
+    Field(discriminator="from_"),
 ]
 SplitRule = Annotated[
-    ParentFolderRule | RegexRule | CsvRule | StratifiedSplit, Field(discriminator="from_")
+    ParentFolderRule | RegexRule | CsvRule | ListedRule | StratifiedSplit,
+    Field(discriminator="from_"),
 ]
-RULE_SOURCES = ("parent_folder", "regex", "csv")
+RULE_SOURCES = ("parent_folder", "regex", "csv", "listed")
 _RULE_TYPES = (*RULE_SOURCES, "constant", STRATIFIED)
 """Every `from` of a labels or splits rule (pydantic names the type in error locations)."""
 
@@ -272,7 +317,9 @@ _RULE_TYPES = (*RULE_SOURCES, "constant", STRATIFIED)
 def _check_split_values(rule: _Rule | StratifiedSplit) -> _Rule | StratifiedSplit:
     if isinstance(rule, StratifiedSplit):
         return rule
-    bad = sorted({*rule.map.values(), rule.default} - {*RULE_SPLITS, None})
+    given = rule.files.values() if isinstance(rule, ListedRule) else ()
+    given = [value for value in given if value not in rule.map]
+    bad = sorted({*rule.map.values(), *given, rule.default} - {*RULE_SPLITS, None})
     if bad:
         raise PydanticCustomError(
             "catalog_split_values",

@@ -56,7 +56,13 @@ import numpy as np
 import pyvips
 from PIL import Image, ImageOps
 
-from cpia_assets.core.catalog import ROI_SCALES, CsvRule, StratifiedSplit, SubDataset
+from cpia_assets.core.catalog import (
+    ROI_SCALES,
+    CsvRule,
+    ListedRule,
+    StratifiedSplit,
+    SubDataset,
+)
 from cpia_assets.core.fsutil import atomic_path, sha256_file, walk_visible
 from cpia_assets.core.labels import AnnotationError, Annotator
 from cpia_assets.core.layout import DataLayout
@@ -391,9 +397,10 @@ def _plan_jobs(
         labels=entry.labels, splits=None if stratified else entry.splits, source_dir=roots[0]
     )
     tables = {
-        posixpath.normpath(rule.file)
+        posixpath.normpath(table)
         for rule in (entry.labels, entry.splits)
-        if isinstance(rule, CsvRule)
+        if isinstance(rule, CsvRule | ListedRule)
+        for table in rule.tables
     }
     planned = StageResult()
     by_scale: dict[str, dict[str, Path]] = defaultdict(dict)
