@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from cpia_assets.core.catalog import CatalogError, StratifiedSplit, load_catalog
-from cpia_assets.core.labels import Annotator
+from cpia_assets.core.labels import Annotation, Annotator
 from cpia_assets.core.paper_table_i import PAPER_TABLE_I
+from cpia_assets_tests.xlsx_factory import write_xlsx
 
 
 @pytest.fixture(scope="module")
@@ -95,17 +96,61 @@ def test_real_organ_and_table_i_row(cpia, key: str, organ: str, row: str):
     assert (entry.organ, entry.table_i_organ) == (organ, row)
 
 
-def test_every_labelled_set_has_a_label_rule_and_a_split_except_the_known_gaps(cpia):
+def test_every_labelled_set_has_a_label_rule_and_a_split(cpia):
     labelled = [entry for entry in cpia.subdatasets if entry.labelled]
-    without_labels = {entry.key for entry in labelled if entry.labels is None}
-    # Layouts not confirmed (CRC-TP is no longer public; pRCC) and labels in files the rules
-    # cannot read (SICAPv2: one-hot xlsx; Osteosarcoma: CSV names differ from file names).
-    assert without_labels == {"crc-tp", "prcc", "sicapv2", "osteosarcoma-tumor-assessment"}
-    without_splits = {entry.key for entry in labelled if entry.splits is None}
-    assert without_splits == without_labels
-    stratified = [entry for entry in labelled if isinstance(entry.splits, StratifiedSplit)]
-    assert len(stratified) == 12
-    assert all(entry.splits.ratios == {"train": 7, "val": 1, "test": 2} for entry in stratified)
+    assert [entry.key for entry in labelled if entry.labels is None] == []
+    assert [entry.key for entry in labelled if entry.splits is None] == []
+    stratified = {entry.key for entry in labelled if isinstance(entry.splits, StratifiedSplit)}
+    assert {"crc-tp", "prcc", "osteosarcoma-tumor-assessment"} <= stratified
+    assert len(stratified) == 15
+    assert all(
+        cpia.get(key).splits.ratios == {"train": 7, "val": 1, "test": 2} for key in stratified
+    )
+    assert not [entry.key for entry in cpia.subdatasets if not entry.labelled and entry.labels]
+
+
+def test_sicapv2_takes_grades_and_official_split_from_its_partition_workbooks(cpia, tmp_path):
+    entry = cpia.get("sicapv2")
+    partition = tmp_path / "SICAPv2" / "partition" / "Test"
+    partition.mkdir(parents=True)
+    header = ["image_name", "NC", "G3", "G4", "G5", "G4C"]
+    write_xlsx(
+        partition / "Train.xlsx",
+        [header, ["16B0001851_Block_Region_1_0_0_xini_6827_yini_59786.jpg", 0, 0, 1, 0, 1]],
+    )
+    write_xlsx(
+        partition / "Test.xlsx",
+        [header, ["18B0006169B_Block_Region_3_2_5_xini_1_yini_2.jpg", 1, 0, 0, 0, 0]],
+    )
+    annotator = Annotator(labels=entry.labels, splits=entry.splits, source_dir=tmp_path)
+    train = "SICAPv2/images/16B0001851_Block_Region_1_0_0_xini_6827_yini_59786.jpg"
+    test = "SICAPv2/images/18B0006169B_Block_Region_3_2_5_xini_1_yini_2.jpg"
+    assert annotator.annotate(train) == Annotation("G4", "train")
+    assert annotator.annotate(test) == Annotation("NC", "test")
+    assert annotator.annotate("SICAPv2/images/unlisted.jpg") == Annotation(None, "none")
+    assert entry.scale_for(train) == "M"
+    assert (
+        entry.scale_for("SICAPv2/masks/16B0001851_Block_Region_1_0_0_xini_6827_yini_59786.png")
+        is None
+    )
+
+
+def test_osteosarcoma_matches_the_csv_names_to_the_files(cpia, tmp_path):
+    entry = cpia.get("osteosarcoma-tumor-assessment")
+    (tmp_path / "ML_Features_1144.csv").write_text(
+        "image.name,classification\n"
+        "Case 3 - A16-10880-11264,viable: non-viable\n"
+        "Case 4 - B10-23456-12345,Non-Viable-Tumor\n"
+        "P9 - C1-1-2,Non-Tumor\n"
+    )
+    annotator = Annotator(labels=entry.labels, splits=None, source_dir=tmp_path)
+    labels = {
+        name: annotator.annotate(f"Training-Set-1/set/{name}.jpg").label
+        for name in ("Case-3-A16-10880-11264", "Case-4-B10-23456-12345", "P9-C1-1-2")
+    }
+    assert labels == {"Case-3-A16-10880-11264": "viable tumor",
+                      "Case-4-B10-23456-12345": "necrotic tumor",
+                      "P9-C1-1-2": "non-tumor"}  # fmt: skip
 
 
 def test_every_entry_says_what_users_ask_about(cpia):

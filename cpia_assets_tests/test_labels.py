@@ -15,6 +15,8 @@ from cpia_assets.core.labels import (
     Annotator,
     LabelRuleError,
 )
+from cpia_assets.core.xlsx import xlsx_rows
+from cpia_assets_tests.xlsx_factory import write_xlsx
 
 RULE = TypeAdapter(Rule)
 
@@ -171,7 +173,8 @@ def test_catalog_fills_rule_defaults(tmp_path: Path) -> None:
     ("rule", "message"),
     [
         ("labels: {from: folder}",
-         "field 'labels.from': must be one of parent_folder, regex, csv, listed, constant (got 'folder')"),
+         "field 'labels.from': must be one of parent_folder, regex, csv, listed, constant "
+         "(got 'folder')"),
         ("splits: {from: constant, value: train}",
          "field 'splits.from': must be one of parent_folder, regex, csv, listed, stratified "
          "(got 'constant')"),
@@ -204,6 +207,13 @@ def test_catalog_fills_rule_defaults(tmp_path: Path) -> None:
          "field 'splits': the splits rule maps to ['training']; values must be one of"),
         ("splits: {from: parent_folder, default: none}",
          "field 'splits': the splits rule maps to ['none']"),
+        ("labels: {from: csv, file: l.csv, image_column: i}",
+         "field 'labels.column': give either 'column' or 'one_hot'"),
+        ("labels: {from: csv, file: l.csv, image_column: i, column: c, one_hot: [a, b]}",
+         "field 'labels.column': give either 'column' or 'one_hot'"),
+        ("splits: {from: listed, files: {a.csv: training}, image_column: i}",
+         "field 'splits': the splits rule maps to ['training']"),
+        ("splits: {from: listed, files: {}, image_column: i}", "field 'splits.files'"),
     ],
 )  # fmt: skip
 def test_catalog_rejects_bad_rules(tmp_path: Path, rule: str, message: str) -> None:
@@ -230,3 +240,80 @@ def test_a_catastrophic_pattern_runs_in_linear_time(tmp_path: Path) -> None:
     )
     assert rules.annotate("a" * 40 + "!") == Annotation(label="none", split="none")
     assert rules.annotate("x/" + "a" * 40) == Annotation(label="a" * 40, split="none")
+
+
+def test_xlsx_tables_one_hot_labels_and_listed_splits(tmp_path: Path) -> None:
+    """SICAPv2's layout: one-hot grade columns in two workbooks whose names are the split."""
+    header = ["image_name", "NC", "G3", "G4", "G5", "G4C"]
+    write_xlsx(
+        tmp_path / "Train.xlsx",
+        [header, ["a.jpg", 1, 0, 0, 0, 0], ["b.jpg", 0, 0, 1, 0, 1], ["both.jpg", 0, 1, 1, 0, 0]],
+    )
+    write_xlsx(tmp_path / "Test.xlsx", [header, ["c.jpg", 0, None, 0, 1.0, 0]])
+    tables = {"image_column": "image_name", "keep_unlisted": True}
+    rules = annotator(
+        tmp_path,
+        labels={"from": "csv", "file": ["Train.xlsx", "Test.xlsx"],
+                "one_hot": ["NC", "G3", "G4", "G5"], **tables},
+        splits={"from": "listed", "files": {"Train.xlsx": "train", "Test.xlsx": "test"},
+                **tables},
+    )  # fmt: skip
+    assert rules.annotate("images/a.jpg") == Annotation("NC", "train")
+    assert rules.annotate("images/b.jpg") == Annotation("G4", "train")  # G4C is not a class
+    assert rules.annotate("images/c.jpg") == Annotation("G5", "test")
+    assert rules.annotate("images/unlisted.jpg") == Annotation(None, "none")  # kept, unlabelled
+    with pytest.raises(
+        AnnotationError, match=r"both\.jpg: Train\.xlsx, Test\.xlsx gives it several"
+    ):
+        rules.annotate("images/both.jpg")
+
+
+def test_unlisted_images_fail_unless_kept(tmp_path: Path) -> None:
+    write_xlsx(tmp_path / "list.xlsx", [["image"], ["a.png"]])
+    rules = annotator(
+        tmp_path, splits={"from": "listed", "files": {"list.xlsx": "test"}, "image_column": "image"}
+    )
+    assert rules.annotate("a.png").split == "test"
+    with pytest.raises(AnnotationError, match=r"b\.png: the splits rule \(from listed\) gives no"):
+        rules.annotate("b.png")
+
+
+def test_normalised_names_match_a_table_that_spells_them_differently(tmp_path: Path) -> None:
+    """Osteosarcoma's CSV writes 'Case 3 - A16-1' for the file Case-3-A16-1.jpg."""
+    (tmp_path / "ML_Features.csv").write_text(
+        "image.name,classification\nCase 3 - A16-10880-11264,Viable\nP9_set 2 -x,Non-Tumor\n"
+    )
+    rule = {"from": "csv", "file": "ML_Features.csv", "image_column": "image.name",
+            "column": "classification"}  # fmt: skip
+    loose = annotator(tmp_path, labels={**rule, "normalise_names": True})
+    assert loose.annotate("Training-Set-1/set3/Case-3-A16-10880-11264.jpg").label == "Viable"
+    assert loose.annotate("Training-Set-2/p9-Set-2-X.JPG").label == "Non-Tumor"
+    strict = annotator(tmp_path, labels=rule)
+    with pytest.raises(AnnotationError, match="gives no value"):
+        strict.annotate("Training-Set-1/set3/Case-3-A16-10880-11264.jpg")
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"not a zip", "cannot read the label table: not a readable .xlsx workbook"),
+        (None, "column(s) ['label'] not found (header: ['image', 'grade'])"),
+    ],
+)
+def test_unreadable_workbooks_are_rule_errors_naming_the_file(
+    tmp_path: Path, content: bytes | None, reason: str
+) -> None:
+    path = tmp_path / "labels.xlsx"
+    if content is None:
+        write_xlsx(path, [["image", "grade"], ["a.png", "x"]])
+    else:
+        path.write_bytes(content)
+    rule = {"from": "csv", "file": "labels.xlsx", "image_column": "image", "column": "label"}
+    with pytest.raises(LabelRuleError) as error:
+        annotator(tmp_path, labels=rule)
+    assert str(error.value).startswith(f"{path}: {reason}")
+
+
+def test_xlsx_cells_sit_under_their_columns(tmp_path: Path) -> None:
+    write_xlsx(tmp_path / "t.xlsx", [["a", None, "c"], [None, 2, "x & y"]])
+    assert xlsx_rows(tmp_path / "t.xlsx") == [["a", "", "c"], ["", "2", "x & y"]]
