@@ -31,6 +31,7 @@ from cpia_assets.core.roi import (
 )
 from cpia_assets.core.schema import TILES, frame
 from cpia_assets.core.synthetic import generate_source
+from cpia_assets_tests.xlsx_factory import write_xlsx
 
 TESTDATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata"
 KEY = "roi-test"
@@ -387,6 +388,34 @@ def test_image_missing_from_the_label_csv_is_a_failure(tmp_path: Path, tissue: n
     ]
     assert "labels rule (from csv) gives no value" in missing["reason"]
     assert not (tmp_path / f"cpia/M/{KEY}/img2.jpg").exists()
+
+
+def test_sicapv2_partition_workbooks_label_and_split_the_patches(
+    tmp_path: Path, tissue: np.ndarray
+) -> None:
+    """The cpia.yaml entry on SICAPv2's layout: workbooks skipped as tables, masks not used,
+    patches no workbook lists kept for pre-training without a label."""
+    entry = load_catalog("cpia").get("sicapv2")
+    layout = DataLayout(tmp_path)
+    root = layout.raw_dir(entry.key) / "SICAPv2"
+    for index, name in enumerate(["p0", "p1", "p2"]):
+        save(root / "images" / f"{name}.jpg", tissue[:100, index * 100 : index * 100 + 100])
+    save(root / "masks" / "p0.png", np.zeros((100, 100), dtype=np.uint8))
+    header = ["image_name", "NC", "G3", "G4", "G5", "G4C"]
+    write_xlsx(root / "partition/Test/Train.xlsx", [header, ["p0.jpg", 0, 1, 0, 0, 0]])
+    write_xlsx(root / "partition/Test/Test.xlsx", [header, ["p1.jpg", 0, 0, 0, 1, 0]])
+    result = run(entry, layout, RoiSettings(size=32))
+    assert {r["image_name"]: (r["label"], r["split"]) for r in result.records} == {
+        "p0": ("G3", "train"),
+        "p1": ("G5", "test"),
+        "p2": (None, "none"),
+    }
+    assert result.failures == []
+    assert {row["file"].split("SICAPv2/")[1]: row["reason"] for row in result.skipped} == {
+        "masks/p0.png": "the catalog's scale rules give it no scale",
+        "partition/Test/Test.xlsx": "label or split table of the catalog",
+        "partition/Test/Train.xlsx": "label or split table of the catalog",
+    }
 
 
 def test_colliding_names_are_disambiguated_deterministically(

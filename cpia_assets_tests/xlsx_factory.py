@@ -28,6 +28,7 @@ def write_xlsx(path: Path, rows: list[list[str | int | float | None]]) -> Path:
                 cells.append(f'<c r="{reference}"><v>{value}</v></c>')
         sheet_rows.append(f'<row r="{number}">{"".join(cells)}</row>')
     shared = "".join(f"<si><t>{escape(text)}</t></si>" for text in strings)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(path, "w") as workbook:
         workbook.writestr(
             "xl/workbook.xml",
