@@ -157,7 +157,7 @@ def test_catalog_fills_rule_defaults(tmp_path: Path) -> None:
     }
     assert load_rule(tmp_path, "labels: {from: csv, file: l.csv, image_column: i, column: c}") == {
         "from": "csv",
-        "file": "l.csv",
+        "file": ("l.csv",),
         "image_column": "i",
         "column": "c",
         "one_hot": (),
@@ -213,7 +213,10 @@ def test_catalog_fills_rule_defaults(tmp_path: Path) -> None:
          "field 'labels.column': give either 'column' or 'one_hot'"),
         ("splits: {from: listed, files: {a.csv: training}, image_column: i}",
          "field 'splits': the splits rule maps to ['training']"),
-        ("splits: {from: listed, files: {}, image_column: i}", "field 'splits.files'"),
+        ("splits: {from: listed, files: {}, image_column: i}",
+         "field 'splits.files': dictionary should have at least 1 item"),
+        ("labels: {from: csv, file: [], image_column: i, column: c}",
+         "field 'labels.file': value should have at least 1 item"),
     ],
 )  # fmt: skip
 def test_catalog_rejects_bad_rules(tmp_path: Path, rule: str, message: str) -> None:

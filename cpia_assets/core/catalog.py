@@ -219,6 +219,11 @@ class RegexRule(_Rule):
         return self
 
 
+def _as_list(value: Any) -> Any:
+    """One table file given as text stands for a list of one."""
+    return [value] if isinstance(value, str) else value
+
+
 class _TableRule(_Rule):
     """A rule that looks images up in label tables (CSV, or the first sheet of an .xlsx) in the
     source folder, by the image's relative path, file name or stem in `image_column`.
@@ -241,7 +246,7 @@ class CsvRule(_TableRule):
     is 1 (labels stored as one-hot columns)."""
 
     from_: Literal["csv"] = Field(alias="from")
-    file: Text | tuple[Text, ...]
+    file: Annotated[tuple[Text, ...], BeforeValidator(_as_list), Field(min_length=1)]
     column: Text | None = None
     one_hot: tuple[Text, ...] = ()
 
@@ -258,7 +263,7 @@ class CsvRule(_TableRule):
     @property
     def tables(self) -> tuple[str, ...]:
         """The table files this rule reads, relative to the source folder."""
-        return (self.file,) if isinstance(self.file, str) else self.file
+        return self.file
 
 
 class ListedRule(_TableRule):
