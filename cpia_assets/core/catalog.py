@@ -48,6 +48,7 @@ from pydantic_core import PydanticCustomError
 
 from cpia_assets.core.downloads import SourceSpecError, validate_source
 from cpia_assets.core.downloads import spec as source_spec
+from cpia_assets.core.downloads.spec import did_you_mean
 from cpia_assets.core.fsutil import OutputWriteError, atomic_path
 from cpia_assets.core.splits import DEFAULT_RATIOS, STRATIFIED
 
@@ -163,7 +164,7 @@ class _Block(BaseModel):
                 raise PydanticCustomError(
                     "catalog_unknown_fields",
                     "unknown field(s) {names}",
-                    {"names": unknown, "hints": [_did_you_mean(name, known) for name in unknown]},
+                    {"names": unknown, "hints": [did_you_mean(name, known) for name in unknown]},
                 )
         return data
 
@@ -172,11 +173,6 @@ class _Block(BaseModel):
 def _field_names(block: type[_Block]) -> list[str]:
     """The names a block's fields have in YAML (checked for every block of every entry)."""
     return [field.alias or name for name, field in block.model_fields.items()]
-
-
-def _did_you_mean(name: object, known: list[str]) -> str:
-    close = difflib.get_close_matches(str(name), known, n=1)
-    return f"; did you mean {close[0]!r}?" if close else f"; known fields: {', '.join(known)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -692,7 +688,7 @@ def _read_entries(path: Path) -> list[Any]:
     if unknown:
         raise CatalogError(
             f"{path}: unknown top-level field {unknown[0]!r}"
-            f"{_did_you_mean(unknown[0], ['subdatasets'])}"
+            f"{did_you_mean(unknown[0], ['subdatasets'])}"
         )
     if not document["subdatasets"]:
         raise CatalogError(f"{path}: the 'subdatasets:' list is empty")
@@ -720,9 +716,9 @@ def _parse_entry(raw: Any) -> SubDataset:
     try:
         source = validate_source(entry.source)
     except SourceSpecError as exc:
-        raise _EntryError([f"field 'source': {exc}"]) from None
-    if source["type"] == "local" and not isinstance(source["path"], str):
-        raise _EntryError([f"field 'source.path': must be text, got {source['path']!r}"])
+        raise _EntryError(
+            [_problem(["source", *([field] if field else [])], why) for field, why in exc.problems]
+        ) from None
     return entry.model_copy(update={"source": source})
 
 
