@@ -21,7 +21,7 @@ from cpia_assets.defs.assets.ssl import build_ssl_assets
 from cpia_assets.defs.assets.standardize import build_standardized_wsi
 from cpia_assets.defs.assets.tiles import build_scale_tiles
 from cpia_assets.defs.partitions import subdataset_partitions
-from cpia_assets.defs.pools import pool_watch
+from cpia_assets.defs.pools import pool_reporting_executor, pool_watch
 from cpia_assets.defs.resources import CpiaStore, WorkerPool
 from cpia_assets.defs.schedules import build_schedules
 
@@ -60,6 +60,7 @@ def build_definitions(catalog: Catalog, data_dir: Path, *, workers: int = 0) -> 
         jobs=[subdatasets_job, manifest_job],
         schedules=build_schedules(subdatasets_job, manifest_job),
         sensors=[pool_watch],
+        executor=pool_reporting_executor,
         resources={
             "store": CpiaStore(data_dir=str(data_dir), catalog_path=str(catalog.path)),
             "workers": WorkerPool(workers=workers),
