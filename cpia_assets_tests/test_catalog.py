@@ -342,3 +342,18 @@ def test_definitions_keep_the_catalog_cache_in_the_data_folder(
     ]
     cached = _cache_file(DataLayout(tmp_path / "data").catalog_cache_dir).read_bytes()
     assert b'"key":"my-slides"' in cached
+
+
+def test_entries_json_cannot_hold_exactly_are_not_cached(
+    tmp_path: Path, yaml_reads: list[Path]
+) -> None:
+    """A YAML date would come back from JSON as text: such a catalog is parsed every time."""
+    path = _write(tmp_path, "subdatasets:" + _entry(
+        source="{type: synthetic, recipe: wsi, slides: [], made: 2020-01-31}"))  # fmt: skip
+    cache = tmp_path / "cache"
+    assert repr(load_catalog(path, cache_dir=cache).get("my-slides").source["made"]) == (
+        "datetime.date(2020, 1, 31)"
+    )
+    catalog_module._load.cache_clear()
+    load_catalog(path, cache_dir=cache)
+    assert yaml_reads == [path, path] and not list(cache.glob("*.json"))
