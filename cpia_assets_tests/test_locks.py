@@ -16,6 +16,7 @@ import dagster as dg
 import duckdb
 import pytest
 
+from cpia_assets.core.catalog import load_catalog
 from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.manifest import (
     ManifestError,
@@ -23,11 +24,13 @@ from cpia_assets.core.manifest import (
     ensure_schema,
     open_manifest,
 )
+from cpia_assets.definitions import build_definitions
 from cpia_assets.defs.instance import DUCKDB_POOL, prepare_instance
 from cpia_assets.defs.pools import (
     PoolStep,
     announce_waits,
     free_dead_run_slots,
+    pool_reporting_executor,
     pool_watch,
     slot_holders,
     waiting_steps,
@@ -189,3 +192,13 @@ def test_slots_of_ended_or_deleted_runs_are_freed_and_live_runs_keep_theirs() ->
         ])  # fmt: skip
         # The live run has no RUN_START event yet (no process known): it keeps its slot.
         assert slot_holders(instance) == [PoolStep(DUCKDB_POOL, live.run_id, "tile_manifest")]
+
+
+def test_the_pool_reporting_executor_takes_the_default_executors_config(tmp_path: Path) -> None:
+    defs = build_definitions(load_catalog("demo"), tmp_path)
+    job = defs.resolve_job_def("refresh_manifest")
+    assert job.executor_def is pool_reporting_executor
+    for mode, config in (("in_process", {}), ("multiprocess", {"max_concurrent": 2})):
+        run_config = {"execution": {"config": {mode: config}}}
+        resolved = dg.validate_run_config(job, run_config)["execution"]
+        assert resolved["multi_or_in_process_executor"][mode].items() >= config.items()
