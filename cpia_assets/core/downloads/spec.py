@@ -40,12 +40,12 @@ def validate_source(raw: Any) -> dict[str, Any]:
     kind = source["type"]
     if kind not in _CHECKS:
         raise SourceSpecError(f"unknown source type {kind!r} (expected one of {SOURCE_TYPES})")
-    leaked = sorted(key for key in source if str(key).lower() in _CREDENTIAL_KEYS)
+    leaked = sorted(str(key) for key in source if str(key).lower() in _CREDENTIAL_KEYS)
     if leaked:
         raise SourceSpecError(
             "would put a credential in the catalog; name the environment variable that holds "
             "it with 'token_env' instead",
-            str(leaked[0]),
+            leaked[0],
         )
     required, optional, check = _CHECKS[kind]
     if required is not None:
