@@ -13,7 +13,7 @@ from pathlib import Path
 import dagster as dg
 
 from cpia_assets.core.catalog import Catalog, load_catalog
-from cpia_assets.core.layout import default_data_dir
+from cpia_assets.core.layout import DataLayout, default_data_dir
 from cpia_assets.defs.assets.manifest import build_manifest_assets
 from cpia_assets.defs.assets.mini import build_cpia_mini, build_training_shards
 from cpia_assets.defs.assets.raw import build_raw_download
@@ -21,7 +21,7 @@ from cpia_assets.defs.assets.ssl import build_ssl_assets
 from cpia_assets.defs.assets.standardize import build_standardized_wsi
 from cpia_assets.defs.assets.tiles import build_scale_tiles
 from cpia_assets.defs.partitions import subdataset_partitions
-from cpia_assets.defs.pools import pool_watch
+from cpia_assets.defs.pools import pool_reporting_executor, pool_watch
 from cpia_assets.defs.resources import CpiaStore, WorkerPool
 from cpia_assets.defs.schedules import build_schedules
 
@@ -60,6 +60,7 @@ def build_definitions(catalog: Catalog, data_dir: Path, *, workers: int = 0) -> 
         jobs=[subdatasets_job, manifest_job],
         schedules=build_schedules(subdatasets_job, manifest_job),
         sensors=[pool_watch],
+        executor=pool_reporting_executor,
         resources={
             "store": CpiaStore(data_dir=str(data_dir), catalog_path=str(catalog.path)),
             "workers": WorkerPool(workers=workers),
@@ -71,6 +72,8 @@ def build_definitions(catalog: Catalog, data_dir: Path, *, workers: int = 0) -> 
 @dg.definitions
 def defs() -> dg.Definitions:
     workers = int(os.environ.get("CPIA_WORKERS", "0"))
-    return build_definitions(
-        load_catalog(os.environ.get("CPIA_CATALOG")), default_data_dir(), workers=workers
+    data_dir = default_data_dir()
+    catalog = load_catalog(
+        os.environ.get("CPIA_CATALOG"), cache_dir=DataLayout(data_dir).catalog_cache_dir
     )
+    return build_definitions(catalog, data_dir, workers=workers)

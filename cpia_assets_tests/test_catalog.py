@@ -4,17 +4,20 @@ import csv
 import os
 import re
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from cpia_assets.core import catalog as catalog_module
 from cpia_assets.core.catalog import (
     ALL_SCALES,
     TABLE_I_ORGANS,
     CatalogError,
     load_catalog,
 )
-from cpia_assets.definitions import build_definitions
+from cpia_assets.core.layout import DataLayout
+from cpia_assets.definitions import build_definitions, defs
 from cpia_assets_tests.conftest import REFERENCE
 
 
@@ -122,6 +125,15 @@ ENTRY_1 = "entry 'my-slides' (#1): "
         (_entry(kind="tma"), ENTRY_1 + "field 'kind': input should be 'wsi' or 'roi' (got 'tma')"),
         (_entry(source=""), ENTRY_1 + "field 'source': required field is missing"),
         (_entry(source="{type: ftp}"), ENTRY_1 + "field 'source': unknown source type 'ftp'"),
+        (_entry(source="{type: local, paht: slides}"),
+         ENTRY_1 + "field 'source.paht': unknown field; did you mean 'path'?\n"),
+        (_entry(source="{type: local, path: slides, mdoe: copy}"),
+         ENTRY_1 + "field 'source.mdoe': unknown field; did you mean 'mode'?"),
+        (_entry(source="{type: http, files: [{url: 'https://h/a.zip', sha256: 'AB'}]}"),
+         ENTRY_1 + "field 'source.files[0].sha256': 'AB' is not a hex digest"),
+        (_entry(source="{type: gdc, project_id: TCGA-BRCA, token_env: \"GDC_TOKEN\\n\"}"),
+         ENTRY_1 + "field 'source.token_env': 'GDC_TOKEN\\n' is not an environment variable "
+         "name"),
         (_entry(kind="roi", scale="XXL"),
          ENTRY_1 + "field 'scale': input should be 'L', 'M' or 'S' (got 'XXL')"),
         (_entry(kind="roi"),
@@ -222,8 +234,27 @@ def test_a_catalog_is_parsed_once_per_version_of_the_file(tmp_path: Path) -> Non
     assert load_catalog(path).get("my-slides").name == "Renamed slides"
 
 
-def test_ten_thousand_entries_load_and_build_definitions(tmp_path: Path) -> None:
-    """A large catalog loads (libyaml, one validation per entry) and its definitions build."""
+@pytest.fixture
+def yaml_reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The catalog files parsed from YAML from now on (a cached catalog is not among them);
+    the in-process cache is emptied first, as in a new process."""
+    reads: list[Path] = []
+    parse = catalog_module._read_entries
+
+    def recording_parse(path: Path) -> list[object]:
+        reads.append(path)
+        return parse(path)
+
+    monkeypatch.setattr(catalog_module, "_read_entries", recording_parse)
+    catalog_module._load.cache_clear()
+    return reads
+
+
+def test_ten_thousand_entries_load_through_the_cache_and_build_definitions(
+    tmp_path: Path, yaml_reads: list[Path]
+) -> None:
+    """A large catalog loads (libyaml, one validation per entry), later processes read the
+    validated entries back from the cache, and its definitions build."""
     entries = "".join(
         _entry(key=f"slides-{index:05d}", name=f"Slides {index}",
                source=f"{{type: local, path: slides/{index}}}")
@@ -237,7 +268,14 @@ def test_ten_thousand_entries_load_and_build_definitions(tmp_path: Path) -> None
         + "  splits: {from: parent_folder, level: 2, map: {Training: train}}\n"
         for index in range(5_000)
     )  # fmt: skip
-    catalog = load_catalog(_write(tmp_path, "subdatasets:" + entries))
+    path, cache = _write(tmp_path, "subdatasets:" + entries), tmp_path / "cache"
+    parsed = load_catalog(path, cache_dir=cache)
+    assert yaml_reads == [path] and len(list(cache.iterdir())) == 1
+
+    catalog_module._load.cache_clear()  # another process
+    catalog = load_catalog(path, cache_dir=cache)
+    assert yaml_reads == [path]  # not parsed again
+    assert catalog.subdatasets == parsed.subdatasets
     assert len(catalog.keys) == 10_000
     assert catalog.get("slides-04999").source["path"] == str(tmp_path / "slides" / "4999")
     assert catalog.get("slides-04999").wsi.mpp_overrides == {"s4999.svs": 0.25}
@@ -247,3 +285,75 @@ def test_ten_thousand_entries_load_and_build_definitions(tmp_path: Path) -> None
     assert partitions is not None
     assert partitions.get_partition_keys()[-1] == "rois-04999"
     assert len(partitions.get_partition_keys()) == 10_000
+
+
+def _cache_file(cache: Path) -> Path:
+    (file,) = cache.iterdir()
+    return file
+
+
+def test_a_changed_file_or_code_version_invalidates_the_cache(
+    tmp_path: Path, yaml_reads: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, cache = _write(tmp_path, "subdatasets:" + GOOD_ENTRY), tmp_path / "cache"
+    load_catalog(path, cache_dir=cache)
+    path.write_text("subdatasets:" + _entry(name="Renamed slides"))
+    os.utime(path, ns=(1, 1))
+    catalog_module._load.cache_clear()
+    assert load_catalog(path, cache_dir=cache).get("my-slides").name == "Renamed slides"
+    assert b"Renamed slides" in _cache_file(cache).read_bytes()  # rewritten for the new version
+
+    monkeypatch.setattr(catalog_module, "_code_version", lambda: "another version of the code")
+    catalog_module._load.cache_clear()
+    load_catalog(path, cache_dir=cache)
+    assert yaml_reads == [path] * 3
+    assert b"another version of the code" in _cache_file(cache).read_bytes()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda data: data[: len(data) // 2],  # cut short
+        lambda data: b"\xff\xfe not json",
+        lambda data: data.replace(b'"kind":"wsi"', b'"kind":"tiff"'),  # an entry made invalid
+    ],
+    ids=["truncated", "garbage", "invalid-entry"],
+)
+def test_a_damaged_cache_is_ignored_and_rewritten(
+    tmp_path: Path, yaml_reads: list[Path], damage: Callable[[bytes], bytes]
+) -> None:
+    path, cache = _write(tmp_path, "subdatasets:" + GOOD_ENTRY), tmp_path / "cache"
+    expected = load_catalog(path, cache_dir=cache)
+    good = _cache_file(cache).read_bytes()
+    _cache_file(cache).write_bytes(damage(good))
+    catalog_module._load.cache_clear()
+    assert load_catalog(path, cache_dir=cache).subdatasets == expected.subdatasets
+    assert yaml_reads == [path, path]
+    assert _cache_file(cache).read_bytes() == good
+
+
+def test_definitions_keep_the_catalog_cache_in_the_data_folder(
+    tmp_path: Path, yaml_reads: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CPIA_CATALOG", str(_write(tmp_path, "subdatasets:" + GOOD_ENTRY)))
+    monkeypatch.setenv("CPIA_DATA_DIR", str(tmp_path / "data"))
+    assert defs().resolve_assets_def("raw_download").partitions_def.get_partition_keys() == [
+        "my-slides"
+    ]
+    cached = _cache_file(DataLayout(tmp_path / "data").catalog_cache_dir).read_bytes()
+    assert b'"key":"my-slides"' in cached
+
+
+def test_entries_json_cannot_hold_exactly_are_not_cached(
+    tmp_path: Path, yaml_reads: list[Path]
+) -> None:
+    """A YAML date would come back from JSON as text: such a catalog is parsed every time."""
+    path = _write(tmp_path, "subdatasets:" + _entry(
+        source="{type: synthetic, recipe: wsi, slides: [], made: 2020-01-31}"))  # fmt: skip
+    cache = tmp_path / "cache"
+    assert repr(load_catalog(path, cache_dir=cache).get("my-slides").source["made"]) == (
+        "datetime.date(2020, 1, 31)"
+    )
+    catalog_module._load.cache_clear()
+    load_catalog(path, cache_dir=cache)
+    assert yaml_reads == [path, path] and not list(cache.glob("*.json"))

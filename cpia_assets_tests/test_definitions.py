@@ -55,13 +55,14 @@ def test_cli_validates_definitions(tmp_path: Path, catalog: str) -> None:
     assert "Validation successful" in result.stdout + result.stderr
 
 
-def test_loading_definitions_imports_no_heavy_libraries() -> None:
+def test_loading_definitions_imports_no_heavy_libraries(tmp_path: Path) -> None:
     code = (
         "import sys, cpia_assets.definitions as d; d.defs();"
         "heavy = ('torch', 'timm', 'torchvision', 'pytorch_lightning', 'webdataset');"
         "print(','.join(m for m in heavy if m in sys.modules))"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    env = {**os.environ, "CPIA_DATA_DIR": str(tmp_path)}  # where the catalog cache goes
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ""
 

@@ -3,6 +3,7 @@ a DuckDB database fails at once; slots of runs whose process is gone are freed."
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import dagster as dg
 import duckdb
 import pytest
 
+from cpia_assets.core.catalog import load_catalog
 from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.manifest import (
     ManifestError,
@@ -22,11 +24,13 @@ from cpia_assets.core.manifest import (
     ensure_schema,
     open_manifest,
 )
+from cpia_assets.definitions import build_definitions
 from cpia_assets.defs.instance import DUCKDB_POOL, prepare_instance
 from cpia_assets.defs.pools import (
     PoolStep,
     announce_waits,
     free_dead_run_slots,
+    pool_reporting_executor,
     pool_watch,
     slot_holders,
     waiting_steps,
@@ -130,12 +134,21 @@ def test_a_killed_manifest_run_frees_its_pool_slot_and_waiting_steps_name_it(
         first.communicate()
         assert slot_holders(instance) == [holder]  # the dead run keeps its slot
 
-        # 2. The next manifest run waits for the pool and is told which run holds it.
+        # 2. The next manifest run waits for the pool and says at once, itself (no daemon), which
+        #    run holds it; the pool_watch sensor's line says the same.
         second = materialize()
         (blocked,) = _wait_for(lambda: waiting_steps(instance), "the step waits", second)
         assert blocked.pool == DUCKDB_POOL and blocked.step_key == "tile_manifest"
+        held = f"held by run {holder.run_id} (step tile_manifest, STARTED)"
+        expected = f"step tile_manifest waits for a slot of pool 'duckdb', {held}"
+        warning = _wait_for(
+            lambda: [r for r in instance.all_logs(blocked.run_id) if r.message == expected],
+            "the run names the holder",
+            second,
+        )
+        assert [(r.level, r.step_key) for r in warning] == [(logging.WARNING, "tile_manifest")]
         (line,) = announce_waits(instance)
-        assert f"held by run {holder.run_id} (step tile_manifest, STARTED)" in line
+        assert line == f"run {blocked.run_id}: {expected}"
         assert any(line.endswith(m) for m in _messages(instance, blocked.run_id) if m)
 
         # 3. By hand (the pool_watch sensor does the same): the dead run's slot is freed and
@@ -149,6 +162,8 @@ def test_a_killed_manifest_run_frees_its_pool_slot_and_waiting_steps_name_it(
         lock.communicate("")
         output = second.communicate(timeout=300)[0]
         assert second.returncode == 0, output
+        console = f"WARNING - __ASSET_JOB - {blocked.run_id} - tile_manifest - {expected}"
+        assert console in output  # on the console of the CLI run too
         assert instance.get_run_by_id(holder.run_id).status == dg.DagsterRunStatus.FAILURE
         assert instance.get_run_by_id(blocked.run_id).status == dg.DagsterRunStatus.SUCCESS
         assert slot_holders(instance) == [] and free_dead_run_slots(instance) == []
@@ -177,3 +192,13 @@ def test_slots_of_ended_or_deleted_runs_are_freed_and_live_runs_keep_theirs() ->
         ])  # fmt: skip
         # The live run has no RUN_START event yet (no process known): it keeps its slot.
         assert slot_holders(instance) == [PoolStep(DUCKDB_POOL, live.run_id, "tile_manifest")]
+
+
+def test_the_pool_reporting_executor_takes_the_default_executors_config(tmp_path: Path) -> None:
+    defs = build_definitions(load_catalog("demo"), tmp_path)
+    job = defs.resolve_job_def("refresh_manifest")
+    assert job.executor_def is pool_reporting_executor
+    for mode, config in (("in_process", {}), ("multiprocess", {"max_concurrent": 2})):
+        run_config = {"execution": {"config": {mode: config}}}
+        resolved = dg.validate_run_config(job, run_config)["execution"]
+        assert resolved["multi_or_in_process_executor"][mode].items() >= config.items()

@@ -8,16 +8,22 @@ regular expressions are RE2 (linear time: no pattern or file name can hang a ste
 reads "<file>: entry '<key>' (#n): field '<path>': <reason>", all of them at once.
 
 A file is parsed once per process while it is unchanged (same modification time and size), so
-definition loads and steps share one parse; treat the returned catalog as read-only.
+definition loads and steps share one parse; treat the returned catalog as read-only. Across
+processes (each run and step loads the definitions again), `load_catalog(..., cache_dir=)` keeps
+the validated entries as JSON: parsing a 10,000-entry file with PyYAML takes seconds, reading
+the JSON back through the same validation a fraction of that.
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
+import logging
 import re
 from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import cache, cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -34,12 +40,16 @@ from pydantic import (
     StrictBool,
     StrictInt,
     StrictStr,
+    TypeAdapter,
     ValidationError,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
 from cpia_assets.core.downloads import SourceSpecError, validate_source
+from cpia_assets.core.downloads import spec as source_spec
+from cpia_assets.core.downloads.spec import did_you_mean
+from cpia_assets.core.fsutil import OutputWriteError, atomic_path
 from cpia_assets.core.splits import DEFAULT_RATIOS, STRATIFIED
 
 Kind = Literal["wsi", "roi"]
@@ -55,6 +65,8 @@ KEY_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]*")
 """Partition keys, matched in full (so a trailing newline is refused too)."""
 BUILTIN_CATALOGS = {"cpia": "cpia.yaml", "demo": "demo.yaml"}
 MAX_REPORTED_PROBLEMS = 20
+
+_log = logging.getLogger(__name__)
 
 TABLE_I_ORGANS = (
     "adrenal gland", "bladder", "blood", "bone", "bone marrow", "brain", "breast",
@@ -84,6 +96,11 @@ def compile_pattern(pattern: str) -> re2._Regexp:
     step; the price is no backreferences and no lookaround.
     """
     return re2.compile(pattern, _RE2_OPTIONS)
+
+
+@lru_cache(maxsize=4096)
+def _group_names(pattern: str) -> frozenset[str]:
+    return frozenset(compile_pattern(pattern).groupindex)
 
 
 def _check_pattern(pattern: str) -> str:
@@ -141,20 +158,21 @@ class _Block(BaseModel):
     @classmethod
     def _refuse_unknown_fields(cls, data: Any) -> Any:
         if isinstance(data, Mapping):
-            known = [field.alias or name for name, field in cls.model_fields.items()]
+            known = _field_names(cls)
             unknown = [name for name in data if name not in known]
             if unknown:
                 raise PydanticCustomError(
                     "catalog_unknown_fields",
                     "unknown field(s) {names}",
-                    {"names": unknown, "hints": [_did_you_mean(name, known) for name in unknown]},
+                    {"names": unknown, "hints": [did_you_mean(name, known) for name in unknown]},
                 )
         return data
 
 
-def _did_you_mean(name: object, known: list[str]) -> str:
-    close = difflib.get_close_matches(str(name), known, n=1)
-    return f"; did you mean {close[0]!r}?" if close else f"; known fields: {', '.join(known)}"
+@cache
+def _field_names(block: type[_Block]) -> list[str]:
+    """The names a block's fields have in YAML (checked for every block of every entry)."""
+    return [field.alias or name for name, field in block.model_fields.items()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,7 +228,7 @@ class RegexRule(_Rule):
 
     @model_validator(mode="after")
     def _has_value_group(self) -> RegexRule:
-        if "value" not in compile_pattern(self.pattern).groupindex:
+        if "value" not in _group_names(self.pattern):
             raise PydanticCustomError(
                 "catalog_value_group",
                 "{pattern} needs a (?P<value>...) group",
@@ -513,27 +531,49 @@ def resolve_catalog_path(spec: str | Path | None) -> Path:
     return path
 
 
-def load_catalog(spec: str | Path | None = None) -> Catalog:
-    """The validated catalog `spec` names (see `resolve_catalog_path`), parsed once per process."""
+def load_catalog(spec: str | Path | None = None, *, cache_dir: Path | None = None) -> Catalog:
+    """The validated catalog `spec` names (see `resolve_catalog_path`), parsed once per process.
+
+    With `cache_dir`, the validated entries are also kept there for other processes (see
+    `_CatalogCache`); a stale or unreadable cache is ignored and rewritten.
+    """
     path = resolve_catalog_path(spec)
     try:
         stat = path.stat()
     except OSError as exc:
         raise CatalogError(f"{path}: cannot read the catalog: {exc.strerror}") from exc
-    return _load(path, stat.st_mtime_ns, stat.st_size)
+    return _load(_FileVersion(path, stat.st_size, stat.st_mtime_ns), cache_dir)
+
+
+@dataclass(frozen=True)
+class _FileVersion:
+    """One version of a catalog file: a changed file has another size or modification time."""
+
+    path: Path
+    size: int
+    mtime_ns: int
 
 
 @lru_cache(maxsize=16)
-def _load(path: Path, _mtime_ns: int, _size: int) -> Catalog:
-    """Parse and validate one version of a catalog file (the stat values key the cache)."""
-    raw_entries = _read_entries(path)
+def _load(version: _FileVersion, cache_dir: Path | None) -> Catalog:
+    cache = _CatalogCache(cache_dir, version) if cache_dir else None
+    entries = cache.read() if cache else None
+    if entries is None:
+        entries = _validated_entries(version.path)
+        if cache:
+            cache.write(entries)
+    return Catalog(path=version.path, subdatasets=_with_local_paths(entries, version.path))
+
+
+def _validated_entries(path: Path) -> list[SubDataset]:
+    """Parse and validate every entry of a catalog file; raises naming all problems at once."""
     entries: list[SubDataset] = []
     problems: list[str] = []
     first_of_key: dict[str, int] = {}
-    for number, raw in enumerate(raw_entries, 1):
+    for number, raw in enumerate(_read_entries(path), 1):
         where = _entry_label(raw, number)
         try:
-            entry = _parse_entry(raw, base_dir=path.parent)
+            entry = _parse_entry(raw)
         except _EntryError as exc:
             problems += [f"{path}: {where}: {problem}" for problem in exc.problems]
             continue
@@ -544,12 +584,104 @@ def _load(path: Path, _mtime_ns: int, _size: int) -> Catalog:
             )
         first_of_key.setdefault(entry.key, number)
         entries.append(entry)
+    _raise_problems(path, problems)
+    return entries
+
+
+def _with_local_paths(entries: list[SubDataset], path: Path) -> tuple[SubDataset, ...]:
+    """Entries whose local source path is resolved against the catalog file's folder, so a
+    catalog travels with its data. Done on every load: the links it follows may change."""
+    resolved: list[SubDataset] = []
+    problems: list[str] = []
+    for number, entry in enumerate(entries, 1):
+        if entry.source["type"] != "local":
+            resolved.append(entry)
+            continue
+        given = entry.source["path"]
+        try:
+            local = str((path.parent / Path(given).expanduser()).resolve())
+        except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+            problems.append(
+                f"{path}: entry {entry.key!r} (#{number}): field 'source.path': "
+                f"cannot resolve {given!r}: {exc}"
+            )
+            continue
+        resolved.append(entry.model_copy(update={"source": {**entry.source, "path": local}}))
+    _raise_problems(path, problems)
+    return tuple(resolved)
+
+
+def _raise_problems(path: Path, problems: list[str]) -> None:
     if problems:
         shown = problems[:MAX_REPORTED_PROBLEMS]
         if len(problems) > len(shown):
             shown.append(f"{path}: ... and {len(problems) - len(shown)} more problems")
         raise CatalogError("\n".join(shown))
-    return Catalog(path=path, subdatasets=tuple(entries))
+
+
+_ENTRIES = TypeAdapter(list[SubDataset])
+
+
+@lru_cache(maxsize=1)
+def _code_version() -> str:
+    """A hash of the code that decides what a valid entry is: a new version of it never reads
+    a cache written by an older one."""
+    digest = hashlib.sha256()
+    for module_file in (__file__, source_spec.__file__):
+        digest.update(Path(module_file).read_bytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class _CatalogCache:
+    """The validated entries of one catalog file version, as JSON in `folder`.
+
+    The file is named after the catalog's path and records the version it was made from (size,
+    modification time, code version); a cache of another version, or one that cannot be read, is
+    ignored. Entries read back go through the same validation as the YAML's, so a damaged cache
+    can never yield an invalid entry; only local paths are resolved after (`_with_local_paths`).
+    """
+
+    folder: Path
+    version: _FileVersion
+
+    @property
+    def file(self) -> Path:
+        name = hashlib.sha256(str(self.version.path).encode()).hexdigest()[:32]
+        return self.folder / f"{name}.json"
+
+    @property
+    def stamp(self) -> dict[str, Any]:
+        return {
+            "path": str(self.version.path),
+            "size": self.version.size,
+            "mtime_ns": self.version.mtime_ns,
+            "code": _code_version(),
+        }
+
+    def read(self) -> list[SubDataset] | None:
+        try:
+            stamp, entries = self.file.read_bytes().split(b"\n", 1)
+            if json.loads(stamp) != self.stamp:
+                return None
+            return _ENTRIES.validate_json(entries)
+        except (OSError, ValueError):  # missing, unreadable, or damaged (ValidationError too)
+            return None
+
+    def write(self, entries: list[SubDataset]) -> None:
+        """Store `entries` atomically; entries JSON cannot represent exactly (YAML dates,
+        infinities) are not cached, and a cache that cannot be written only costs speed."""
+        data = _ENTRIES.dump_json(entries, by_alias=True, exclude_unset=True)
+        try:
+            if _ENTRIES.validate_json(data) != entries:
+                return
+        except ValidationError:
+            return
+        try:
+            with atomic_path(self.file) as tmp:
+                tmp.write_bytes(json.dumps(self.stamp).encode() + b"\n" + data)
+        except (OSError, OutputWriteError) as exc:
+            _log.warning("catalog cache %s not written: %s", self.file, exc)
 
 
 class _DuplicateKeyError(yaml.constructor.ConstructorError):
@@ -608,7 +740,7 @@ def _read_entries(path: Path) -> list[Any]:
     if unknown:
         raise CatalogError(
             f"{path}: unknown top-level field {unknown[0]!r}"
-            f"{_did_you_mean(unknown[0], ['subdatasets'])}"
+            f"{did_you_mean(unknown[0], ['subdatasets'])}"
         )
     if not document["subdatasets"]:
         raise CatalogError(f"{path}: the 'subdatasets:' list is empty")
@@ -628,30 +760,18 @@ def _entry_label(raw: Any, number: int) -> str:
     return f"entry {key!r} (#{number})" if isinstance(key, str) else f"entry #{number}"
 
 
-def _parse_entry(raw: Any, base_dir: Path) -> SubDataset:
+def _parse_entry(raw: Any) -> SubDataset:
     try:
         entry = SubDataset.model_validate(raw)
     except ValidationError as exc:
         raise _EntryError(list(_describe(exc))) from None
-    return entry.model_copy(update={"source": _checked_source(entry.source, base_dir)})
-
-
-def _checked_source(source: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
-    """Each source type's parameters are checked by `downloads.validate_source`; a local source's
-    relative path is taken relative to the catalog file, so a catalog travels with its data."""
     try:
-        checked = validate_source(source)
+        source = validate_source(entry.source)
     except SourceSpecError as exc:
-        raise _EntryError([f"field 'source': {exc}"]) from None
-    if checked["type"] == "local":
-        path = checked["path"]
-        if not isinstance(path, str):
-            raise _EntryError([f"field 'source.path': must be text, got {path!r}"])
-        try:
-            checked["path"] = str((base_dir / Path(path).expanduser()).resolve())
-        except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
-            raise _EntryError([f"field 'source.path': cannot resolve {path!r}: {exc}"]) from None
-    return checked
+        raise _EntryError(
+            [_problem(["source", *([field] if field else [])], why) for field, why in exc.problems]
+        ) from None
+    return entry.model_copy(update={"source": source})
 
 
 _RULE_FIELDS = ("labels", "splits")

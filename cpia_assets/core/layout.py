@@ -69,6 +69,11 @@ class DataLayout:
         return self.root / "ssl" / "eval"
 
     @property
+    def catalog_cache_dir(self) -> Path:
+        """Validated catalogs kept for the next process (`core/catalog.py`); safe to delete."""
+        return self.root / "cache" / "catalogs"
+
+    @property
     def manifests_dir(self) -> Path:
         return self.root / "manifests"
 

@@ -12,14 +12,25 @@ The `pool_watch` sensor (running by default under the daemon, i.e. `make ui`) do
 minute and writes an INFO line into every run whose step waits for a pool, naming the runs that
 hold the pool's slots. By hand: `python -m cpia_assets.defs.instance --pools` does the same and
 lists the slot holders.
+
+Without a daemon (`dagster asset materialize`), the run itself says it: `pool_reporting_executor`,
+the platform's default executor, is Dagster's default one whose "Step blocked by limit for pool"
+DEBUG event (sent when a step starts waiting, then every 5 minutes) is followed by a WARNING
+naming the runs that hold the pool's slots.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
+
+if TYPE_CHECKING:
+    from dagster._core.execution.context.system import PlanOrchestrationContext
+    from dagster._core.execution.plan.plan import ExecutionPlan
 
 
 @dataclass(frozen=True)
@@ -88,18 +99,20 @@ def announce_waits(instance: dg.DagsterInstance) -> list[str]:
     holders = slot_holders(instance)
     lines = []
     for waiting in waiting_steps(instance):
-        held_by = [
-            _holder_text(instance, holder) for holder in holders if holder.pool == waiting.pool
-        ]
-        line = (
-            f"step {waiting.step_key} waits for a slot of pool {waiting.pool!r}, held by "
-            f"{', '.join(held_by) or 'no run (the limit may be 0)'}"
-        )
+        line = _wait_line(instance, waiting, holders)
         run = instance.get_run_by_id(waiting.run_id)
         if run is not None:
             instance.report_engine_event(line, run, step_key=waiting.step_key)
         lines.append(f"run {waiting.run_id}: {line}")
     return lines
+
+
+def _wait_line(instance: dg.DagsterInstance, waiting: PoolStep, holders: list[PoolStep]) -> str:
+    held_by = [_holder_text(instance, holder) for holder in holders if holder.pool == waiting.pool]
+    return (
+        f"step {waiting.step_key} waits for a slot of pool {waiting.pool!r}, held by "
+        f"{', '.join(held_by) or 'no run (the limit may be 0)'}"
+    )
 
 
 def _holder_text(instance: dg.DagsterInstance, holder: PoolStep) -> str:
@@ -142,3 +155,61 @@ def pool_watch(context: dg.SensorEvaluationContext) -> dg.SkipReason:
     for line in lines:
         context.log.info(line)
     return dg.SkipReason("; ".join(lines) or "no dead slot holder, no step waiting for a pool")
+
+
+class _PoolReportingExecutor(dg.Executor):
+    """Runs `inner`; after each of Dagster's "Step blocked by limit for pool" events, logs at
+    WARNING who holds the pool (the orchestrating process is the only run code that runs while
+    a step waits, so this is where a run without a daemon can say it)."""
+
+    def __init__(self, inner: dg.Executor) -> None:
+        self._inner = inner
+
+    @property
+    def retries(self) -> Any:
+        return self._inner.retries
+
+    @property
+    def step_dependency_config(self) -> Any:
+        return self._inner.step_dependency_config
+
+    def execute(
+        self, plan_context: PlanOrchestrationContext, execution_plan: ExecutionPlan
+    ) -> Iterator[dg.DagsterEvent]:
+        run_id = plan_context.run_id
+        for event in self._inner.execute(plan_context, execution_plan):
+            yield event
+            pool = _blocking_pool(event)
+            if pool is not None and event.step_key is not None:
+                waiting = PoolStep(pool, run_id, event.step_key)
+                step_context = plan_context.for_step(execution_plan.get_step_by_key(event.step_key))
+                step_context.log.warning(
+                    _wait_line(plan_context.instance, waiting, slot_holders(plan_context.instance))
+                )
+
+
+def _blocking_pool(event: dg.DagsterEvent) -> str | None:
+    """The pool named by Dagster's "step blocked by limit for pool" engine event, else None."""
+    if not event.is_engine_event or not (event.message or "").startswith(
+        ("Step blocked by limit for pool", "Step still blocked by limit for pool")
+    ):
+        return None
+    pool = event.engine_event_data.metadata.get("pool")
+    return pool.value if isinstance(pool, dg.PoolMetadataValue) else None
+
+
+def pool_reporting(executor: dg.ExecutorDefinition) -> dg.ExecutorDefinition:
+    """`executor` (same name and config) whose runs name the holders of a pool they wait for."""
+    create = executor.executor_creation_fn
+    if create is None:
+        raise ValueError(f"executor {executor.name!r} has no creation function")
+    return dg.ExecutorDefinition(
+        name=executor.name,
+        config_schema=executor.config_schema,
+        requirements=executor.get_requirements,
+        executor_creation_fn=lambda init_context: _PoolReportingExecutor(create(init_context)),
+        description=executor.description,
+    )
+
+
+pool_reporting_executor = pool_reporting(dg.multi_or_in_process_executor)

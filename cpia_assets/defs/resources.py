@@ -30,7 +30,7 @@ class CpiaStore(dg.ConfigurableResource):
 
     def catalog(self) -> Catalog:
         if self._catalog is None:
-            self._catalog = load_catalog(self.catalog_path)
+            self._catalog = load_catalog(self.catalog_path, cache_dir=self.layout.catalog_cache_dir)
         return self._catalog
 
     def entry(self, key: str) -> SubDataset:

@@ -11,7 +11,21 @@ class SourceError(Exception):
 
 
 class SourceSpecError(SourceError):
-    """A `source:` block that is not usable (missing or malformed parameters)."""
+    """A `source:` block that is not usable (missing or malformed parameters).
+
+    `problems` pairs each parameter at fault, as a path inside the block (`files[0].sha256`;
+    None: the block as a whole), with the reason, so the catalog can name the field.
+    """
+
+    def __init__(
+        self, reason: str, field: str | None = None, *, more: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        self.problems: list[tuple[str | None, str]] = [(field, reason), *more]
+        super().__init__(
+            "; ".join(
+                f"source field {name!r}: {why}" if name else why for name, why in self.problems
+            )
+        )
 
 
 class ManualDownloadRequired(SourceError):

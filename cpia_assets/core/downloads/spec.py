@@ -1,14 +1,16 @@
 """Validation of `source:` blocks, shared by the catalog loader and `fetch_source`.
 
 Each source type lists its required and optional parameters; anything else is a typo and is
-rejected. Credentials never appear in a spec: a spec names the environment variable that holds
-them (`token_env`).
+rejected with a did-you-mean hint. Errors name the parameter at fault (`SourceSpecError.problems`).
+Credentials never appear in a spec: a spec names the environment variable that holds them
+(`token_env`).
 """
 
 from __future__ import annotations
 
+import difflib
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
@@ -24,9 +26,10 @@ ZENODO_API = "https://zenodo.org/api"
 FIGSHARE_API = "https://api.figshare.com/v2"
 
 _CREDENTIAL_KEYS = {"token", "access_token", "password", "api_key", "apikey", "secret", "auth"}
-_HEX = {"sha256": re.compile(r"^[0-9a-f]{64}$"), "md5": re.compile(r"^[0-9a-f]{32}$")}
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_HTTP_FILE_KEYS = {"url", "sha256", "md5", "size", "path", "extract", "extract_to"}
+# Matched in full: `$` would also accept a trailing newline.
+_HEX = {"sha256": re.compile(r"[0-9a-f]{64}"), "md5": re.compile(r"[0-9a-f]{32}")}
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_HTTP_FILE_KEYS = ("url", "sha256", "md5", "size", "path", "extract", "extract_to")
 
 
 def validate_source(raw: Any) -> dict[str, Any]:
@@ -37,25 +40,48 @@ def validate_source(raw: Any) -> dict[str, Any]:
     kind = source["type"]
     if kind not in _CHECKS:
         raise SourceSpecError(f"unknown source type {kind!r} (expected one of {SOURCE_TYPES})")
-    leaked = _CREDENTIAL_KEYS & {str(key).lower() for key in source}
+    leaked = sorted(str(key) for key in source if str(key).lower() in _CREDENTIAL_KEYS)
     if leaked:
         raise SourceSpecError(
-            f"{kind} source: {sorted(leaked)} would put a credential in the catalog; name the "
-            "environment variable that holds it with 'token_env' instead"
+            "would put a credential in the catalog; name the environment variable that holds "
+            "it with 'token_env' instead",
+            leaked[0],
         )
     required, optional, check = _CHECKS[kind]
     if required is not None:
         missing = [key for key in required if source.get(key) in (None, "", [])]
-        if missing:
-            raise SourceSpecError(f"{kind} source needs {missing}")
-        unknown = set(source) - {"type", "description"} - set(required) - set(optional)
-        if unknown:
-            raise SourceSpecError(
-                f"{kind} source: unknown parameter(s) {sorted(unknown)} (allowed: "
-                f"{sorted(set(required) | set(optional))})"
-            )
+        _raise_all(
+            [
+                *_unknown_fields(source, ("type", "description", *required, *optional)),
+                *[(key, f"required for a {kind} source") for key in missing],
+            ]
+        )
     check(source)
     return source
+
+
+def did_you_mean(name: object, known: Iterable[str]) -> str:
+    """A hint for a misspelt field name: the closest known name, else all of them."""
+    known = list(known)
+    close = difflib.get_close_matches(str(name), known, n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; known fields: {', '.join(known)}"
+
+
+def _unknown_fields(
+    block: Mapping[str, Any], known: Iterable[str], where: str = ""
+) -> list[tuple[str, str]]:
+    known = list(known)
+    return [
+        (f"{where}{name}", f"unknown field{did_you_mean(name, known)}")
+        for name in block
+        if name not in known
+    ]
+
+
+def _raise_all(problems: list[tuple[str, str]]) -> None:
+    if problems:
+        (field, reason), *more = problems
+        raise SourceSpecError(reason, field, more=more)
 
 
 def _check_tcia(source: Mapping[str, Any]) -> None:
@@ -67,115 +93,113 @@ def _check_tcia(source: Mapping[str, Any]) -> None:
 
 
 def _check_local(source: Mapping[str, Any]) -> None:
+    if not isinstance(source["path"], str):
+        raise SourceSpecError(f"must be text, got {source['path']!r}", "path")
     mode = source.get("mode")
     if mode is not None and mode not in LOCAL_MODES:
-        raise SourceSpecError(f"local source: mode {mode!r} is not one of {LOCAL_MODES}")
+        raise SourceSpecError(f"{mode!r} is not one of {LOCAL_MODES}", "mode")
 
 
 def _check_http(source: Mapping[str, Any]) -> None:
     files = source["files"]
     if not isinstance(files, list):
-        raise SourceSpecError("http source: 'files' must be a list of {url, sha256|md5, ...}")
+        raise SourceSpecError("must be a list of {url, sha256|md5, ...}", "files")
     for index, entry in enumerate(files):
-        where = f"http source files[{index}]"
+        where = f"files[{index}]"
         if not isinstance(entry, Mapping) or not entry.get("url"):
-            raise SourceSpecError(f"{where}: each file needs a 'url'")
-        unknown = set(entry) - _HTTP_FILE_KEYS
-        if unknown:
-            raise SourceSpecError(f"{where}: unknown key(s) {sorted(unknown)}")
-        _check_url(entry["url"], where)
+            raise SourceSpecError("each file needs a 'url'", where)
+        _raise_all(_unknown_fields(entry, _HTTP_FILE_KEYS, f"{where}."))
+        _check_url(entry["url"], f"{where}.url")
         if not any(entry.get(name) for name in _HEX):
-            raise SourceSpecError(f"{where} ({entry['url']}): needs 'sha256' or 'md5'")
+            raise SourceSpecError(f"needs 'sha256' or 'md5' ({entry['url']})", where)
         for name, pattern in _HEX.items():
-            if entry.get(name) is not None and not pattern.match(str(entry[name]).lower()):
-                raise SourceSpecError(f"{where}: {name} {entry[name]!r} is not a hex digest")
+            if entry.get(name) is not None and not pattern.fullmatch(str(entry[name]).lower()):
+                raise SourceSpecError(f"{entry[name]!r} is not a hex digest", f"{where}.{name}")
         size = entry.get("size")
-        if size is not None and (not isinstance(size, int) or size < 0):
-            raise SourceSpecError(f"{where}: size must be a non-negative integer")
+        if size is not None and (type(size) is not int or size < 0):
+            raise SourceSpecError("must be a non-negative integer", f"{where}.size")
         for key in ("path", "extract_to"):
             if entry.get(key) not in (None, "", "."):
-                _check_relative(entry[key], f"{where}: {key}")
-        _check_extract_flag(entry, where)
+                _check_relative(entry[key], f"{where}.{key}")
+        _check_extract_flag(entry, f"{where}.")
 
 
 def _check_gdc(source: Mapping[str, Any]) -> None:
-    _check_strings(source["project_id"], "gdc source: project_id")
+    _check_strings(source["project_id"], "project_id")
     strategies = source.get("experimental_strategies", list(GDC_STRATEGIES))
     if not isinstance(strategies, list) or not strategies or set(strategies) - set(GDC_STRATEGIES):
         raise SourceSpecError(
-            f"gdc source: experimental_strategies must be a non-empty subset of {GDC_STRATEGIES}"
+            f"must be a non-empty subset of {GDC_STRATEGIES}", "experimental_strategies"
         )
     _check_api(source)
 
 
 def _check_idc(source: Mapping[str, Any]) -> None:
-    _check_strings(source["collection_id"], "idc source: collection_id")
+    _check_strings(source["collection_id"], "collection_id")
     if "modalities" in source:
-        _check_strings(source["modalities"], "idc source: modalities")
+        _check_strings(source["modalities"], "modalities")
     _check_api(source)
     if "storage_url" in source:
-        _check_url(source["storage_url"], "idc source: storage_url")
+        _check_url(source["storage_url"], "storage_url")
 
 
 def _check_record(source: Mapping[str, Any]) -> None:
-    kind = source["type"]
-    key = "record" if kind == "zenodo" else "article"
+    key = "record" if source["type"] == "zenodo" else "article"
     if not str(source[key]).isdigit():
-        raise SourceSpecError(f"{kind} source: {key} must be a numeric id, got {source[key]!r}")
+        raise SourceSpecError(f"must be a numeric id, got {source[key]!r}", key)
     if "files" in source:
-        _check_strings(source["files"], f"{kind} source: files")
+        _check_strings(source["files"], "files")
     _check_api(source)
-    _check_extract_flag(source, f"{kind} source")
+    _check_extract_flag(source)
 
 
 def _check_manual(source: Mapping[str, Any]) -> None:
-    _check_url(source["landing_page"], "manual source: landing_page")
+    _check_url(source["landing_page"], "landing_page")
     if not isinstance(source.get("instructions", ""), str):
-        raise SourceSpecError("manual source: instructions must be text")
+        raise SourceSpecError("must be text", "instructions")
 
 
 def _check_synthetic(source: Mapping[str, Any]) -> None:
     if source.get("recipe") not in ("wsi", "roi"):
-        raise SourceSpecError("synthetic source needs recipe 'wsi' or 'roi'")
+        raise SourceSpecError("the synthetic source needs 'wsi' or 'roi'", "recipe")
 
 
 def _check_api(source: Mapping[str, Any]) -> None:
-    kind = source["type"]
     if "api_url" in source:
-        _check_url(source["api_url"], f"{kind} source: api_url")
+        _check_url(source["api_url"], "api_url")
     token_env = source.get("token_env")
-    if token_env is not None and not _ENV_NAME.match(str(token_env)):
-        raise SourceSpecError(f"{kind} source: token_env {token_env!r} is not a variable name")
+    if token_env is not None and not _ENV_NAME.fullmatch(str(token_env)):
+        raise SourceSpecError(f"{token_env!r} is not an environment variable name", "token_env")
 
 
-def _check_url(url: Any, where: str) -> None:
+def _check_url(url: Any, field: str) -> None:
     parsed = urlparse(str(url))
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise SourceSpecError(f"{where}: {url!r} is not an http(s) URL")
+        raise SourceSpecError(f"{url!r} is not an http(s) URL", field)
     in_query = _CREDENTIAL_KEYS & {name.lower() for name in parse_qs(parsed.query)}
     if parsed.username or parsed.password or in_query:
         raise SourceSpecError(
-            f"{where}: the URL carries a credential; name its environment variable with "
-            "'token_env' instead"
+            "the URL carries a credential; name its environment variable with 'token_env' instead",
+            field,
         )
 
 
-def _check_relative(value: Any, where: str) -> None:
+def _check_relative(value: Any, field: str) -> None:
     try:
         safe_relative(str(value))
     except UnsafePathError as exc:
-        raise SourceSpecError(f"{where}: {exc}") from exc
+        raise SourceSpecError(str(exc), field) from exc
 
 
-def _check_strings(value: Any, where: str) -> None:
+def _check_strings(value: Any, field: str) -> None:
     values = value if isinstance(value, list) else [value]
     if not values or not all(isinstance(item, str) and item for item in values):
-        raise SourceSpecError(f"{where} must be a non-empty text or list of texts")
+        raise SourceSpecError("must be a non-empty text or list of texts", field)
 
 
-def _check_extract_flag(entry: Mapping[str, Any], where: str) -> None:
-    if not isinstance(entry.get("extract", True), bool):
-        raise SourceSpecError(f"{where}: extract must be true or false")
+def _check_extract_flag(block: Mapping[str, Any], where: str = "") -> None:
+    if not isinstance(block.get("extract", True), bool):
+        raise SourceSpecError("must be true or false", f"{where}extract")
 
 
 _Check = Callable[[Mapping[str, Any]], None]
