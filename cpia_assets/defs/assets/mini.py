@@ -46,12 +46,12 @@ def build_cpia_mini(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         code_version="1",
         kinds={"python", "libvips", "parquet"},
         description=(
-            "CPIA-Mini of one sub-dataset under cpia-mini/{L,M,S}/<key>/, every image 384 px. "
+            "CPIA-Mini of one sub-dataset under `cpia-mini/{L,M,S}/<key>/`, every image 384 px. "
             "WSI: an XL quota from the Table I organ row's budget (capped per sub-dataset), XL "
             "tiles spread over the slides, with 16 L, 32 M and one S crop per M each (area "
             "filter when shrinking, Lanczos when enlarging). ROI: unlabelled sets whole, "
             "labelled sets' training split only. The exclusion rules keep evaluation data out. "
-            "Records: mini_images and mini_selection (in_mini and its reason per image)."
+            "Records: `mini_images` and `mini_selection` (`in_mini` and its reason per image)."
         ),
     )
     def cpia_mini(
@@ -144,9 +144,9 @@ def build_training_shards() -> dg.AssetsDefinition:
         kinds={"python", "webdataset"},
         description=(
             "One data variant (cpia-mini, cpia, cpia-l, cpia-m, cpia-s) as WebDataset tar "
-            "shards under shards/<variant>/: <key>.jpg (original bytes) + <key>.json (sub-"
-            "dataset, organ, scale, label, split, source tile), shuffled across sub-datasets "
-            "with a fixed seed, plus index.json. Unchanged inputs write nothing."
+            "shards under `shards/<variant>/`: `<key>.jpg` (original bytes) + `<key>.json` "
+            "(sub-dataset, organ, scale, label, split, source tile), shuffled across "
+            "sub-datasets with a fixed seed, plus `index.json`. Unchanged inputs write nothing."
         ),
     )
     def training_shards(

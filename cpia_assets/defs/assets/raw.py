@@ -50,7 +50,7 @@ def build_raw_download(partitions: dg.PartitionsDefinition) -> dg.AssetsDefiniti
         code_version="1",
         kinds={"python", "file"},
         description=(
-            "Source files of one sub-dataset under raw/<key>/, fetched per the catalog's source "
+            "Source files of one sub-dataset under `raw/<key>/`, fetched per the catalog's source "
             "spec (local, http, gdc, idc, zenodo, figshare, manual, synthetic), verified by "
             "checksum and size. A rerun fetches nothing already complete. The data version is a "
             "hash of the file records, so downstream partitions go stale only on real changes."

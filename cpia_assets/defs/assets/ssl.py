@@ -50,8 +50,8 @@ def build_ssl_assets() -> list[dg.AssetsDefinition]:
         description=(
             "Self-supervised pre-training of a timm ViT (MAE, MoCo-v3 or DINO) on one data variant "
             "as its own process (torchrun for several devices). Outputs under "
-            "ssl/checkpoints/<method>__<data>[__imagenet]/: encoder.pth (timm state dict), "
-            "Lightning checkpoints (a rerun resumes from the last), config.json, metrics."
+            "`ssl/checkpoints/<method>__<data>[__imagenet]/`: `encoder.pth` (timm state dict), "
+            "Lightning checkpoints (a rerun resumes from the last), `config.json`, metrics."
         ),
     )
     def ssl_checkpoint(
