@@ -20,22 +20,30 @@ from cpia_assets.defs.assets.raw import build_raw_download
 from cpia_assets.defs.assets.ssl import build_ssl_assets
 from cpia_assets.defs.assets.standardize import build_standardized_wsi
 from cpia_assets.defs.assets.tiles import build_scale_tiles
+from cpia_assets.defs.automation import automation_sensor, with_automation
 from cpia_assets.defs.partitions import subdataset_partitions
 from cpia_assets.defs.pools import pool_watch
 from cpia_assets.defs.resources import CpiaStore, WorkerPool
 from cpia_assets.defs.schedules import build_schedules
 
 PARTITIONED_ASSETS = ("raw_download", "standardized_wsi", "scale_tiles", "cpia_mini")
+MANIFEST_ASSET = "tile_manifest"
 
 
 def build_definitions(catalog: Catalog, data_dir: Path, *, workers: int = 0) -> dg.Definitions:
     partitions = subdataset_partitions(catalog)
-    partitioned = [
-        build_raw_download(partitions),
-        build_standardized_wsi(partitions),
-        build_scale_tiles(partitions),
-        build_cpia_mini(partitions),
-    ]
+    tile_manifest, manifest_checks = build_manifest_assets()
+    automated = with_automation(
+        [
+            build_raw_download(partitions),
+            build_standardized_wsi(partitions),
+            build_scale_tiles(partitions),
+            build_cpia_mini(partitions),
+            tile_manifest,
+        ],
+        partitioned=PARTITIONED_ASSETS,
+        aggregate=MANIFEST_ASSET,
+    )
     subdatasets_job = dg.define_asset_job(
         "build_subdatasets",
         selection=list(PARTITIONED_ASSETS),
@@ -52,14 +60,14 @@ def build_definitions(catalog: Catalog, data_dir: Path, *, workers: int = 0) -> 
     )
     return dg.Definitions(
         assets=[
-            *partitioned,
-            *build_manifest_assets(),
+            *automated,
+            manifest_checks,
             build_training_shards(),
             *build_ssl_assets(),
         ],
         jobs=[subdatasets_job, manifest_job],
         schedules=build_schedules(subdatasets_job, manifest_job),
-        sensors=[pool_watch],
+        sensors=[pool_watch, automation_sensor([*PARTITIONED_ASSETS, MANIFEST_ASSET])],
         resources={
             "store": CpiaStore(data_dir=str(data_dir), catalog_path=str(catalog.path)),
             "workers": WorkerPool(workers=workers),

@@ -1,10 +1,12 @@
-"""Data versions from content and what Dagster marks stale: digests ignore per-run columns; on
-real runs an unchanged rerun keeps every data version, and a changed source file makes exactly its
-own partition's downstream assets stale."""
+"""Data versions from content, what Dagster marks stale and what the automation launches: digests
+ignore per-run columns; on real runs an unchanged rerun keeps every data version and launches
+nothing, a changed source file makes exactly its own partition's downstream assets stale and
+rebuilds them, a new catalog entry is built, and the manifest follows its partitions."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -18,7 +20,7 @@ from cpia_assets.core.digests import files_digest, records_digest
 from cpia_assets.core.fsutil import write_parquet_atomic
 from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.mini import MiniSettings
-from cpia_assets.definitions import PARTITIONED_ASSETS, build_definitions
+from cpia_assets.definitions import MANIFEST_ASSET, PARTITIONED_ASSETS, build_definitions
 from cpia_assets.defs.versions import partitions_to_rebuild
 
 CATALOG = """\
@@ -77,6 +79,24 @@ class Platform:
     defs: dg.Definitions
     instance: dg.DagsterInstance
     sources: Path
+    cursor: object = None
+    clock: datetime = field(default_factory=lambda: datetime(2026, 1, 1, 0, 1, tzinfo=UTC))
+
+    def automation_tick(self, minutes: int = 1) -> dict[str, set[str | None]]:
+        """One evaluation of the automation sensor's conditions: what it would launch."""
+        self.clock += timedelta(minutes=minutes)
+        result = dg.evaluate_automation_conditions(
+            self.defs, self.instance, evaluation_time=self.clock, cursor=self.cursor
+        )
+        self.cursor = result.cursor
+        names = [*PARTITIONED_ASSETS, MANIFEST_ASSET]
+        requested = {name: result.get_requested_partitions(dg.AssetKey(name)) for name in names}
+        return {name: keys for name, keys in requested.items() if keys}
+
+    def download(self, key: str) -> None:
+        self.defs.resolve_implicit_global_asset_job_def().execute_in_process(
+            partition_key=key, asset_selection=[dg.AssetKey("raw_download")], instance=self.instance
+        )
 
     def build(self, key: str) -> dict[str, str]:
         """Materialize the partition; the data version of each asset."""
@@ -109,6 +129,7 @@ def platform(tmp_path: Path):
             _cell(tmp_path / folder / f"cell-{index}.png", seed + index)
     catalog_path = tmp_path / "catalog.yaml"
     catalog_path.write_text(CATALOG)
+    (tmp_path / "one.yaml").write_text(CATALOG.split("- key: cells-b")[0])
     defs = build_definitions(load_catalog(catalog_path), tmp_path / "data", workers=1)
     with dg.instance_for_test() as instance:
         yield Platform(defs, instance, tmp_path)
@@ -126,14 +147,43 @@ def test_unchanged_rerun_keeps_data_versions_and_nothing_is_stale(platform: Plat
 def test_changed_source_file_makes_only_its_partition_stale(platform: Platform) -> None:
     first = {key: platform.build(key) for key in ("cells-a", "cells-b")}
     _cell(platform.sources / "a" / "cell-0.png", seed=99)
-    job = platform.defs.resolve_implicit_global_asset_job_def()
-    job.execute_in_process(
-        partition_key="cells-a",
-        asset_selection=[dg.AssetKey("raw_download")],
-        instance=platform.instance,
-    )
+    platform.download("cells-a")
     assert platform.to_rebuild() == ["cells-a"]
     rebuilt = platform.build("cells-a")
     assert rebuilt["raw_download"] != first["cells-a"]["raw_download"]
     assert rebuilt["cpia_mini"] != first["cells-a"]["cpia_mini"]
     assert platform.to_rebuild() == []
+
+
+def test_automation_rebuilds_changed_partitions_only(platform: Platform) -> None:
+    for key in ("cells-a", "cells-b"):
+        platform.build(key)
+    platform.automation_tick()  # the sensor's first tick
+    platform.download("cells-b")  # same files: same data version
+    assert platform.automation_tick() == {}
+    _cell(platform.sources / "a" / "cell-1.png", seed=77)
+    platform.download("cells-a")
+    downstream = PARTITIONED_ASSETS[1:]
+    assert platform.automation_tick() == {name: {"cells-a"} for name in downstream}
+    assert platform.automation_tick() == {}  # requested once, not again while it runs
+
+
+def test_automation_builds_a_new_catalog_entry(platform: Platform) -> None:
+    platform.build("cells-a")
+    platform.defs = build_definitions(
+        load_catalog(platform.sources / "one.yaml"), platform.sources / "data", workers=1
+    )
+    platform.automation_tick()
+    platform.defs = build_definitions(
+        load_catalog(platform.sources / "catalog.yaml"), platform.sources / "data", workers=1
+    )
+    assert platform.automation_tick() == {name: {"cells-b"} for name in PARTITIONED_ASSETS}
+
+
+def test_manifest_follows_its_partitions_at_most_once_per_tick(platform: Platform) -> None:
+    platform.automation_tick()
+    platform.build("cells-a")
+    assert MANIFEST_ASSET not in platform.automation_tick(minutes=1)  # 00:03, no cron tick
+    assert platform.automation_tick(minutes=10)[MANIFEST_ASSET] == {None}  # 00:13, after 00:10
+    platform.defs.resolve_job_def("refresh_manifest").execute_in_process(instance=platform.instance)
+    assert MANIFEST_ASSET not in platform.automation_tick(minutes=10)  # nothing new since
