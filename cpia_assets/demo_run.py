@@ -1,6 +1,8 @@
 """`make demo`: materialize the whole asset graph for every demo partition with the Dagster CLI.
 
 Runs go into a persistent DAGSTER_HOME under the data folder, so `make ui` shows their history.
+Only what the instance sees as missing or stale (Dagster's data and code versions) is launched,
+so a second `make demo` with nothing changed launches no run.
 Progress lines (per partition, per slide) are echoed; each run's full log is kept under logs/.
 """
 
@@ -11,16 +13,19 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import dagster as dg
 import polars as pl
 
 from cpia_assets.core.catalog import ALL_SCALES, load_catalog
 from cpia_assets.core.layout import DataLayout, default_data_dir
 from cpia_assets.core.manifest import count_tiles, markdown_table, open_manifest, table_i
 from cpia_assets.core.shards import MINI_VARIANT
-from cpia_assets.definitions import PARTITIONED_ASSETS
+from cpia_assets.definitions import MANIFEST_ASSET, PARTITIONED_ASSETS, build_definitions
 from cpia_assets.defs.instance import prepare_instance
+from cpia_assets.defs.versions import partitions_to_rebuild
 
 DEMO_TASK = "demo-roi-cells"  # labelled ROI set with train/val/test folders
 DEMO_PRETRAIN = {
@@ -32,6 +37,7 @@ DEMO_EVAL = {
     "epochs": 3, "batch_size": 8, "image_size": 64, "lr": 1e-3, "workers": 0,
     "baseline_model": "vit_tiny_patch16_224",
 }  # fmt: skip
+UP_TO_DATE = "up to date (no input, setting or code changed), not launched"
 SSL_PROGRESS = ("step ", "validation accuracy", "fine-tuning ")
 
 
@@ -44,17 +50,35 @@ def main() -> int:
     logs.mkdir(parents=True, exist_ok=True)
     print(f"CPIA demo: {len(catalog.keys)} sub-datasets, data in {layout.root}", flush=True)
     started = time.monotonic()
-    for index, key in enumerate(catalog.keys, 1):
-        print(f"[{index}/{len(catalog.keys)}] {key}: {', '.join(PARTITIONED_ASSETS)}", flush=True)
-        _materialize(",".join(PARTITIONED_ASSETS), logs / f"{key}.log", partition=key)
-    print("tile_manifest: loading manifest.duckdb", flush=True)
-    _materialize("tile_manifest", logs / "tile_manifest.log")
-    print(f"training_shards: {MINI_VARIANT} as WebDataset shards", flush=True)
-    _materialize("training_shards", logs / "training_shards.log", partition=MINI_VARIANT)
-    _print_summary(layout)
-    _pretrain_and_evaluate(layout, logs)
+    defs = build_definitions(catalog, layout.root)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+
+        def to_rebuild(assets: Sequence[str], partitions: Sequence[str] | None = None) -> list[str]:
+            return partitions_to_rebuild(instance, defs, assets, partitions)
+
+        stale = to_rebuild(PARTITIONED_ASSETS, catalog.keys)
+        for index, key in enumerate(catalog.keys, 1):
+            step = f"[{index}/{len(catalog.keys)}] {key}: {', '.join(PARTITIONED_ASSETS)}"
+            if key not in stale:
+                print(f"{step}: {UP_TO_DATE}", flush=True)
+                continue
+            print(step, flush=True)
+            _materialize(",".join(PARTITIONED_ASSETS), logs / f"{key}.log", partition=key)
+        if _announce("tile_manifest: loading manifest.duckdb", to_rebuild([MANIFEST_ASSET])):
+            _materialize(MANIFEST_ASSET, logs / "tile_manifest.log")
+        shards = f"training_shards: {MINI_VARIANT} as WebDataset shards"
+        if _announce(shards, to_rebuild(["training_shards"], [MINI_VARIANT])):
+            _materialize("training_shards", logs / "training_shards.log", partition=MINI_VARIANT)
+        _print_summary(layout)
+        _pretrain_and_evaluate(layout, logs, to_rebuild)
     print(f"Done in {time.monotonic() - started:.0f} s. Browse the runs: make ui", flush=True)
     return 0
+
+
+def _announce(step: str, stale: Sequence[str]) -> bool:
+    """Print the step; False (nothing to launch) when the instance sees it fresh."""
+    print(step if stale else f"{step}: {UP_TO_DATE}", flush=True)
+    return bool(stale)
 
 
 def _materialize(
@@ -87,17 +111,21 @@ def _materialize(
             raise SystemExit(f"materializing {selection} failed; full log: {log_path}")
 
 
-def _pretrain_and_evaluate(layout: DataLayout, logs: Path) -> None:
+def _pretrain_and_evaluate(
+    layout: DataLayout, logs: Path, to_rebuild: Callable[..., list[str]]
+) -> None:
     """One small MAE checkpoint (vit_tiny, CPU) pre-trained on the CPIA-Mini shards, and its
     fine-tuning on the labelled demo cells."""
     partition = f"{MINI_VARIANT}|mae"
-    print(f"ssl_checkpoint {partition}: MAE pre-training, vit_tiny on CPU", flush=True)
-    _materialize("ssl_checkpoint", logs / "ssl_checkpoint.log", partition, DEMO_PRETRAIN)
-    print("downstream_eval: fine-tuning on the labelled demo cells", flush=True)
-    tasks = {DEMO_TASK: str(layout.raw_dir(DEMO_TASK))}
-    _materialize(
-        "downstream_eval", logs / "downstream_eval.log", config=DEMO_EVAL | {"tasks": tasks}
-    )
+    step = f"ssl_checkpoint {partition}: MAE pre-training, vit_tiny on CPU"
+    if _announce(step, to_rebuild(["ssl_checkpoint"], [partition])):
+        _materialize("ssl_checkpoint", logs / "ssl_checkpoint.log", partition, DEMO_PRETRAIN)
+    step = "downstream_eval: fine-tuning on the labelled demo cells"
+    if _announce(step, to_rebuild(["downstream_eval"])):
+        tasks = {DEMO_TASK: str(layout.raw_dir(DEMO_TASK))}
+        _materialize(
+            "downstream_eval", logs / "downstream_eval.log", config=DEMO_EVAL | {"tasks": tasks}
+        )
     print(f"\n{'encoder':<28}{'test accuracy':>14}{'macro F1':>10}")
     for result in sorted((layout.ssl_eval_dir / DEMO_TASK).glob("*.json")):
         row = json.loads(result.read_text())
