@@ -16,7 +16,7 @@ from cpia_assets.core.catalog import Catalog, load_catalog
 from cpia_assets.core.layout import default_data_dir
 from cpia_assets.defs.assets.manifest import build_manifest_assets
 from cpia_assets.defs.assets.mini import build_cpia_mini, build_training_shards
-from cpia_assets.defs.assets.raw import build_raw_download
+from cpia_assets.defs.assets.raw import SOURCE_ASSET, build_raw_download, build_source_files
 from cpia_assets.defs.assets.ssl import build_ssl_assets
 from cpia_assets.defs.assets.standardize import build_standardized_wsi
 from cpia_assets.defs.assets.tiles import build_scale_tiles
@@ -28,10 +28,13 @@ from cpia_assets.defs.schedules import build_schedules
 
 PARTITIONED_ASSETS = ("raw_download", "standardized_wsi", "scale_tiles", "cpia_mini")
 MANIFEST_ASSET = "tile_manifest"
+AUTOMATED_ASSETS = (*PARTITIONED_ASSETS, MANIFEST_ASSET)
+OBSERVE_JOB = "observe_sources"
 
 
 def build_definitions(catalog: Catalog, data_dir: Path, *, workers: int = 0) -> dg.Definitions:
     partitions = subdataset_partitions(catalog)
+    source_files = build_source_files(partitions)
     tile_manifest, manifest_checks = build_manifest_assets()
     automated = with_automation(
         [
@@ -53,6 +56,11 @@ def build_definitions(catalog: Catalog, data_dir: Path, *, workers: int = 0) -> 
             "partition)."
         ),
     )
+    observe_job = dg.define_asset_job(
+        OBSERVE_JOB,
+        selection=[SOURCE_ASSET],
+        description="Observe every sub-dataset's catalog entry and local file listing.",
+    )
     manifest_job = dg.define_asset_job(
         "refresh_manifest",
         selection=["tile_manifest"],
@@ -60,14 +68,18 @@ def build_definitions(catalog: Catalog, data_dir: Path, *, workers: int = 0) -> 
     )
     return dg.Definitions(
         assets=[
+            source_files,
             *automated,
             manifest_checks,
             build_training_shards(),
             *build_ssl_assets(),
         ],
-        jobs=[subdatasets_job, manifest_job],
+        jobs=[subdatasets_job, manifest_job, observe_job],
         schedules=build_schedules(subdatasets_job, manifest_job),
-        sensors=[pool_watch, automation_sensor([*PARTITIONED_ASSETS, MANIFEST_ASSET])],
+        sensors=[
+            pool_watch,
+            automation_sensor([SOURCE_ASSET, *PARTITIONED_ASSETS, MANIFEST_ASSET]),
+        ],
         resources={
             "store": CpiaStore(data_dir=str(data_dir), catalog_path=str(catalog.path)),
             "workers": WorkerPool(workers=workers),

@@ -1,8 +1,9 @@
 """`make demo`: materialize the whole asset graph for every demo partition with the Dagster CLI.
 
 Runs go into a persistent DAGSTER_HOME under the data folder, so `make ui` shows their history.
-Only what the instance sees as missing or stale (Dagster's data and code versions) is launched,
-so a second `make demo` with nothing changed launches no run.
+The catalog entries and source listings are observed first (`source_files`); then only what the
+instance sees as missing or stale (Dagster's data and code versions) is launched, so a second
+`make demo` with nothing changed launches no run.
 Progress lines (per partition, per slide) are echoed; each run's full log is kept under logs/.
 """
 
@@ -23,7 +24,12 @@ from cpia_assets.core.catalog import ALL_SCALES, load_catalog
 from cpia_assets.core.layout import DataLayout, default_data_dir
 from cpia_assets.core.manifest import count_tiles, markdown_table, open_manifest, table_i
 from cpia_assets.core.shards import MINI_VARIANT
-from cpia_assets.definitions import MANIFEST_ASSET, PARTITIONED_ASSETS, build_definitions
+from cpia_assets.definitions import (
+    MANIFEST_ASSET,
+    OBSERVE_JOB,
+    PARTITIONED_ASSETS,
+    build_definitions,
+)
 from cpia_assets.defs.instance import prepare_instance
 from cpia_assets.defs.versions import partitions_to_rebuild
 
@@ -56,6 +62,7 @@ def main() -> int:
         def to_rebuild(assets: Sequence[str], partitions: Sequence[str] | None = None) -> list[str]:
             return partitions_to_rebuild(instance, defs, assets, partitions)
 
+        defs.resolve_job_def(OBSERVE_JOB).execute_in_process(instance=instance)
         stale = to_rebuild(PARTITIONED_ASSETS, catalog.keys)
         for index, key in enumerate(catalog.keys, 1):
             step = f"[{index}/{len(catalog.keys)}] {key}: {', '.join(PARTITIONED_ASSETS)}"

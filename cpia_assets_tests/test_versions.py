@@ -20,7 +20,14 @@ from cpia_assets.core.digests import files_digest, records_digest
 from cpia_assets.core.fsutil import write_parquet_atomic
 from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.mini import MiniSettings
-from cpia_assets.definitions import MANIFEST_ASSET, PARTITIONED_ASSETS, build_definitions
+from cpia_assets.definitions import (
+    AUTOMATED_ASSETS,
+    MANIFEST_ASSET,
+    OBSERVE_JOB,
+    PARTITIONED_ASSETS,
+    build_definitions,
+)
+from cpia_assets.defs.assets.raw import SOURCE_ASSET
 from cpia_assets.defs.versions import partitions_to_rebuild
 
 CATALOG = """\
@@ -89,9 +96,13 @@ class Platform:
             self.defs, self.instance, evaluation_time=self.clock, cursor=self.cursor
         )
         self.cursor = result.cursor
-        names = [*PARTITIONED_ASSETS, MANIFEST_ASSET]
+        names = [SOURCE_ASSET, *AUTOMATED_ASSETS]
         requested = {name: result.get_requested_partitions(dg.AssetKey(name)) for name in names}
         return {name: keys for name, keys in requested.items() if keys}
+
+    def observe(self) -> None:
+        job = self.defs.resolve_job_def(OBSERVE_JOB)
+        assert job.execute_in_process(instance=self.instance).success
 
     def download(self, key: str) -> None:
         self.defs.resolve_implicit_global_asset_job_def().execute_in_process(
@@ -136,8 +147,11 @@ def platform(tmp_path: Path):
 
 
 def test_unchanged_rerun_keeps_data_versions_and_nothing_is_stale(platform: Platform) -> None:
+    platform.observe()
     assert platform.to_rebuild() == ["cells-a", "cells-b"]  # never materialized
     first = {key: platform.build(key) for key in ("cells-a", "cells-b")}
+    assert platform.to_rebuild() == []
+    platform.observe()
     assert platform.to_rebuild() == []
     assert platform.build("cells-a") == first["cells-a"]
     assert first["cells-a"]["raw_download"] != first["cells-b"]["raw_download"]
@@ -145,9 +159,11 @@ def test_unchanged_rerun_keeps_data_versions_and_nothing_is_stale(platform: Plat
 
 
 def test_changed_source_file_makes_only_its_partition_stale(platform: Platform) -> None:
+    platform.observe()
     first = {key: platform.build(key) for key in ("cells-a", "cells-b")}
     _cell(platform.sources / "a" / "cell-0.png", seed=99)
-    platform.download("cells-a")
+    assert platform.to_rebuild() == []  # not observed yet
+    platform.observe()
     assert platform.to_rebuild() == ["cells-a"]
     rebuilt = platform.build("cells-a")
     assert rebuilt["raw_download"] != first["cells-a"]["raw_download"]
@@ -155,35 +171,56 @@ def test_changed_source_file_makes_only_its_partition_stale(platform: Platform) 
     assert platform.to_rebuild() == []
 
 
+def test_changed_catalog_entry_makes_only_its_partition_stale(platform: Platform) -> None:
+    platform.observe()
+    for key in ("cells-a", "cells-b"):
+        platform.build(key)
+    changed = CATALOG.replace(
+        "scale: S\n  source: {type: local, path: b", "scale: M\n  source: {type: local, path: b"
+    )
+    (platform.sources / "catalog.yaml").write_text(changed)
+    platform.defs = build_definitions(
+        load_catalog(platform.sources / "catalog.yaml"), platform.sources / "data", workers=1
+    )
+    platform.observe()
+    assert platform.to_rebuild() == ["cells-b"]
+
+
 def test_automation_rebuilds_changed_partitions_only(platform: Platform) -> None:
+    platform.observe()
     for key in ("cells-a", "cells-b"):
         platform.build(key)
     platform.automation_tick()  # the sensor's first tick
+    platform.observe()  # nothing changed: same versions
     platform.download("cells-b")  # same files: same data version
     assert platform.automation_tick() == {}
     _cell(platform.sources / "a" / "cell-1.png", seed=77)
-    platform.download("cells-a")
-    downstream = PARTITIONED_ASSETS[1:]
-    assert platform.automation_tick() == {name: {"cells-a"} for name in downstream}
+    platform.observe()
+    assert platform.automation_tick() == {name: {"cells-a"} for name in PARTITIONED_ASSETS}
     assert platform.automation_tick() == {}  # requested once, not again while it runs
 
 
 def test_automation_builds_a_new_catalog_entry(platform: Platform) -> None:
-    platform.build("cells-a")
     platform.defs = build_definitions(
         load_catalog(platform.sources / "one.yaml"), platform.sources / "data", workers=1
     )
+    platform.observe()
+    platform.build("cells-a")
     platform.automation_tick()
     platform.defs = build_definitions(
         load_catalog(platform.sources / "catalog.yaml"), platform.sources / "data", workers=1
     )
+    assert platform.automation_tick() == {SOURCE_ASSET: {"cells-b"}}  # observe it first
+    platform.observe()
     assert platform.automation_tick() == {name: {"cells-b"} for name in PARTITIONED_ASSETS}
 
 
-def test_manifest_follows_its_partitions_at_most_once_per_tick(platform: Platform) -> None:
+def test_sources_are_observed_and_manifest_follows_its_partitions(platform: Platform) -> None:
+    platform.observe()
     platform.automation_tick()
     platform.build("cells-a")
-    assert MANIFEST_ASSET not in platform.automation_tick(minutes=1)  # 00:03, no cron tick
-    assert platform.automation_tick(minutes=10)[MANIFEST_ASSET] == {None}  # 00:13, after 00:10
+    assert platform.automation_tick(minutes=1) == {}  # 00:03, no cron tick
+    ticked = platform.automation_tick(minutes=10)  # 00:13, after the 00:10 tick
+    assert ticked == {SOURCE_ASSET: {"cells-a", "cells-b"}, MANIFEST_ASSET: {None}}
     platform.defs.resolve_job_def("refresh_manifest").execute_in_process(instance=platform.instance)
     assert MANIFEST_ASSET not in platform.automation_tick(minutes=10)  # nothing new since

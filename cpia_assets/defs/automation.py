@@ -1,7 +1,9 @@
 """Declarative automation: what the `cpia_automation` sensor materializes by itself.
 
+- `source_files` (each entry and local file listing) is observed every `SOURCE_CRON` tick.
 - Per sub-dataset (`raw_download` ... `cpia_mini`): a partition that is new (a catalog entry
-  added), whose code version changed, or one of whose inputs got a new *data version* is built.
+  added), whose code version changed, or one of whose inputs got a new *data version* (for
+  `raw_download`: a changed catalog entry or source file listing) is built.
   Unlike `AutomationCondition.eager()`, an upstream rerun that produced the same records (the
   same data version) launches nothing.
 - `tile_manifest` follows its partitions, debounced: at most once per `MANIFEST_CRON` tick, when
@@ -23,6 +25,16 @@ import dagster as dg
 AutomationCondition = dg.AutomationCondition
 SENSOR_NAME = "cpia_automation"
 MANIFEST_CRON = "*/10 * * * *"
+SOURCE_CRON = "*/10 * * * *"
+
+
+def observe_sources(cron: str = SOURCE_CRON) -> dg.AutomationCondition:
+    """Observe `source_files` when never observed, then at every cron tick (a cheap listing)."""
+    return (
+        (AutomationCondition.missing() | AutomationCondition.cron_tick_passed(cron))
+        .since_last_handled()
+        .with_label(f"observe when unobserved and on {cron}")
+    )
 
 
 def rebuild_on_change() -> dg.AutomationCondition:

@@ -1,4 +1,5 @@
-"""raw_download: a sub-dataset's source files on disk, verified, with a per-file record."""
+"""source_files (an observed view of each sub-dataset's catalog entry and local files) and
+raw_download: a sub-dataset's source files on disk, verified, with a per-file record."""
 
 import dagster as dg
 
@@ -10,6 +11,8 @@ from cpia_assets.core.downloads import (
     fetch_source,
     source_data_version,
 )
+from cpia_assets.core.source_versions import source_version
+from cpia_assets.defs.automation import observe_sources
 from cpia_assets.defs.instance import DOWNLOADS_POOL
 from cpia_assets.defs.records import (
     config_class,
@@ -22,6 +25,7 @@ from cpia_assets.defs.records import (
 from cpia_assets.defs.resources import CpiaStore
 
 DownloadConfig = config_class(DownloadSettings, "DownloadConfig")
+SOURCE_ASSET = "source_files"
 
 
 def about_metadata(entry: SubDataset) -> dict[str, str | dg.MetadataValue]:
@@ -42,9 +46,38 @@ def about_metadata(entry: SubDataset) -> dict[str, str | dg.MetadataValue]:
     }
 
 
+def build_source_files(partitions: dg.PartitionsDefinition) -> dg.SourceAsset:
+    @dg.observable_source_asset(
+        name=SOURCE_ASSET,
+        partitions_def=partitions,
+        group_name="ingest",
+        required_resource_keys={"store"},
+        automation_condition=observe_sources(),
+        description=(
+            "What each sub-dataset's inputs look like before anything is fetched: its catalog "
+            "entry and, for `local` and `manual` sources, the listing of its files (names, sizes, "
+            "modification times). Observing it (the automation does, every 10 minutes; `make "
+            "demo` before it builds; *Observe sources* in the UI) marks `raw_download` stale "
+            "in exactly the partitions whose entry or files changed."
+        ),
+    )
+    def source_files(context: dg.OpExecutionContext) -> dg.DataVersionsByPartition:
+        store: CpiaStore = context.resources.store
+        catalog = store.catalog()
+        return dg.DataVersionsByPartition(
+            {
+                key: source_version(catalog.get(key), store.layout.raw_dir(key))[:16]
+                for key in catalog.keys
+            }
+        )
+
+    return source_files
+
+
 def build_raw_download(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
     @dg.asset(
         partitions_def=partitions,
+        deps=[SOURCE_ASSET],
         pool=DOWNLOADS_POOL,
         group_name="ingest",
         code_version="1",
