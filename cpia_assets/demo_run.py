@@ -62,7 +62,10 @@ def main() -> int:
         def to_rebuild(assets: Sequence[str], partitions: Sequence[str] | None = None) -> list[str]:
             return partitions_to_rebuild(instance, defs, assets, partitions)
 
-        defs.resolve_job_def(OBSERVE_JOB).execute_in_process(instance=instance)
+        defs.resolve_job_def(OBSERVE_JOB).execute_in_process(
+            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+            instance=instance,
+        )
         stale = to_rebuild(PARTITIONED_ASSETS, catalog.keys)
         for index, key in enumerate(catalog.keys, 1):
             step = f"[{index}/{len(catalog.keys)}] {key}: {', '.join(PARTITIONED_ASSETS)}"

@@ -1,6 +1,8 @@
 """source_files (an observed view of each sub-dataset's catalog entry and local files) and
 raw_download: a sub-dataset's source files on disk, verified, with a per-file record."""
 
+import warnings
+
 import dagster as dg
 
 from cpia_assets.core import schema
@@ -47,29 +49,35 @@ def about_metadata(entry: SubDataset) -> dict[str, str | dg.MetadataValue]:
 
 
 def build_source_files(partitions: dg.PartitionsDefinition) -> dg.SourceAsset:
-    @dg.observable_source_asset(
-        name=SOURCE_ASSET,
-        partitions_def=partitions,
-        group_name="ingest",
-        required_resource_keys={"store"},
-        automation_condition=observe_sources(),
-        description=(
-            "What each sub-dataset's inputs look like before anything is fetched: its catalog "
-            "entry and, for `local` and `manual` sources, the listing of its files (names, sizes, "
-            "modification times). Observing it (the automation does, every 10 minutes; `make "
-            "demo` before it builds; *Observe sources* in the UI) marks `raw_download` stale "
-            "in exactly the partitions whose entry or files changed."
-        ),
-    )
-    def source_files(context: dg.OpExecutionContext) -> dg.DataVersionsByPartition:
-        store: CpiaStore = context.resources.store
-        catalog = store.catalog()
-        return dg.DataVersionsByPartition(
-            {
+    """(Partitioned observable sources are a beta API in Dagster 1.13: its warnings are silenced
+    here and in the observation, so that loading the definitions stays quiet.)"""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.BetaWarning)
+
+        @dg.observable_source_asset(
+            name=SOURCE_ASSET,
+            partitions_def=partitions,
+            group_name="ingest",
+            required_resource_keys={"store"},
+            automation_condition=observe_sources(),
+            description=(
+                "What each sub-dataset's inputs look like before anything is fetched: its "
+                "catalog entry and, for `local` and `manual` sources, the listing of its files "
+                "(names, sizes, modification times). Observing it (the automation does, every "
+                "10 minutes; `make demo` before it builds; *Observe sources* in the UI) marks "
+                "`raw_download` stale in exactly the partitions whose entry or files changed."
+            ),
+        )
+        def source_files(context: dg.OpExecutionContext) -> dg.DataVersionsByPartition:
+            store: CpiaStore = context.resources.store
+            catalog = store.catalog()
+            versions = {
                 key: source_version(catalog.get(key), store.layout.raw_dir(key))[:16]
                 for key in catalog.keys
             }
-        )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", dg.BetaWarning)
+                return dg.DataVersionsByPartition(versions)
 
     return source_files
 
