@@ -32,7 +32,9 @@ AUTOMATED_ASSETS = (*PARTITIONED_ASSETS, MANIFEST_ASSET)
 OBSERVE_JOB = "observe_sources"
 
 
-def build_definitions(catalog: Catalog, data_dir: Path, *, workers: int = 0) -> dg.Definitions:
+def build_definitions(
+    catalog: Catalog, data_dir: Path, *, workers: int = 0, dask_scheduler: str | None = None
+) -> dg.Definitions:
     partitions = subdataset_partitions(catalog)
     source_files = build_source_files(partitions)
     tile_manifest, manifest_checks = build_manifest_assets()
@@ -82,7 +84,7 @@ def build_definitions(catalog: Catalog, data_dir: Path, *, workers: int = 0) -> 
         ],
         resources={
             "store": CpiaStore(data_dir=str(data_dir), catalog_path=str(catalog.path)),
-            "workers": WorkerPool(workers=workers),
+            "workers": WorkerPool(workers=workers, dask_scheduler=dask_scheduler),
             "pipes_subprocess_client": dg.PipesSubprocessClient(),
         },
     )
@@ -90,7 +92,9 @@ def build_definitions(catalog: Catalog, data_dir: Path, *, workers: int = 0) -> 
 
 @dg.definitions
 def defs() -> dg.Definitions:
-    workers = int(os.environ.get("CPIA_WORKERS", "0"))
     return build_definitions(
-        load_catalog(os.environ.get("CPIA_CATALOG")), default_data_dir(), workers=workers
+        load_catalog(os.environ.get("CPIA_CATALOG")),
+        default_data_dir(),
+        workers=int(os.environ.get("CPIA_WORKERS", "0")),
+        dask_scheduler=os.environ.get("CPIA_DASK_SCHEDULER") or None,
     )
