@@ -130,9 +130,13 @@ def _pretrain_and_evaluate(
     step = f"ssl_checkpoint {partition}: MAE pre-training, vit_tiny on CPU"
     if _announce(step, to_rebuild(["ssl_checkpoint"], [partition])):
         _materialize("ssl_checkpoint", logs / "ssl_checkpoint.log", partition, DEMO_PRETRAIN)
+    task_dir = layout.raw_dir(DEMO_TASK)
+    if not task_dir.is_dir():
+        print(f"downstream_eval: skipped, this catalog has no labelled task {DEMO_TASK!r}")
+        return
     step = "downstream_eval: fine-tuning on the labelled demo cells"
     if _announce(step, to_rebuild(["downstream_eval"])):
-        tasks = {DEMO_TASK: str(layout.raw_dir(DEMO_TASK))}
+        tasks = {DEMO_TASK: str(task_dir)}
         _materialize(
             "downstream_eval", logs / "downstream_eval.log", config=DEMO_EVAL | {"tasks": tasks}
         )
