@@ -30,8 +30,9 @@ def test_dask_cluster_gives_the_local_pool_results_byte_for_byte(
     on_dask = build_partition(
         small_catalog_path, tmp_path / "dask", KEY, dask_scheduler=cluster.scheduler_address
     )
-    tiles = on_dask.asset_materializations_for_node("scale_tiles")[0].metadata["images"].value
-    assert tiles > 0
+    metadata = on_dask.asset_materializations_for_node("scale_tiles")[0].metadata
+    assert metadata["images"].value > 0
+    assert "XL kept" in metadata["slide_thumbnails"].value  # the UI's per-slide thumbnails
     local_files = output_files(tmp_path / "local")
     assert any(name.startswith("cpia/M/") for name in local_files)
     assert output_files(tmp_path / "dask") == local_files
