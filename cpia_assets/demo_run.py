@@ -57,10 +57,11 @@ def main() -> int:
     print(f"CPIA demo: {len(catalog.keys)} sub-datasets, data in {layout.root}", flush=True)
     started = time.monotonic()
     defs = build_definitions(catalog, layout.root)
+    graph = defs.resolve_asset_graph()
     with dg.DagsterInstance.from_config(str(home)) as instance:
 
         def to_rebuild(assets: Sequence[str], partitions: Sequence[str] | None = None) -> list[str]:
-            return partitions_to_rebuild(instance, defs, assets, partitions)
+            return partitions_to_rebuild(instance, graph, assets, partitions)
 
         defs.resolve_job_def(OBSERVE_JOB).execute_in_process(
             run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},

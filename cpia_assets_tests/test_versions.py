@@ -123,7 +123,10 @@ class Platform:
 
     def to_rebuild(self) -> list[str]:
         return partitions_to_rebuild(
-            self.instance, self.defs, PARTITIONED_ASSETS, ["cells-a", "cells-b"]
+            self.instance,
+            self.defs.resolve_asset_graph(),
+            PARTITIONED_ASSETS,
+            ["cells-a", "cells-b"],
         )
 
 
@@ -224,3 +227,23 @@ def test_sources_are_observed_and_manifest_follows_its_partitions(platform: Plat
     assert ticked == {SOURCE_ASSET: {"cells-a", "cells-b"}, MANIFEST_ASSET: {None}}
     platform.defs.resolve_job_def("refresh_manifest").execute_in_process(instance=platform.instance)
     assert MANIFEST_ASSET not in platform.automation_tick(minutes=10)  # nothing new since
+
+
+def test_manifest_schedule_runs_only_when_a_partition_changed(platform: Platform) -> None:
+    schedule = platform.defs.resolve_schedule_def("manifest_refresh")
+
+    def tick() -> list[dg.RunRequest]:
+        with dg.build_schedule_context(
+            instance=platform.instance, repository_def=platform.defs.get_repository_def()
+        ) as context:
+            return list(schedule.evaluate_tick(context).run_requests or [])
+
+    platform.observe()
+    platform.build("cells-a")
+    assert len(tick()) == 1  # never loaded
+    platform.defs.resolve_job_def("refresh_manifest").execute_in_process(instance=platform.instance)
+    assert tick() == []  # up to date: skipped
+    _cell(platform.sources / "a" / "cell-0.png", seed=42)
+    platform.observe()
+    platform.build("cells-a")
+    assert len(tick()) == 1

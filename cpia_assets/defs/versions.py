@@ -9,6 +9,7 @@ from pathlib import Path
 
 import dagster as dg
 from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView
+from dagster._core.definitions.assets.graph.base_asset_graph import BaseAssetGraph
 from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
 from dagster._core.definitions.temporal_context import TemporalContext
 from dagster._time import get_current_datetime
@@ -40,14 +41,14 @@ def content_data_version(content: object) -> dg.DataVersion:
 
 def partitions_to_rebuild(
     instance: dg.DagsterInstance,
-    defs: dg.Definitions,
+    graph: BaseAssetGraph,
     assets: Sequence[str],
     partition_keys: Sequence[str] | None = None,
 ) -> list[str]:
     """The partitions in which one of `assets` is missing or stale (new code version, changed
     upstream data version): what the UI marks, and what a rebuild must launch. Unpartitioned
-    assets: `[""]` when one of them needs a rebuild, else `[]`."""
-    graph = defs.resolve_asset_graph()
+    assets: `[""]` when one of them needs a rebuild, else `[]`. `graph`: the definitions' asset
+    graph (`defs.resolve_asset_graph()`, or a schedule context's `repository_def.asset_graph`)."""
     view = AssetGraphView(
         temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
         instance=instance,
