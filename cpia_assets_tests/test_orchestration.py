@@ -1,6 +1,7 @@
-"""Real runs on a temporary instance as a user makes them: a backfill under `dagster-daemon`
-(run queue, pools, backfill tags, the README's commands), and four partition runs plus the
-manifest started at once from the CLI."""
+"""A real backfill under `dagster-daemon` on a temporary instance: the run queue, pools and
+backfill tags as a user gets them with `make ui` or the README's commands. (Four partition runs
+and the manifest at once from the CLI: `test_manifest.py`,
+`test_partition_runs_beside_manifest_runs_lose_nothing`.)"""
 
 from __future__ import annotations
 
@@ -18,8 +19,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cpia_assets.core.layout import DataLayout
-from cpia_assets.core.manifest import open_manifest
 from cpia_assets.definitions import PARTITIONED_ASSETS
 from cpia_assets.defs.automation import SENSOR_NAME
 from cpia_assets.defs.instance import prepare_instance
@@ -147,28 +146,3 @@ def _pids(instance: dg.DagsterInstance, run_id: str, event: dg.DagsterEventType)
         for entry in instance.all_logs(run_id, of_type=event)
         if entry.dagster_event is not None
     }
-
-
-def test_four_partitions_and_the_manifest_at_once_all_succeed(
-    platform_env: dict[str, str],
-) -> None:
-    """Separate CLI processes on one instance: no SQLite or DuckDB lock error, and the manifest
-    run afterwards holds every partition."""
-    materialize = [sys.executable, "-m", "dagster", "asset", "materialize", *MODULE, "--select"]
-    commands = [[*materialize, ",".join(PARTITIONED_ASSETS), "--partition", key] for key in KEYS]
-    commands.append([*materialize, "tile_manifest"])
-    processes = [
-        subprocess.Popen(command, env=platform_env, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
-        for command in commands
-    ]  # fmt: skip
-    outputs = [process.communicate(timeout=600)[0] for process in processes]
-    for command, process, output in zip(commands, processes, outputs, strict=True):
-        assert process.returncode == 0, f"{command[-1]}: {output[-3000:]}"
-        assert "database is locked" not in output
-        assert "Could not set lock" not in output
-    _dagster(platform_env, "asset", "materialize", *MODULE, "--select", "tile_manifest")
-    layout = DataLayout(Path(platform_env["CPIA_DATA_DIR"]))
-    with open_manifest(layout) as con:
-        keys = {row[0] for row in con.execute("SELECT DISTINCT subdataset FROM tiles").fetchall()}
-    assert keys == set(KEYS)
