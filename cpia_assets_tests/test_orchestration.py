@@ -23,7 +23,7 @@ from cpia_assets.definitions import PARTITIONED_ASSETS
 from cpia_assets.defs.automation import SENSOR_NAME
 from cpia_assets.defs.instance import prepare_instance
 
-KEYS = ("cells-a", "cells-b", "cells-c", "cells-d")
+KEYS = ("cells-a", "cells-b", "cells-c")
 MAX_RUNS = 2
 BIN = Path(sys.executable).parent
 MODULE = ["-m", "cpia_assets.definitions"]
