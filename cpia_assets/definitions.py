@@ -16,26 +16,39 @@ from cpia_assets.core.catalog import Catalog, load_catalog
 from cpia_assets.core.layout import DataLayout, default_data_dir
 from cpia_assets.defs.assets.manifest import build_manifest_assets
 from cpia_assets.defs.assets.mini import build_cpia_mini, build_training_shards
-from cpia_assets.defs.assets.raw import build_raw_download
+from cpia_assets.defs.assets.raw import SOURCE_ASSET, build_raw_download, build_source_files
 from cpia_assets.defs.assets.ssl import build_ssl_assets
 from cpia_assets.defs.assets.standardize import build_standardized_wsi
 from cpia_assets.defs.assets.tiles import build_scale_tiles
+from cpia_assets.defs.automation import automation_sensor, with_automation
 from cpia_assets.defs.partitions import subdataset_partitions
 from cpia_assets.defs.pools import pool_reporting_executor, pool_watch
 from cpia_assets.defs.resources import CpiaStore, WorkerPool
 from cpia_assets.defs.schedules import build_schedules
 
 PARTITIONED_ASSETS = ("raw_download", "standardized_wsi", "scale_tiles", "cpia_mini")
+MANIFEST_ASSET = "tile_manifest"
+AUTOMATED_ASSETS = (*PARTITIONED_ASSETS, MANIFEST_ASSET)
+OBSERVE_JOB = "observe_sources"
 
 
-def build_definitions(catalog: Catalog, data_dir: Path, *, workers: int = 0) -> dg.Definitions:
+def build_definitions(
+    catalog: Catalog, data_dir: Path, *, workers: int = 0, dask_scheduler: str | None = None
+) -> dg.Definitions:
     partitions = subdataset_partitions(catalog)
-    partitioned = [
-        build_raw_download(partitions),
-        build_standardized_wsi(partitions),
-        build_scale_tiles(partitions),
-        build_cpia_mini(partitions),
-    ]
+    source_files = build_source_files(partitions)
+    tile_manifest, manifest_checks = build_manifest_assets()
+    automated = with_automation(
+        [
+            build_raw_download(partitions),
+            build_standardized_wsi(partitions),
+            build_scale_tiles(partitions),
+            build_cpia_mini(partitions),
+            tile_manifest,
+        ],
+        partitioned=PARTITIONED_ASSETS,
+        aggregate=MANIFEST_ASSET,
+    )
     subdatasets_job = dg.define_asset_job(
         "build_subdatasets",
         selection=list(PARTITIONED_ASSETS),
@@ -45,6 +58,11 @@ def build_definitions(catalog: Catalog, data_dir: Path, *, workers: int = 0) -> 
             "partition)."
         ),
     )
+    observe_job = dg.define_asset_job(
+        OBSERVE_JOB,
+        selection=[SOURCE_ASSET],
+        description="Observe every sub-dataset's catalog entry and local file listing.",
+    )
     manifest_job = dg.define_asset_job(
         "refresh_manifest",
         selection=["tile_manifest"],
@@ -52,18 +70,22 @@ def build_definitions(catalog: Catalog, data_dir: Path, *, workers: int = 0) -> 
     )
     return dg.Definitions(
         assets=[
-            *partitioned,
-            *build_manifest_assets(),
+            source_files,
+            *automated,
+            manifest_checks,
             build_training_shards(),
             *build_ssl_assets(),
         ],
-        jobs=[subdatasets_job, manifest_job],
+        jobs=[subdatasets_job, manifest_job, observe_job],
         schedules=build_schedules(subdatasets_job, manifest_job),
-        sensors=[pool_watch],
+        sensors=[
+            pool_watch,
+            automation_sensor([SOURCE_ASSET, *PARTITIONED_ASSETS, MANIFEST_ASSET]),
+        ],
         executor=pool_reporting_executor,
         resources={
             "store": CpiaStore(data_dir=str(data_dir), catalog_path=str(catalog.path)),
-            "workers": WorkerPool(workers=workers),
+            "workers": WorkerPool(workers=workers, dask_scheduler=dask_scheduler),
             "pipes_subprocess_client": dg.PipesSubprocessClient(),
         },
     )
@@ -71,9 +93,13 @@ def build_definitions(catalog: Catalog, data_dir: Path, *, workers: int = 0) -> 
 
 @dg.definitions
 def defs() -> dg.Definitions:
-    workers = int(os.environ.get("CPIA_WORKERS", "0"))
     data_dir = default_data_dir()
     catalog = load_catalog(
         os.environ.get("CPIA_CATALOG"), cache_dir=DataLayout(data_dir).catalog_cache_dir
     )
-    return build_definitions(catalog, data_dir, workers=workers)
+    return build_definitions(
+        catalog,
+        data_dir,
+        workers=int(os.environ.get("CPIA_WORKERS", "0")),
+        dask_scheduler=os.environ.get("CPIA_DASK_SCHEDULER") or None,
+    )

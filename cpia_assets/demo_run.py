@@ -1,6 +1,9 @@
 """`make demo`: materialize the whole asset graph for every demo partition with the Dagster CLI.
 
 Runs go into a persistent DAGSTER_HOME under the data folder, so `make ui` shows their history.
+The catalog entries and source listings are observed first (`source_files`); then only what the
+instance sees as missing or stale (Dagster's data and code versions) is launched, so a second
+`make demo` with nothing changed launches no run.
 Progress lines (per partition, per slide) are echoed; each run's full log is kept under logs/.
 """
 
@@ -11,16 +14,24 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import dagster as dg
 import polars as pl
 
 from cpia_assets.core.catalog import ALL_SCALES, Catalog, ParentFolderRule, load_catalog
 from cpia_assets.core.layout import DataLayout, default_data_dir
 from cpia_assets.core.manifest import count_tiles, markdown_table, open_manifest, table_i
 from cpia_assets.core.shards import MINI_VARIANT
-from cpia_assets.definitions import PARTITIONED_ASSETS
+from cpia_assets.definitions import (
+    MANIFEST_ASSET,
+    OBSERVE_JOB,
+    PARTITIONED_ASSETS,
+    build_definitions,
+)
 from cpia_assets.defs.instance import prepare_instance
+from cpia_assets.defs.versions import partitions_to_rebuild
 
 DEMO_PRETRAIN = {
     "model": "vit_tiny_patch16_224", "image_size": 64, "batch_size": 16, "steps": 20,
@@ -31,6 +42,7 @@ DEMO_EVAL = {
     "epochs": 3, "batch_size": 8, "image_size": 64, "lr": 1e-3, "workers": 0,
     "baseline_model": "vit_tiny_patch16_224",
 }  # fmt: skip
+UP_TO_DATE = "up to date (no input, setting or code changed), not launched"
 SSL_PROGRESS = ("step ", "validation accuracy", "fine-tuning ")
 
 
@@ -43,17 +55,40 @@ def main() -> int:
     logs.mkdir(parents=True, exist_ok=True)
     print(f"CPIA demo: {len(catalog.keys)} sub-datasets, data in {layout.root}", flush=True)
     started = time.monotonic()
-    for index, key in enumerate(catalog.keys, 1):
-        print(f"[{index}/{len(catalog.keys)}] {key}: {', '.join(PARTITIONED_ASSETS)}", flush=True)
-        _materialize(",".join(PARTITIONED_ASSETS), logs / f"{key}.log", partition=key)
-    print("tile_manifest: loading manifest.duckdb", flush=True)
-    _materialize("tile_manifest", logs / "tile_manifest.log")
-    print(f"training_shards: {MINI_VARIANT} as WebDataset shards", flush=True)
-    _materialize("training_shards", logs / "training_shards.log", partition=MINI_VARIANT)
-    _print_summary(layout)
-    _pretrain_and_evaluate(layout, logs, _evaluation_task(catalog))
+    defs = build_definitions(catalog, layout.root)
+    graph = defs.resolve_asset_graph()
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+
+        def to_rebuild(assets: Sequence[str], partitions: Sequence[str] | None = None) -> list[str]:
+            return partitions_to_rebuild(instance, graph, assets, partitions)
+
+        defs.resolve_job_def(OBSERVE_JOB).execute_in_process(
+            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+            instance=instance,
+        )
+        stale = to_rebuild(PARTITIONED_ASSETS, catalog.keys)
+        for index, key in enumerate(catalog.keys, 1):
+            step = f"[{index}/{len(catalog.keys)}] {key}: {', '.join(PARTITIONED_ASSETS)}"
+            if key not in stale:
+                print(f"{step}: {UP_TO_DATE}", flush=True)
+                continue
+            print(step, flush=True)
+            _materialize(",".join(PARTITIONED_ASSETS), logs / f"{key}.log", partition=key)
+        if _announce("tile_manifest: loading manifest.duckdb", to_rebuild([MANIFEST_ASSET])):
+            _materialize(MANIFEST_ASSET, logs / "tile_manifest.log")
+        shards = f"training_shards: {MINI_VARIANT} as WebDataset shards"
+        if _announce(shards, to_rebuild(["training_shards"], [MINI_VARIANT])):
+            _materialize("training_shards", logs / "training_shards.log", partition=MINI_VARIANT)
+        _print_summary(layout)
+        _pretrain_and_evaluate(layout, logs, to_rebuild, _evaluation_task(catalog))
     print(f"Done in {time.monotonic() - started:.0f} s. Browse the runs: make ui", flush=True)
     return 0
+
+
+def _announce(step: str, stale: Sequence[str]) -> bool:
+    """Print the step; False (nothing to launch) when the instance sees it fresh."""
+    print(step if stale else f"{step}: {UP_TO_DATE}", flush=True)
+    return bool(stale)
 
 
 def _materialize(
@@ -86,26 +121,33 @@ def _materialize(
             raise SystemExit(f"materializing {selection} failed; full log: {log_path}")
 
 
-def _evaluation_task(catalog: Catalog) -> str:
+def _evaluation_task(catalog: Catalog) -> str | None:
     """The first labelled ROI set whose split comes from its folders: an ImageFolder task with
-    train/val/test folders (the demo's blood cells)."""
+    train/val/test folders (the demo's blood cells); None when the catalog has none."""
     for entry in catalog.subdatasets:
         if entry.kind == "roi" and isinstance(entry.splits, ParentFolderRule):
             return entry.key
-    raise SystemExit(f"{catalog.path}: no labelled ROI set with split folders to evaluate on")
+    return None
 
 
-def _pretrain_and_evaluate(layout: DataLayout, logs: Path, task: str) -> None:
+def _pretrain_and_evaluate(
+    layout: DataLayout, logs: Path, to_rebuild: Callable[..., list[str]], task: str | None
+) -> None:
     """One small MAE checkpoint (vit_tiny, CPU) pre-trained on the CPIA-Mini shards, and its
     fine-tuning on the labelled demo cells."""
     partition = f"{MINI_VARIANT}|mae"
-    print(f"ssl_checkpoint {partition}: MAE pre-training, vit_tiny on CPU", flush=True)
-    _materialize("ssl_checkpoint", logs / "ssl_checkpoint.log", partition, DEMO_PRETRAIN)
-    print("downstream_eval: fine-tuning on the labelled demo cells", flush=True)
-    tasks = {task: str(layout.raw_dir(task))}
-    _materialize(
-        "downstream_eval", logs / "downstream_eval.log", config=DEMO_EVAL | {"tasks": tasks}
-    )
+    step = f"ssl_checkpoint {partition}: MAE pre-training, vit_tiny on CPU"
+    if _announce(step, to_rebuild(["ssl_checkpoint"], [partition])):
+        _materialize("ssl_checkpoint", logs / "ssl_checkpoint.log", partition, DEMO_PRETRAIN)
+    if task is None:
+        print("downstream_eval: skipped, the catalog has no labelled ROI set with split folders")
+        return
+    step = "downstream_eval: fine-tuning on the labelled demo cells"
+    if _announce(step, to_rebuild(["downstream_eval"])):
+        tasks = {task: str(layout.raw_dir(task))}
+        _materialize(
+            "downstream_eval", logs / "downstream_eval.log", config=DEMO_EVAL | {"tasks": tasks}
+        )
     print(f"\n{'encoder':<28}{'test accuracy':>14}{'macro F1':>10}")
     for result in sorted((layout.ssl_eval_dir / task).glob("*.json")):
         row = json.loads(result.read_text())

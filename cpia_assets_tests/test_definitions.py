@@ -13,7 +13,7 @@ from cpia_assets.core.catalog import load_catalog
 from cpia_assets.definitions import build_definitions
 
 EXPECTED_ASSETS = {
-    "raw_download", "standardized_wsi", "scale_tiles", "cpia_mini", "tile_manifest",
+    "source_files", "raw_download", "standardized_wsi", "scale_tiles", "cpia_mini", "tile_manifest",
     "training_shards", "ssl_checkpoint", "downstream_eval",
 }  # fmt: skip
 
@@ -30,6 +30,8 @@ def test_full_catalog_definitions_have_103_partitions(tmp_path: Path) -> None:
     assert "tcga-brca" in partitioned.get_partition_keys()
     assert defs.resolve_assets_def("tile_manifest").partitions_def is None
     assert {s.name for s in defs.schedules} == {"weekly_backfill", "manifest_refresh"}
+    automation = defs.resolve_sensor_def("cpia_automation")
+    assert automation.default_status == dg.DefaultSensorStatus.RUNNING
 
 
 def test_weekly_backfill_requests_one_run_per_partition(tmp_path: Path) -> None:

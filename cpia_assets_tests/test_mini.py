@@ -31,7 +31,8 @@ from cpia_assets.core.mini import (
 )
 from cpia_assets.core.schema import MiniReason
 from cpia_assets.core.shards import ShardSettings, export_shards, sample_key
-from cpia_assets.definitions import PARTITIONED_ASSETS, build_definitions
+from cpia_assets.definitions import OBSERVE_JOB, PARTITIONED_ASSETS, build_definitions
+from cpia_assets.demo_run import UP_TO_DATE
 
 EXCLUDED_SLIDE = "T20-0002"
 MINI_CONFIG = {
@@ -427,14 +428,29 @@ def test_changed_budget_rebuilds_only_partitions_whose_quota_changed(built) -> N
 
 
 def test_demo_builds_mini_and_its_shards(small_catalog_path: Path, tmp_path: Path) -> None:
-    """`make demo`'s driver, on the small catalog: Mini for every partition, then the shards."""
+    """`make demo`'s driver, on the small catalog: Mini for every partition, then the shards;
+    run again with nothing changed, it launches no run (only the source observation)."""
     env = {**os.environ, "CPIA_CATALOG": str(small_catalog_path), "CPIA_DATA_DIR": str(tmp_path),
            "DAGSTER_HOME": str(tmp_path / "home"), "CPIA_WORKERS": "1"}  # fmt: skip
-    run = subprocess.run(
-        [sys.executable, "-m", "cpia_assets.demo_run"],
-        env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    def demo() -> subprocess.CompletedProcess:
+        run = subprocess.run(
+            [sys.executable, "-m", "cpia_assets.demo_run"],
+            env=env, capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        return run
+
+    run = demo()
+    assert UP_TO_DATE not in run.stdout
+    with dg.DagsterInstance.from_config(str(tmp_path / "home")) as instance:
+        runs = len(instance.get_runs())
+        again = demo()
+        newest_first = instance.get_runs()
+    assert {run.job_name for run in newest_first[: len(newest_first) - runs]} == {OBSERVE_JOB}
+    steps = len(load_catalog(small_catalog_path).keys) + 3  # manifest, shards, ssl
+    assert "downstream_eval: skipped" in again.stdout  # no demo-roi-cells task here
+    assert again.stdout.count(UP_TO_DATE) == steps
     assert "Asset check 'mini_ratios' on 'tile_manifest' passed" in run.stdout
     assert "CPIA-Mini (384 px):" in run.stdout
     layout = DataLayout(tmp_path)

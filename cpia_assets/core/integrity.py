@@ -444,7 +444,7 @@ CHECKS = {
         "children than the spec allows (16 L, 100 M, 160 S; Mini 16, 32, 32)."
     ),
     "unique_names_per_folder": (
-        "No image name is used twice in one folder cpia/<L|M|S>/<sub-dataset>/."
+        "No image name is used twice in one folder `cpia/<L|M|S>/<sub-dataset>/`."
     ),
     "raw_files_accounted": (
         "Every raw file of a standardized partition ends as an output (standardized slide or "

@@ -1,6 +1,7 @@
 """Dagster instance settings the platform relies on: concurrency pools and run monitoring.
 
-Pools bound concurrency across runs: `duckdb` (limit 1) keeps tile_manifest and its checks the only
+The run queue bounds how many runs execute at once (`MAX_CONCURRENT_RUNS`); pools bound
+concurrency of steps across runs: `duckdb` (limit 1) keeps tile_manifest and its checks the only
 process with manifest.duckdb open; `downloads` bounds how many raw_download steps run at once;
 `gpu` (limit 1 per GPU host) keeps two trainings or evaluations off the same GPU.
 Run monitoring lets the daemon free the slots of ended runs; `pools.py` frees those of killed ones.
@@ -24,11 +25,22 @@ DOWNLOADS_POOL = "downloads"
 GPU_POOL = "gpu"
 POOL_LIMITS: Mapping[str, int] = {DUCKDB_POOL: 1, DOWNLOADS_POOL: 4, GPU_POOL: 1}
 
+MAX_CONCURRENT_RUNS = 4
 _HEADER = "# Written by cpia_assets (defs/instance.py)."
 INSTANCE_YAML = f"""\
 {_HEADER} A pool without an explicit limit gets 1; the
 # explicit limits (duckdb 1, downloads 4, gpu 1) are set with `dagster instance concurrency set`.
+# Runs launched by the UI, a backfill, a schedule or the automation wait in the run queue (the
+# daemon starts them, at most max_concurrent_runs at once); each run executes its steps in
+# separate processes. `dagster asset materialize` runs in the calling process, outside the queue.
+run_coordinator:
+  module: dagster._core.run_coordinator
+  class: QueuedRunCoordinator
+  config:
+    dequeue_interval_seconds: 2
 concurrency:
+  runs:
+    max_concurrent_runs: {{max_concurrent_runs}}
   pools:
     granularity: op
     default_limit: 1
@@ -61,13 +73,13 @@ def ensure_pool_limits(
             storage.set_concurrency_slots(pool, limit)
 
 
-def prepare_instance(home: Path) -> Path:
+def prepare_instance(home: Path, max_concurrent_runs: int = MAX_CONCURRENT_RUNS) -> Path:
     """Create DAGSTER_HOME with the platform's dagster.yaml (unless the user has their own: an
     earlier version of ours is brought up to date) and set the pool limits on that instance."""
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
     if not config.exists() or config.read_text().startswith(_HEADER):
-        config.write_text(INSTANCE_YAML)
+        config.write_text(INSTANCE_YAML.format(max_concurrent_runs=max_concurrent_runs))
     with dg.DagsterInstance.from_config(str(home)) as instance:
         ensure_pool_limits(instance)
     return config

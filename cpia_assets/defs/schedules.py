@@ -1,8 +1,11 @@
-"""Scheduled backfills: every partition re-run weekly (finished work is reused), manifest hourly."""
+"""Scheduled backfills: every partition re-run weekly (a full sweep; finished work is reused), the
+manifest hourly when a partition changed."""
 
 from __future__ import annotations
 
 import dagster as dg
+
+from cpia_assets.defs.versions import partitions_to_rebuild
 
 
 def build_schedules(
@@ -21,11 +24,17 @@ def build_schedules(
         stamp = context.scheduled_execution_time.strftime("%Y-%m-%d")
         return [dg.RunRequest(run_key=f"{stamp}:{key}", partition_key=key) for key in keys]
 
-    manifest_refresh = dg.ScheduleDefinition(
-        name="manifest_refresh",
+    @dg.schedule(
         job=manifest_job,
         cron_schedule="30 * * * *",
         default_status=dg.DefaultScheduleStatus.STOPPED,
-        description="Hourly load of changed partitions into manifest.duckdb (one writer).",
+        description="Hourly load of changed partitions into manifest.duckdb (one writer); no "
+        "run while the manifest is up to date with its partitions.",
     )
+    def manifest_refresh(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
+        graph = context.repository_def.asset_graph
+        if not partitions_to_rebuild(context.instance, graph, ["tile_manifest"]):
+            return dg.SkipReason("tile_manifest is up to date: no partition changed since its load")
+        return dg.RunRequest()
+
     return [weekly_backfill, manifest_refresh]

@@ -30,12 +30,13 @@ def build_manifest_assets() -> list[dg.AssetsDefinition | dg.AssetChecksDefiniti
         code_version="2",
         kinds={"duckdb", "parquet"},
         description=(
-            "manifest.duckdb: the per-partition Parquet records of every sub-dataset in tables "
-            "tiles, rejected_tiles, roi_images, slides, raw_files, failures, skipped, mini_images "
-            "and mini_selection (copied onto tiles.in_mini / mini_reason); views lineage "
-            "(image -> parent tiles -> standardized slide -> source file and sha256, with each "
-            "stage's run id and code version), table_i (the paper's Table I) and "
-            "built_vs_published (images per scale vs the paper's counts). Only files "
+            "`manifest.duckdb`: the per-partition Parquet records of every sub-dataset in tables "
+            "`tiles`, `rejected_tiles`, `roi_images`, `slides`, `raw_files`, `failures`, "
+            "`skipped`, `mini_images` and `mini_selection` (copied onto `tiles.in_mini` / "
+            "`mini_reason`); views `lineage` (image -> parent tiles -> standardized slide -> "
+            "source file and sha256, with each stage's run id and code version), `table_i` (the "
+            "paper's Table I) and `built_vs_published` (images per scale vs the paper's counts). "
+            "Only files "
             "changed since the last run are reloaded, in one transaction. Also draws a sample "
             "mosaic (the paper's Fig. 3) beside the database. Query it with `cpia` / "
             "`python -m cpia_assets`."

@@ -30,10 +30,12 @@ from cpia_assets.defs.records import (
     write_records,
 )
 from cpia_assets.defs.resources import CpiaStore, WorkerPool
+from cpia_assets.defs.versions import files_data_version, records_data_version
 
 MiniConfig = config_class(MiniSettings, "MiniConfig")
 ShardConfig = config_class(ShardSettings, "ShardConfig")
 PREVIEW_PER_SCALE = 6
+MINI_TABLES = ("mini_images", "mini_selection", "failures-cpia_mini")
 
 
 def build_cpia_mini(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
@@ -44,12 +46,12 @@ def build_cpia_mini(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         code_version="1",
         kinds={"python", "libvips", "parquet"},
         description=(
-            "CPIA-Mini of one sub-dataset under cpia-mini/{L,M,S}/<key>/, every image 384 px. "
+            "CPIA-Mini of one sub-dataset under `cpia-mini/{L,M,S}/<key>/`, every image 384 px. "
             "WSI: an XL quota from the Table I organ row's budget (capped per sub-dataset), XL "
             "tiles spread over the slides, with 16 L, 32 M and one S crop per M each (area "
             "filter when shrinking, Lanczos when enlarging). ROI: unlabelled sets whole, "
             "labelled sets' training split only. The exclusion rules keep evaluation data out. "
-            "Records: mini_images and mini_selection (in_mini and its reason per image)."
+            "Records: `mini_images` and `mini_selection` (`in_mini` and its reason per image)."
         ),
     )
     def cpia_mini(
@@ -85,7 +87,12 @@ def build_cpia_mini(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
                 f"no Mini image of {key!r} could be made",
                 metadata={"failures": dg.MetadataValue.md(failures_markdown(result.failures))},
             )
-        return dg.MaterializeResult(metadata=_mini_metadata(result, layout.root))
+        return dg.MaterializeResult(
+            metadata=_mini_metadata(result, layout.root),
+            data_version=records_data_version(
+                layout, key, MINI_TABLES, {"settings": settings, "quota": quota}
+            ),
+        )
 
     return cpia_mini
 
@@ -137,9 +144,9 @@ def build_training_shards() -> dg.AssetsDefinition:
         kinds={"python", "webdataset"},
         description=(
             "One data variant (cpia-mini, cpia, cpia-l, cpia-m, cpia-s) as WebDataset tar "
-            "shards under shards/<variant>/: <key>.jpg (original bytes) + <key>.json (sub-"
-            "dataset, organ, scale, label, split, source tile), shuffled across sub-datasets "
-            "with a fixed seed, plus index.json. Unchanged inputs write nothing."
+            "shards under `shards/<variant>/`: `<key>.jpg` (original bytes) + `<key>.json` "
+            "(sub-dataset, organ, scale, label, split, source tile), shuffled across "
+            "sub-datasets with a fixed seed, plus `index.json`. Unchanged inputs write nothing."
         ),
     )
     def training_shards(
@@ -155,18 +162,20 @@ def build_training_shards() -> dg.AssetsDefinition:
             context.log.warning(f"{variant}: no records yet for {', '.join(missing)}")
         if not sidecars:
             raise dg.Failure(f"{variant}: no images to export (partitions not built: {missing})")
+        settings = settings_from(config, ShardSettings)
         with workers.executor() as executor:
             result = export_shards(
                 sidecars,
                 variant=variant,
                 layout=layout,
-                settings=settings_from(config, ShardSettings),
+                settings=settings,
                 executor=executor,
                 progress=progress_logger(context),
             )
         for problem in result.failures:
             context.log.warning(problem["reason"])
         index = result.index
+        index_path = layout.shards_dir(variant) / "index.json"
         return dg.MaterializeResult(
             metadata={
                 "images": index["images"],
@@ -175,8 +184,9 @@ def build_training_shards() -> dg.AssetsDefinition:
                 "written": result.written,
                 "partitions_without_records": dg.MetadataValue.json(missing),
                 "failures": dg.MetadataValue.md(failures_markdown(result.failures)),
-                "index": dg.MetadataValue.path(str(layout.shards_dir(variant) / "index.json")),
-            }
+                "index": dg.MetadataValue.path(str(index_path)),
+            },
+            data_version=files_data_version([index_path], settings),
         )
 
     return training_shards

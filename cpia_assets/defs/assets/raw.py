@@ -1,4 +1,7 @@
-"""raw_download: a sub-dataset's source files on disk, verified, with a per-file record."""
+"""source_files (an observed view of each sub-dataset's catalog entry and local files) and
+raw_download: a sub-dataset's source files on disk, verified, with a per-file record."""
+
+import warnings
 
 import dagster as dg
 
@@ -10,6 +13,8 @@ from cpia_assets.core.downloads import (
     fetch_source,
     source_data_version,
 )
+from cpia_assets.core.source_versions import source_version
+from cpia_assets.defs.automation import observe_sources
 from cpia_assets.defs.instance import DOWNLOADS_POOL
 from cpia_assets.defs.records import (
     config_class,
@@ -22,6 +27,7 @@ from cpia_assets.defs.records import (
 from cpia_assets.defs.resources import CpiaStore
 
 DownloadConfig = config_class(DownloadSettings, "DownloadConfig")
+SOURCE_ASSET = "source_files"
 
 
 def about_metadata(entry: SubDataset) -> dict[str, str | dg.MetadataValue]:
@@ -42,15 +48,50 @@ def about_metadata(entry: SubDataset) -> dict[str, str | dg.MetadataValue]:
     }
 
 
+def build_source_files(partitions: dg.PartitionsDefinition) -> dg.SourceAsset:
+    """(Partitioned observable sources are a beta API in Dagster 1.13: its warnings are silenced
+    here and in the observation, so that loading the definitions stays quiet.)"""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.BetaWarning)
+
+        @dg.observable_source_asset(
+            name=SOURCE_ASSET,
+            partitions_def=partitions,
+            group_name="ingest",
+            required_resource_keys={"store"},
+            automation_condition=observe_sources(),
+            description=(
+                "What each sub-dataset's inputs look like before anything is fetched: its "
+                "catalog entry and, for `local` and `manual` sources, the listing of its files "
+                "(names, sizes, modification times). Observing it (the automation does, every "
+                "10 minutes; `make demo` before it builds; *Observe sources* in the UI) marks "
+                "`raw_download` stale in exactly the partitions whose entry or files changed."
+            ),
+        )
+        def source_files(context: dg.OpExecutionContext) -> dg.DataVersionsByPartition:
+            store: CpiaStore = context.resources.store
+            catalog = store.catalog()
+            versions = {
+                key: source_version(catalog.get(key), store.layout.raw_dir(key))[:16]
+                for key in catalog.keys
+            }
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", dg.BetaWarning)
+                return dg.DataVersionsByPartition(versions)
+
+    return source_files
+
+
 def build_raw_download(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
     @dg.asset(
         partitions_def=partitions,
+        deps=[SOURCE_ASSET],
         pool=DOWNLOADS_POOL,
         group_name="ingest",
         code_version="1",
         kinds={"python", "file"},
         description=(
-            "Source files of one sub-dataset under raw/<key>/, fetched per the catalog's source "
+            "Source files of one sub-dataset under `raw/<key>/`, fetched per the catalog's source "
             "spec (local, http, gdc, idc, zenodo, figshare, manual, synthetic), verified by "
             "checksum and size. A rerun fetches nothing already complete. The data version is a "
             "hash of the file records, so downstream partitions go stale only on real changes."

@@ -4,6 +4,7 @@ Dagster Pipes; torch is imported only there and inside downstream_eval's body.""
 
 import json
 import warnings
+from pathlib import Path
 
 import dagster as dg
 
@@ -24,6 +25,7 @@ from cpia_assets.core.variants import DATA_VARIANTS
 from cpia_assets.defs.instance import GPU_POOL
 from cpia_assets.defs.records import config_class, failures_markdown, settings_from
 from cpia_assets.defs.resources import CpiaStore
+from cpia_assets.defs.versions import content_data_version, files_data_version
 
 PretrainConfig = config_class(PretrainSettings, "PretrainConfig")
 FinetuneConfig = config_class(FinetuneSettings, "FinetuneConfig")
@@ -48,8 +50,8 @@ def build_ssl_assets() -> list[dg.AssetsDefinition]:
         description=(
             "Self-supervised pre-training of a timm ViT (MAE, MoCo-v3 or DINO) on one data variant "
             "as its own process (torchrun for several devices). Outputs under "
-            "ssl/checkpoints/<method>__<data>[__imagenet]/: encoder.pth (timm state dict), "
-            "Lightning checkpoints (a rerun resumes from the last), config.json, metrics."
+            "`ssl/checkpoints/<method>__<data>[__imagenet]/`: `encoder.pth` (timm state dict), "
+            "Lightning checkpoints (a rerun resumes from the last), `config.json`, metrics."
         ),
     )
     def ssl_checkpoint(
@@ -86,7 +88,8 @@ def build_ssl_assets() -> list[dg.AssetsDefinition]:
                 "training_data": dg.MetadataValue.path(str(source)),
                 "encoder": dg.MetadataValue.path(summary["encoder"]),
                 "config": dg.MetadataValue.path(str(out / JOB_FILE)),
-            }
+            },
+            data_version=files_data_version([Path(summary["encoder"])], settings),
         )
 
     @dg.asset(
@@ -127,7 +130,8 @@ def build_ssl_assets() -> list[dg.AssetsDefinition]:
                 "evaluated": len(rows) - evaluation.reused,
                 "reused_from_earlier_runs": evaluation.reused,
                 "failures": dg.MetadataValue.md(failures_markdown(failures)),
-            }
+            },
+            data_version=content_data_version({"results": rows, "settings": settings}),
         )
 
     return [ssl_checkpoint, downstream_eval]

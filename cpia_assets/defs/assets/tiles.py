@@ -9,6 +9,7 @@ from cpia_assets.core import schema
 from cpia_assets.core.catalog import ALL_SCALES
 from cpia_assets.core.integrity import xl_ratio_text
 from cpia_assets.core.stage import StageResult
+from cpia_assets.core.thumbnails import thumbnails_markdown
 from cpia_assets.core.tiling import (
     TilingSettings,
     rejection_counts,
@@ -91,6 +92,9 @@ def build_scale_tiles(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinitio
                 metadata[f"rejected_{test}"] = count
             metadata["reused_from_earlier_runs"] = result.reused
             metadata["failures"] = dg.MetadataValue.md(failures_markdown(result.failures))
+            # issue 11 (orchestration): per-slide thumbnails, kept XL outlined, rejected shaded
+            thumbnails = thumbnails_markdown(layout, result.records, result.rejected)
+            metadata["slide_thumbnails"] = dg.MetadataValue.md(thumbnails)
         return dg.MaterializeResult(metadata=metadata)
 
     return scale_tiles
