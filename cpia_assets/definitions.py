@@ -18,8 +18,7 @@ from cpia_assets.defs.assets.manifest import build_manifest_assets
 from cpia_assets.defs.assets.mini import build_cpia_mini, build_training_shards
 from cpia_assets.defs.assets.raw import build_raw_download
 from cpia_assets.defs.assets.ssl import build_ssl_assets
-from cpia_assets.defs.assets.standardize import build_standardized_wsi
-from cpia_assets.defs.assets.tiles import build_scale_tiles
+from cpia_assets.defs.assets.standardize import build_standardize_and_tile
 from cpia_assets.defs.partitions import subdataset_partitions
 from cpia_assets.defs.pools import pool_watch
 from cpia_assets.defs.resources import CpiaStore, WorkerPool
@@ -32,8 +31,7 @@ def build_definitions(catalog: Catalog, data_dir: Path, *, workers: int = 0) -> 
     partitions = subdataset_partitions(catalog)
     partitioned = [
         build_raw_download(partitions),
-        build_standardized_wsi(partitions),
-        build_scale_tiles(partitions),
+        build_standardize_and_tile(partitions),
         build_cpia_mini(partitions),
     ]
     subdatasets_job = dg.define_asset_job(
@@ -60,6 +58,10 @@ def build_definitions(catalog: Catalog, data_dir: Path, *, workers: int = 0) -> 
         jobs=[subdatasets_job, manifest_job],
         schedules=build_schedules(subdatasets_job, manifest_job),
         sensors=[pool_watch],
+        # Every run is a chain of steps (one partition's stages) whose per-slide work already
+        # runs in the `workers` pool: steps run in the run's process, sharing that pool,
+        # instead of paying a process start-up and a new pool each.
+        executor=dg.in_process_executor,
         resources={
             "store": CpiaStore(data_dir=str(data_dir), catalog_path=str(catalog.path)),
             "workers": WorkerPool(workers=workers),
