@@ -22,6 +22,7 @@ from cpia_assets.core.standardize import StandardizeSettings, standardize_partit
 from cpia_assets.core.tiling import TilingSettings, tile_partition
 from cpia_assets.definitions import build_definitions
 from cpia_assets_tests.slide_factory import TESTDATA, build_slide, tissue_only
+from cpia_assets_tests.small_disk import resize, tmpfs
 
 KEY = "wsi-fused"
 METRIC_TOLERANCE = {"mean_r": 2.0, "mean_g": 2.0, "mean_b": 2.0, "tissue_fraction": 0.02,
@@ -214,3 +215,29 @@ def test_the_multi_asset_fuses_both_and_runs_either_alone(catalog: Path, tmp_pat
                 again[asset].tags["dagster/data_version"]
                 == both[asset].tags["dagster/data_version"]
             )  # content-based: an identical rerun keeps its data version
+
+
+def test_disk_full_while_cutting_fails_the_run_and_a_rerun_with_room_completes(
+    catalog: Path, tmp_path: Path
+) -> None:
+    layout = DataLayout(tmp_path / "data")
+    defs = build_definitions(load_catalog(catalog), layout.root, workers=1)
+    selection = [dg.AssetKey("standardized_wsi"), dg.AssetKey("scale_tiles")]
+    with dg.instance_for_test() as instance:
+        _run(defs, instance, "raw_download")
+        job = defs.resolve_implicit_global_asset_job_def()
+        with tmpfs(layout.cpia_dir, "256k"):
+            failed = job.execute_in_process(
+                partition_key=KEY, asset_selection=selection, instance=instance,
+                raise_on_error=False,
+            )  # fmt: skip
+            assert not failed.success
+            (event,) = failed.get_step_failure_events()
+            error = event.step_failure_data.error
+            message = error.message + (error.cause.message if error.cause else "")
+            assert "disk full" in message and "No space left on device" in message
+            assert [p for p in layout.cpia_dir.rglob("*") if p.is_file()] == []
+            assert not layout.manifest_file(KEY, "tiles").exists()
+            resize(layout.cpia_dir, "64m")
+            both = _run(defs, instance, "standardized_wsi", "scale_tiles")
+            assert both["scale_tiles"].metadata["images"].value > 0
