@@ -18,6 +18,9 @@ Filters: area-style when shrinking, Lanczos-3 when enlarging.
   Pillow in row bands (`resample_rows`: Lanczos-3 across an enlarging axis, box across a
   shrinking one) and reach libvips as an uncompressed PNG stream (`_PngRowStream`).
 Levels that libvips cannot decode (OpenSlide-only formats) also arrive as a PNG row stream.
+When the tiles are cut in the same pass (`core/fused.py`), a `StripConsumer` sees the output
+pixels on their way into the TIFF: shrunk levels are then computed by libvips one strip of
+output rows at a time and reach `tiffsave` as a PNG row stream too.
 
 Streaming: libvips pulls source tiles on demand and writes the pyramid strip by strip; Pillow
 bands hold about `_BAND_BYTES` of source rows plus the filter margin. Memory therefore depends

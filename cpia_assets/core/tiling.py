@@ -20,7 +20,10 @@ standardized slide, e.g. `TCGA-A2-A0EY-01A-01-BSA-960-39-6`. Tiles keep their na
 
 Each XL region is decoded once; every smaller scale is cut from it in memory. Large tiles are
 JPEG-encoded by libvips and S tiles by Pillow (faster for small images; same libjpeg-turbo,
-quality and 4:2:0 chroma subsampling).
+quality and 4:2:0 chroma subsampling). Two sources of pixels, recorded per row in `cut_from`:
+the stored standardized TIFF (`tile_slide`, `standardized_tiff`) or, when standardized_wsi runs
+in the same pass, the resampled pixels on their way into that TIFF (`StripTiler`, `resampled`,
+see `core/fused.py`); both take the same decisions and write the same records.
 
 Per slide the work is atomic and resumable. Tiles are written to hidden staging folders
 (`cpia/<L|M|S>/<key>/.<stem>.tiles.tmp/`), then `manifests/<key>/parts/tiles/<stem>.parquet`
