@@ -44,6 +44,7 @@ import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -171,11 +172,17 @@ def tile_slide(
                 int(row * xl * fy) : max(int(row * xl * fy) + 1, int((row + 1) * xl * fy)),
                 int(column * xl * fx) : max(int(column * xl * fx) + 1, int((column + 1) * xl * fx)),
             ]
-            region = slide.crop(column * xl, row * xl, xl, xl)
+            region = partial(_decoded, slide.crop(column * xl, row * xl, xl, xl))
             candidates.extend(
                 _xl_candidates(footprint, region, (column, row), stem, out_dirs, settings)
             )
     return candidates
+
+
+def _decoded(region: pyvips.Image) -> tuple[pyvips.Image, np.ndarray]:
+    """`region` decoded once: as a libvips image in memory and as its pixels."""
+    region = region.copy_memory()
+    return region, region.numpy()
 
 
 class StripTiler:
@@ -210,15 +217,20 @@ class StripTiler:
         if len(strip) < xl:
             return  # the partial bottom row of XL tiles is not cut
         factor = _page_factor(self.size, self.settings.thumbnail_downsample)
-        image = pyvips.Image.new_from_array(strip)
+        image = pyvips.Image.new_from_array(strip)  # shares the strip's memory
         for column in range(strip.shape[1] // xl):
-            region = image.crop(column * xl, 0, xl, xl)
-            footprint = region.shrink(factor, factor).numpy() if factor > 1 else region.numpy()
+            crop = image.crop(column * xl, 0, xl, xl)
+            footprint = crop.shrink(factor, factor).numpy() if factor > 1 else crop.numpy()
+            region = partial(_pair, crop, strip[:, column * xl : (column + 1) * xl])
             self.candidates.extend(
                 _xl_candidates(
                     footprint, region, (column, row), self.stem, self.out_dirs, self.settings
                 )
             )
+
+
+def _pair(region: pyvips.Image, pixels: np.ndarray) -> tuple[pyvips.Image, np.ndarray]:
+    return region, pixels
 
 
 def _page_factor(size: tuple[int, int], downsample: int, tile_px: int = 256) -> int:
@@ -232,14 +244,15 @@ def _page_factor(size: tuple[int, int], downsample: int, tile_px: int = 256) -> 
 
 def _xl_candidates(
     footprint: np.ndarray,
-    region: pyvips.Image,
+    region: Callable[[], tuple[pyvips.Image, np.ndarray]],
     position: tuple[int, int],
     stem: str,
     out_dirs: Mapping[str, Path],
     settings: TilingSettings,
 ) -> Iterator[Candidate]:
     """The XL candidate at `position`: rejected on its thumbnail `footprint` without reading
-    `region` (lazy), else the XL tile and its sub-tiles (`_cut_region`)."""
+    its pixels, else the XL tile and its sub-tiles (`_cut_region`) from `region()` (the tile
+    as a libvips image and as an array of the same pixels)."""
     thresholds = settings.thresholds
     column, row = position
     xl = settings.xl_size
@@ -249,11 +262,12 @@ def _xl_candidates(
         name = tile_name(stem, xl, column, row)
         yield Candidate("XL", name, xl, column, row, None, coarse, None)
         return
-    yield from _cut_region(region.copy_memory(), position, stem, out_dirs, settings)
+    yield from _cut_region(*region(), position, stem, out_dirs, settings)
 
 
 def _cut_region(
     region: pyvips.Image,
+    pixels: np.ndarray,
     position: tuple[int, int],
     stem: str,
     out_dirs: Mapping[str, Path],
@@ -271,7 +285,7 @@ def _cut_region(
     if xl_metrics["tissue_fraction"] < thresholds.xl_min_tissue:
         yield Candidate("XL", xl_name, xl, column, row, None, xl_metrics, None)
         return
-    writer = _TileWriter(region, region.numpy(), out_dirs, settings.jpeg_quality)
+    writer = _TileWriter(region, pixels, out_dirs, settings.jpeg_quality)
     yield Candidate(
         "XL", xl_name, xl, column, row, None, xl_metrics, writer.save("XL", xl_name, 0, 0, xl)
     )
