@@ -4,7 +4,9 @@ multi-asset's subsets; resume and failures of the fused path."""
 
 from __future__ import annotations
 
+import os
 import shutil
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import dagster as dg
@@ -21,6 +23,7 @@ from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.standardize import StandardizeSettings, standardize_partition
 from cpia_assets.core.tiling import TilingSettings, tile_partition
 from cpia_assets.definitions import build_definitions
+from cpia_assets.defs.resources import WorkerPool
 from cpia_assets_tests.slide_factory import TESTDATA, build_slide, tissue_only
 from cpia_assets_tests.small_disk import resize, tmpfs
 
@@ -241,3 +244,22 @@ def test_disk_full_while_cutting_fails_the_run_and_a_rerun_with_room_completes(
             resize(layout.cpia_dir, "64m")
             both = _run(defs, instance, "standardized_wsi", "scale_tiles")
             assert both["scale_tiles"].metadata["images"].value > 0
+
+
+def test_a_run_shares_one_worker_pool_and_replaces_a_broken_one() -> None:
+    with dg.build_resources({"workers": WorkerPool(workers=2)}) as resources:
+        pool = resources.workers
+        with pool.executor() as first:
+            assert first.submit(int, "7").result() == 7
+        with pool.executor() as again:
+            assert again is first  # the next step of the run finds it started
+            with pytest.raises(BrokenProcessPool):
+                again.submit(os._exit, 1).result()  # a worker dies
+        with pool.executor() as fresh:
+            assert fresh is not first and fresh.submit(int, "8").result() == 8
+
+
+def test_partition_runs_execute_their_steps_in_the_run_process(tmp_path: Path) -> None:
+    defs = build_definitions(load_catalog("demo"), tmp_path)
+    for job in ("build_subdatasets", "__ASSET_JOB"):
+        assert defs.resolve_job_def(job).executor_def is dg.in_process_executor

@@ -447,7 +447,8 @@ def _regrouped(bands: Iterable[np.ndarray], rows: int) -> Iterator[np.ndarray]:
         while count >= rows:
             joined = pending[0] if len(pending) == 1 else np.concatenate(pending)
             yield joined[:rows]
-            pending, count = [joined[rows:]], count - rows
+            count -= rows
+            pending = [joined[rows:]] if count else []  # an empty view would pin the strip
     if count:
         yield np.concatenate(pending)
 
