@@ -20,6 +20,7 @@ from cpia_assets.core import tiling
 from cpia_assets.core.catalog import WsiOptions, load_catalog
 from cpia_assets.core.fused import standardize_and_tile_partition
 from cpia_assets.core.layout import DataLayout
+from cpia_assets.core.manifest import load_manifest, open_manifest
 from cpia_assets.core.standardize import StandardizeSettings, standardize_partition
 from cpia_assets.core.tiling import TilingSettings, tile_partition
 from cpia_assets.definitions import build_definitions
@@ -263,3 +264,21 @@ def test_partition_runs_execute_their_steps_in_the_run_process(tmp_path: Path) -
     defs = build_definitions(load_catalog("demo"), tmp_path)
     for job in ("build_subdatasets", "__ASSET_JOB"):
         assert defs.resolve_job_def(job).executor_def is dg.in_process_executor
+
+
+def test_the_manifest_loads_cut_from_and_older_files_without_it(
+    catalog: Path, tmp_path: Path
+) -> None:
+    layout = DataLayout(tmp_path / "data")
+    defs = build_definitions(load_catalog(catalog), layout.root, workers=1)
+    with dg.instance_for_test() as instance:
+        _run(defs, instance, "raw_download", "standardized_wsi", "scale_tiles")
+    load_manifest(layout, load_catalog(catalog))
+    query = "SELECT DISTINCT cut_from FROM tiles"
+    with open_manifest(layout) as con:
+        assert con.execute(query).fetchall() == [("resampled",)]
+    tiles_file = layout.manifest_file(KEY, "tiles")
+    pl.read_parquet(tiles_file).drop("cut_from").write_parquet(tiles_file)  # written before it
+    load_manifest(layout, load_catalog(catalog))
+    with open_manifest(layout) as con:
+        assert con.execute(query).fetchall() == [(None,)]
