@@ -284,6 +284,7 @@ class _PngRowStream:
                 data = deflate.compress(filtered)
                 if data:
                     yield _png_chunk(b"IDAT", data)
+            del band, rows  # not held while the next band is computed (`_vips_strips`)
         yield _png_chunk(b"IDAT", deflate.flush()) + _png_chunk(b"IEND", b"")
 
 
@@ -432,7 +433,10 @@ def _reading_level(reader: SlideReader, level: int, dest: Path) -> Iterator[None
 
 
 def _vips_strips(image: pyvips.Image, rows: int) -> Iterator[np.ndarray]:
-    """`image` computed `rows` rows at a time (each strip only decodes the source it needs)."""
+    """`image` computed `rows` rows at a time (each strip only decodes the source it needs).
+
+    Memory: the consumers below drop each strip before the next one is computed (`del`), so
+    that only one strip and the transient copy of the next are held at once."""
     for top in range(0, image.height, rows):
         yield image.crop(0, top, image.width, min(rows, image.height - top)).numpy()
 
@@ -444,11 +448,13 @@ def _regrouped(bands: Iterable[np.ndarray], rows: int) -> Iterator[np.ndarray]:
     for band in bands:
         pending.append(band)
         count += len(band)
+        del band
         while count >= rows:
             joined = pending[0] if len(pending) == 1 else np.concatenate(pending)
             yield joined[:rows]
             count -= rows
             pending = [joined[rows:]] if count else []  # an empty view would pin the strip
+            del joined
     if count:
         yield np.concatenate(pending)
 
@@ -457,6 +463,7 @@ def _passed_to(strips: StripConsumer, bands: Iterable[np.ndarray]) -> Iterator[n
     for band in bands:
         strips(band)
         yield band
+        del band  # not held while the next band is computed (`_vips_strips`)
 
 
 @dataclass(frozen=True)
