@@ -227,6 +227,15 @@ class StripTiler:
                     footprint, region, (column, row), self.stem, self.out_dirs, self.settings
                 )
             )
+        _trim_operation_cache()
+
+
+def _trim_operation_cache() -> None:
+    """Empty libvips' operation cache: its crops of a strip would keep the strip's memory
+    alive while the next strips are computed (memory would grow with the slide's height)."""
+    limit = pyvips.cache_get_max()
+    pyvips.cache_set_max(0)
+    pyvips.cache_set_max(limit)
 
 
 def _pair(region: pyvips.Image, pixels: np.ndarray) -> tuple[pyvips.Image, np.ndarray]:
