@@ -1,31 +1,35 @@
-"""Benchmark: our standardize + tile pipeline against the naive baseline and the physical floor.
+"""Benchmark: this project through the CLI against the published method and the physical floor.
 
-    .venv/bin/python benchmarks/bench_tiling.py            # 4 slides of 16384^2 px at 0.25 um/px
-    .venv/bin/python benchmarks/bench_tiling.py --quick    # 2 slides of 8192^2 px
-    .venv/bin/python benchmarks/bench_tiling.py --memory   # peak RSS per worker, 60000^2 slide
+    .venv/bin/python benchmarks/bench_tiling.py --size 32000   # the issue's measurement
+    .venv/bin/python benchmarks/bench_tiling.py --quick        # 2 slides of 8192^2 px, one round
+    .venv/bin/python benchmarks/bench_tiling.py --memory       # peak RSS per worker, 60000^2 slide
 
 Slides are mirror-tiled from a tissue-dense crop of the real CMU-1-Small-Region.svs
 (`slide_factory.tissue_only`, which the published pink-mean XL rule also keeps), declared 40x
-(0.25 um/px), so every pipeline cuts every XL tile. All three pipelines run one process per
-slide on the same cores:
-- naive: the published script's method (benchmarks/naive_cpia.py);
-- ours: `standardize_partition` then `tile_partition` over a process pool;
-- floor: pyvips decodes level 0 once, resizes once, writes the same standardized pyramid and
-  encodes exactly the tiles ours kept, from memory (no tissue tests, no second decode).
+(0.25 um/px), so every pipeline cuts every XL tile. Each round runs the pipelines one after the
+other, each in a fresh data folder; the best of `--rounds` counts. All use the same cores:
+- ours: one `dagster asset materialize --select standardized_wsi,scale_tiles --partition bench`
+  in a subprocess, as a user runs it (start-up included; raw_download is done before);
+- naive: the published method (benchmarks/naive_cpia.py), one process per slide;
+- floor: libvips decodes level 0 once, resamples once to 0.491 um/px (the same filter as ours)
+  and JPEG-encodes every XL/L/M tile and a 10% sample of S tiles once from memory (3.1x the
+  standardized area), one process per slide;
+- floor+TIFF: the same, also writing the standardized pyramidal TIFF (q90, 256 px tiles) from
+  the same in-memory pixels.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -37,25 +41,27 @@ sys.path.insert(0, str(REPO))  # for cpia_assets_tests.slide_factory
 
 from benchmarks.naive_cpia import process_slide  # noqa: E402
 from cpia_assets.core.catalog import WsiOptions  # noqa: E402
+from cpia_assets.core.fused import standardize_and_tile_partition  # noqa: E402
 from cpia_assets.core.layout import DataLayout  # noqa: E402
 from cpia_assets.core.standardize import (  # noqa: E402
     ResamplePlan,
     StandardizeSettings,
     save_pyramid,
     shrink_image,
-    standardize_partition,
 )
-from cpia_assets.core.tiling import TilingSettings, tile_partition  # noqa: E402
+from cpia_assets.core.tiling import CELLS_PER_XL_EDGE, TilingSettings, sample_cells  # noqa: E402
 from cpia_assets_tests.slide_factory import build_slide, tissue_only  # noqa: E402
 
 KEY = "bench"
 TARGET_MPP = 0.491
+PIPELINES = ("ours", "naive", "floor", "floor+TIFF")
 
 
-def floor_slide(job: tuple[str, str, list[tuple[int, int, int]]]) -> int:
-    """Decode once, resample once (the same filter as ours), encode the same output pixels
-    once: libvips for the pyramid and large tiles, Pillow for S tiles, as ours does."""
-    path, out_dir, tiles = job
+def floor_slide(job: tuple[str, str, bool]) -> int:
+    """Decode once, resample once, encode every XL/L/M tile and a 10% sample of S tiles once
+    from memory (libvips for large tiles, Pillow for S, as ours does); with `tiff`, also the
+    standardized pyramid from the same pixels. Returns the number of tiles."""
+    path, out_dir, tiff = job
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     image = pyvips.Image.tiffload(path)
@@ -63,53 +69,94 @@ def floor_slide(job: tuple[str, str, list[tuple[int, int, int]]]) -> int:
     size = (math.floor(image.width * scale + 1e-6), math.floor(image.height * scale + 1e-6))
     plan = ResamplePlan(0, (image.width, image.height), (scale, scale), size, (TARGET_MPP,) * 2)
     resized = shrink_image(image, plan).copy_memory()
-    save_pyramid(
-        resized, out / "standardized.tiff", mpp=plan.output_mpp, settings=StandardizeSettings()
-    )
+    if tiff:
+        settings = StandardizeSettings()
+        save_pyramid(resized, out / "standardized.tiff", mpp=plan.output_mpp, settings=settings)
     pixels = resized.numpy()
-    quality = TilingSettings().jpeg_quality
-    for edge, x, y in tiles:
-        target = str(out / f"{edge}-{x}-{y}.jpg")
-        if edge <= 96:
-            crop = pixels[edge * y : edge * (y + 1), edge * x : edge * (x + 1)]
-            Image.fromarray(crop).save(target, "JPEG", quality=quality)
-        else:
-            resized.crop(edge * x, edge * y, edge, edge).jpegsave(target, Q=quality)
-    return len(tiles)
+    tiling = TilingSettings()
+    xl = tiling.xl_size
+    written = 0
+    for row in range(size[1] // xl):
+        for column in range(size[0] // xl):
+            name = f"{column}-{row}"
+            s_cells = set(sample_cells(name, grid=40, fraction=tiling.s_fraction))
+            for scale_name, cells in CELLS_PER_XL_EDGE.items():
+                edge = xl // cells
+                for index in range(cells * cells):
+                    if scale_name == "S" and index not in s_cells:
+                        continue
+                    j, i = divmod(index, cells)
+                    x, y = column * cells + i, row * cells + j
+                    target = str(out / f"{edge}-{x}-{y}.jpg")
+                    if edge <= 96:
+                        crop = pixels[edge * y : edge * (y + 1), edge * x : edge * (x + 1)]
+                        Image.fromarray(crop).save(target, "JPEG", quality=tiling.jpeg_quality)
+                    else:
+                        resized.crop(edge * x, edge * y, edge, edge).jpegsave(
+                            target, Q=tiling.jpeg_quality
+                        )
+                    written += 1
+    return written
 
 
 def naive_job(job: tuple[str, str]) -> int:
     return process_slide(job[0], job[1], target_mpp=TARGET_MPP)
 
 
-def run_ours(slides: list[Path], root: Path, executor: Executor) -> dict[str, list]:
-    layout = DataLayout(root)
-    standardized = standardize_partition(
-        slides,
-        key=KEY,
-        layout=layout,
-        options=WsiOptions(),
-        settings=StandardizeSettings(target_mpp=TARGET_MPP),
-        executor=executor,
-    )
-    assert not standardized.failures, standardized.failures
-    tiles = tile_partition(
-        standardized.records, key=KEY, layout=layout, settings=TilingSettings(), executor=executor
-    )
-    assert not tiles.failures, tiles.failures
-    kept: dict[str, list] = {}
-    for row in tiles.records:
-        name = Path(row["source_file"]).name
-        kept.setdefault(name, []).append((row["size_px"], row["x"], row["y"]))
-    return kept
+def _cli(args: list[str], env: dict[str, str], log: Path) -> None:
+    command = [sys.executable, "-m", "dagster", "asset", "materialize",
+               "-m", "cpia_assets.definitions", *args]  # fmt: skip
+    with log.open("w") as out:
+        done = subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(command)} failed; see {log}")
 
 
-def timed(label: str, function, *args):
+def _ours_env(raw: Path, data: Path, workers: int) -> dict[str, str]:
+    """A fresh data folder and instance whose catalog holds one sub-dataset: the slides."""
+    data.mkdir(parents=True)
+    catalog = data / "catalog.yaml"
+    catalog.write_text(
+        f"subdatasets:\n- key: {KEY}\n  name: Benchmark\n  kind: wsi\n  organ: breast\n"
+        f"  source: {{type: local, path: {raw}}}\n"
+    )
+    home = data / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    return os.environ | {
+        "CPIA_CATALOG": str(catalog),
+        "CPIA_DATA_DIR": str(data),
+        "CPIA_WORKERS": str(workers),
+        "DAGSTER_HOME": str(home),
+        "PYTHONPATH": str(REPO),
+    }
+
+
+def run_round(slides: list[Path], work: Path, workers: int) -> dict[str, tuple[float, int]]:
+    """Seconds and images of every pipeline, each in a fresh folder under `work`."""
+    times: dict[str, tuple[float, int]] = {}
+    env = _ours_env(slides[0].parent, work / "ours", workers)
+    _cli(["--select", "raw_download", "--partition", KEY], env, work / "raw_download.log")
     start = time.perf_counter()
-    value = function(*args)
+    _cli(["--select", "standardized_wsi,scale_tiles", "--partition", KEY], env, work / "ours.log")
     seconds = time.perf_counter() - start
-    print(f"{label:>6}: {seconds:7.1f} s", flush=True)
-    return seconds, value
+    layout = DataLayout(work / "ours")
+    images = sum(1 for _ in layout.cpia_dir.rglob("*.jpg"))
+    times["ours"] = (seconds, images)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        pool.submit(int).result()  # start the workers before timing
+        naive_jobs = [(str(s), str(work / "naive" / s.stem)) for s in slides]
+        start = time.perf_counter()
+        written = sum(pool.map(naive_job, naive_jobs))
+        times["naive"] = (time.perf_counter() - start, written)
+        for label, tiff in (("floor", False), ("floor+TIFF", True)):
+            jobs = [(str(s), str(work / label / s.stem), tiff) for s in slides]
+            start = time.perf_counter()
+            written = sum(pool.map(floor_slide, jobs))
+            times[label] = (time.perf_counter() - start, written)
+    for label in PIPELINES:
+        print(f"  {label:>10}: {times[label][0]:7.1f} s  ({times[label][1]} images)", flush=True)
+    return times
 
 
 def speed(args: argparse.Namespace, work: Path) -> None:
@@ -119,29 +166,28 @@ def speed(args: argparse.Namespace, work: Path) -> None:
         path = raw / f"B40-{index:04d}.tiff"
         build_slide(path, tissue_only(args.size, args.size), mpp=0.25)
         slides.append(path)
-    source_mpx = args.slides * args.size**2 / 1e6
     print(f"{args.slides} slides of {args.size}^2 px at 0.25 um/px, {args.workers} workers")
-    pool = ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn"))
-    with pool:
-        pool.submit(int).result()  # start the workers before timing
-        ours, kept = timed("ours", run_ours, slides, work / "ours", pool)
-        naive, naive_counts = timed(
-            "naive",
-            lambda: list(
-                pool.map(naive_job, [(str(s), str(work / "naive" / s.stem)) for s in slides])
-            ),
-        )
-        floor_jobs = [(str(s), str(work / "floor" / s.stem), kept.get(s.name, [])) for s in slides]
-        floor, _ = timed("floor", lambda: list(pool.map(floor_slide, floor_jobs)))
-    ours_images = sum(len(v) for v in kept.values())
-    floor_images = sum(len(job[2]) for job in floor_jobs)
-    print(f"images written: ours {ours_images}, naive {sum(naive_counts)}, floor {floor_images}")
-    print(f"same JPEG tables and chroma subsampling (L tiles): {_same_jpeg_settings(work)}")
-    for label, seconds in (("ours", ours), ("naive", naive), ("floor", floor)):
-        print(f"{label:>6}: {seconds:7.1f} s  {source_mpx / seconds:7.1f} source Mpx/s")
-    print(f"throughput ours / naive: {naive / ours:.2f}x   (target >= 2.5x)")
-    print(f"time ours / floor:       {ours / floor:.2f}x   (target <= 1.3x)")
-    print(f"naive / floor:           {naive / floor:.2f}x   (the most any pipeline can gain)")
+    best: dict[str, float] = {}
+    for round_index in range(args.rounds):
+        print(f"round {round_index + 1}", flush=True)
+        folder = work / f"round-{round_index}"
+        times = run_round(slides, folder, args.workers)
+        if round_index == 0:
+            print(
+                f"same JPEG tables and chroma subsampling (L tiles): {_same_jpeg_settings(folder)}"
+            )
+        for label, (seconds, _) in times.items():
+            best[label] = min(best.get(label, math.inf), seconds)
+        shutil.rmtree(folder)
+    source_mpx = args.slides * args.size**2 / 1e6
+    print(f"best of {args.rounds}:")
+    for label in PIPELINES:
+        print(f"  {label:>10}: {best[label]:7.1f} s  {source_mpx / best[label]:7.1f} source Mpx/s")
+    print(f"ours / floor:         {best['ours'] / best['floor']:.2f}x  (target <= 1.6x)")
+    print(f"naive / ours:         {best['naive'] / best['ours']:.2f}x  (target >= 2.5x)")
+    print(f"floor+TIFF / floor:   {best['floor+TIFF'] / best['floor']:.2f}x  (the TIFF's share)")
+    print(f"ours / floor+TIFF:    {best['ours'] / best['floor+TIFF']:.2f}x")
+    print(f"naive / floor:        {best['naive'] / best['floor']:.2f}x  (the most one can gain)")
 
 
 def _same_jpeg_settings(work: Path) -> bool:
@@ -154,51 +200,43 @@ def _same_jpeg_settings(work: Path) -> bool:
     return all(setting == settings[0] for setting in settings)
 
 
-def _memory_child(stage: str, slide: str, root: str) -> None:
-    layout = DataLayout(Path(root))
+def _memory_child(slide: str, root: str) -> None:
+    """The fused path of a partition run on one slide, in a fresh process."""
     start = time.perf_counter()
-    if stage == "standardize":
-        standardize_partition(
-            [Path(slide)], key=KEY, layout=layout, options=WsiOptions(),
-            settings=StandardizeSettings(target_mpp=TARGET_MPP),
-        )  # fmt: skip
-    else:
-        marker = next((layout.manifest_dir(KEY) / "parts" / "standardized").glob("*.json"))
-        record = json.loads(marker.read_text())["record"]
-        tile_partition([record], key=KEY, layout=layout, settings=TilingSettings())
+    standardize_and_tile_partition(
+        [Path(slide)], key=KEY, layout=DataLayout(Path(root)), options=WsiOptions(),
+        settings=StandardizeSettings(target_mpp=TARGET_MPP), tiling=TilingSettings(),
+    )  # fmt: skip
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(
-        f"{stage:>11}: {time.perf_counter() - start:6.0f} s, peak RSS {peak:6.0f} MiB", flush=True
-    )
+    print(f"standardize + tile: {time.perf_counter() - start:6.0f} s, peak RSS {peak:6.0f} MiB")
 
 
 def memory(args: argparse.Namespace, work: Path) -> None:
     slide = work / "raw" / "M40-0001.tiff"
     start = time.perf_counter()
     build_slide(slide, tissue_only(args.memory_size, args.memory_size), mpp=0.25)
-    print(f"built {args.memory_size}^2 slide in {time.perf_counter() - start:.0f} s")
-    context = get_context("spawn")
-    for stage in ("standardize", "tile"):
-        process = context.Process(
-            target=_memory_child, args=(stage, str(slide), str(work / "ours"))
-        )
-        process.start()
-        process.join()
-        assert process.exitcode == 0, f"{stage} failed"
+    print(f"built {args.memory_size}^2 slide in {time.perf_counter() - start:.0f} s", flush=True)
+    process = get_context("spawn").Process(
+        target=_memory_child, args=(str(slide), str(work / "ours"))
+    )
+    process.start()
+    process.join()
+    assert process.exitcode == 0, "standardize + tile failed"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, default=16384, help="slide edge in px (0.25 um/px)")
+    parser.add_argument("--size", type=int, default=32000, help="slide edge in px (0.25 um/px)")
     parser.add_argument("--slides", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2, help="the best round counts")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--quick", action="store_true", help="2 slides of 8192 px")
+    parser.add_argument("--quick", action="store_true", help="2 slides of 8192 px, one round")
     parser.add_argument("--memory", action="store_true", help="peak RSS on one large slide")
     parser.add_argument("--memory-size", type=int, default=60000)
     parser.add_argument("--work-dir", type=Path, help="keep outputs here (default: a temp dir)")
     args = parser.parse_args()
     if args.quick:
-        args.size, args.slides = 8192, 2
+        args.size, args.slides, args.rounds = 8192, 2, 1
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="cpia-bench-"))
     try:
         memory(args, work) if args.memory else speed(args, work)

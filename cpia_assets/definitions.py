@@ -18,8 +18,7 @@ from cpia_assets.defs.assets.manifest import build_manifest_assets
 from cpia_assets.defs.assets.mini import build_cpia_mini, build_training_shards
 from cpia_assets.defs.assets.raw import SOURCE_ASSET, build_raw_download, build_source_files
 from cpia_assets.defs.assets.ssl import build_ssl_assets
-from cpia_assets.defs.assets.standardize import build_standardized_wsi
-from cpia_assets.defs.assets.tiles import build_scale_tiles
+from cpia_assets.defs.assets.standardize import build_standardize_and_tile
 from cpia_assets.defs.automation import automation_sensor, with_automation
 from cpia_assets.defs.partitions import subdataset_partitions
 from cpia_assets.defs.pools import pool_reporting_executor, pool_watch
@@ -41,8 +40,7 @@ def build_definitions(
     automated = with_automation(
         [
             build_raw_download(partitions),
-            build_standardized_wsi(partitions),
-            build_scale_tiles(partitions),
+            build_standardize_and_tile(partitions),
             build_cpia_mini(partitions),
             tile_manifest,
         ],

@@ -74,13 +74,19 @@ def test_run_config_mirrors_the_core_settings(tmp_path: Path) -> None:
     job = defs.resolve_job_def("build_subdatasets")
     config = {
         "ops": {
-            "standardized_wsi": {"config": {"wsi": {"target_mpp": 0.4942}, "roi": {"size": 224}}},
-            "scale_tiles": {"config": {"jpeg_quality": 95, "thresholds": {"xl_min_tissue": 0.5}}},
+            "standardize_and_tile": {
+                "config": {
+                    "wsi": {"target_mpp": 0.4942},
+                    "roi": {"size": 224},
+                    "tiles": {"jpeg_quality": 95, "thresholds": {"xl_min_tissue": 0.5}},
+                }
+            },
         }
     }
-    resolved = dg.validate_run_config(job, config)["ops"]
-    assert resolved["standardized_wsi"]["config"]["wsi"]["target_mpp"] == 0.4942
-    assert resolved["standardized_wsi"]["config"]["wsi"]["jpeg_quality"] == 90  # core default
-    assert resolved["scale_tiles"]["config"]["thresholds"]["saturation"] == 0.08
+    resolved = dg.validate_run_config(job, config)["ops"]["standardize_and_tile"]["config"]
+    assert resolved["wsi"]["target_mpp"] == 0.4942
+    assert resolved["wsi"]["jpeg_quality"] == 90  # core default
+    assert resolved["tiles"]["thresholds"]["saturation"] == 0.08
     with pytest.raises(dg.DagsterInvalidConfigError):
-        dg.validate_run_config(job, {"ops": {"scale_tiles": {"config": {"xl_sise": 1}}}})
+        bad = {"standardize_and_tile": {"config": {"tiles": {"xl_sise": 1}}}}
+        dg.validate_run_config(job, {"ops": bad})

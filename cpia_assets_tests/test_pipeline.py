@@ -36,6 +36,16 @@ def pipeline(small_catalog_path: Path, tmp_path_factory: pytest.TempPathFactory)
         yield DataLayout(data), results, instance
 
 
+def materialization_of(result: dg.ExecuteInProcessResult, asset: str) -> dg.AssetMaterialization:
+    """The materialization of `asset` (both assets come from the `standardize_and_tile` step)."""
+    (found,) = [
+        event
+        for event in result.get_asset_materialization_events()
+        if event.asset_key == dg.AssetKey(asset)
+    ]
+    return found.materialization
+
+
 def _tiles(layout: DataLayout, key: str) -> pl.DataFrame:
     return pl.read_parquet(layout.manifest_file(key, "tiles"))
 
@@ -46,7 +56,8 @@ def test_every_partition_succeeds_and_records_run_ids(pipeline) -> None:
         assert result.success, key
         tiles = _tiles(layout, key)
         assert tiles["run_id"].unique().to_list() == [result.run_id]
-        assert tiles["code_version"].unique().to_list() == ["1"]
+        assert tiles["code_version"].unique().to_list() == ["2"]
+        assert tiles["cut_from"].unique().to_list() == (["resampled"] if "wsi" in key else [None])
         assert tiles["subdataset"].unique().to_list() == [key]
 
 
@@ -116,7 +127,7 @@ def test_rerun_reuses_finished_work(pipeline, small_catalog_path: Path) -> None:
     )
     assert result.success
     for asset in ("standardized_wsi", "scale_tiles"):
-        materialization = result.asset_materializations_for_node(asset)[0]
+        materialization = materialization_of(result, asset)
         assert materialization.metadata["reused_from_earlier_runs"].value == 2, asset
     after = _tiles(layout, "wsi-20x").drop("run_id").sort("image_name")
     assert after.equals(before)
@@ -125,7 +136,7 @@ def test_rerun_reuses_finished_work(pipeline, small_catalog_path: Path) -> None:
 def test_scale_tiles_metadata_counts_rejections_by_test(pipeline) -> None:
     layout, results, _ = pipeline
     for key in ("wsi-40x", "wsi-20x"):
-        metadata = results[key].asset_materializations_for_node("scale_tiles")[0].metadata
+        metadata = materialization_of(results[key], "scale_tiles").metadata
         rejected = pl.read_parquet(layout.manifest_file(key, "rejected_tiles"))
         xl = rejected.filter(pl.col("scale") == "XL")
         counts = {name: metadata[f"rejected_{name}"].value
@@ -154,7 +165,7 @@ def test_catalog_tissue_threshold_overrides_reach_scale_tiles(tmp_path: Path) ->
             instance=instance,
         )
     assert result.success
-    metadata = result.asset_materializations_for_node("scale_tiles")[0].metadata
+    metadata = materialization_of(result, "scale_tiles").metadata
     used = metadata["tissue_thresholds"].value
     assert used["xl_min_tissue"] == 1.0 and used["saturation"] == 0.1
     assert used["tile_min_tissue"] == 0.1  # not overridden: the run config's default

@@ -27,6 +27,7 @@ TILES = {
     "label": pl.String,
     "split": pl.String,  # train | val | test | none
     "bytes": pl.Int64,
+    "cut_from": pl.String,  # WSI pixels: resampled (fused, one JPEG generation) | standardized_tiff
     "upscaled": pl.Boolean,  # ROI smaller than the output size
     "mean_r": pl.Float32,
     "mean_g": pl.Float32,

@@ -18,6 +18,9 @@ Filters: area-style when shrinking, Lanczos-3 when enlarging.
   Pillow in row bands (`resample_rows`: Lanczos-3 across an enlarging axis, box across a
   shrinking one) and reach libvips as an uncompressed PNG stream (`_PngRowStream`).
 Levels that libvips cannot decode (OpenSlide-only formats) also arrive as a PNG row stream.
+When the tiles are cut in the same pass (`core/fused.py`), a `StripConsumer` sees the output
+pixels on their way into the TIFF: shrunk levels are then computed by libvips one strip of
+output rows at a time and reach `tiffsave` as a PNG row stream too.
 
 Streaming: libvips pulls source tiles on demand and writes the pyramid strip by strip; Pillow
 bands hold about `_BAND_BYTES` of source rows plus the filter margin. Memory therefore depends
@@ -42,9 +45,10 @@ import struct
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyvips
@@ -71,6 +75,18 @@ _BAND_BYTES = 16 << 20
 _RESUME_VERSION = 2
 """Bump when the output of the same inputs and settings changes, to redo finished slides."""
 _BIGTIFF_ABOVE = 3 << 30
+
+
+class StripConsumer(Protocol):
+    """Receives the standardized pixels as they are written (the fused path, `core/fused.py`):
+    `begin` with the output size, then consecutive bands of `rows` rows (the last one may be
+    shorter), top to bottom."""
+
+    rows: int
+
+    def begin(self, size: tuple[int, int]) -> None: ...
+
+    def __call__(self, strip: np.ndarray) -> None: ...
 
 
 class StandardizeError(Exception):
@@ -256,15 +272,19 @@ class _PngRowStream:
         header = struct.pack(">IIBBBBB", self.width, self.height, 8, 2, 0, 0, 0)
         yield b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
         deflate = zlib.compressobj(0)
+        slice_rows = max(1, _BAND_BYTES // (3 * self.width))  # copies stay small (memory)
         for band in bands:
             if band.shape[1:] != (self.width, 3):
                 raise StandardizeError(f"band of shape {band.shape} for width {self.width}")
-            filtered = np.zeros((len(band), 1 + 3 * self.width), np.uint8)  # filter byte 0
-            filtered[:, 1:] = band.reshape(len(band), -1)
-            self.rows_sent += len(band)
-            data = deflate.compress(filtered)
-            if data:
-                yield _png_chunk(b"IDAT", data)
+            for top in range(0, len(band), slice_rows):
+                rows = band[top : top + slice_rows]
+                filtered = np.zeros((len(rows), 1 + 3 * self.width), np.uint8)  # filter byte 0
+                filtered[:, 1:] = rows.reshape(len(rows), -1)
+                self.rows_sent += len(rows)
+                data = deflate.compress(filtered)
+                if data:
+                    yield _png_chunk(b"IDAT", data)
+            del band, rows  # not held while the next band is computed (`_vips_strips`)
         yield _png_chunk(b"IDAT", deflate.flush()) + _png_chunk(b"IEND", b"")
 
 
@@ -319,15 +339,24 @@ def write_pyramid_tiff(
 
 
 def standardize_slide(
-    source: Path, dest: Path, *, options: WsiOptions, settings: StandardizeSettings
+    source: Path,
+    dest: Path,
+    *,
+    options: WsiOptions,
+    settings: StandardizeSettings,
+    strips: StripConsumer | None = None,
 ) -> dict[str, Any]:
     """Standardize one slide into `dest` (atomically); returns its SLIDES fields except the
-    source identity and paths. Raises `SlideError` for slides that cannot be used."""
+    source identity and paths. Raises `SlideError` for slides that cannot be used.
+
+    `strips`, when given, also receives every output pixel as it is written, unless the level
+    is one that libvips shrinks from an OpenSlide row stream (the pixels never reach Python
+    there: `strips` is then not called at all)."""
     with open_slide(source, options) as reader:
         mpp = reader.resolve_mpp(options)
         plan = plan_resample(reader.info, mpp, settings)
         with atomic_path(dest) as tmp:
-            _write_standardized(reader, plan, tmp, settings)
+            _write_standardized(reader, plan, tmp, settings, strips)
         info = reader.info
     return {
         "vendor": info.vendor,
@@ -347,41 +376,98 @@ def standardize_slide(
 
 
 def _write_standardized(
-    reader: SlideReader, plan: ResamplePlan, dest: Path, settings: StandardizeSettings
+    reader: SlideReader,
+    plan: ResamplePlan,
+    dest: Path,
+    settings: StandardizeSettings,
+    strips: StripConsumer | None,
 ) -> None:
     """The plan's level resampled into `dest`: one libvips pipeline unless Lanczos enlargement
-    (Pillow, banded) or an OpenSlide-only level (row stream) is needed (module docstring)."""
+    (Pillow, banded) or an OpenSlide-only level (row stream) is needed (module docstring).
+    With `strips`, the output pixels of the first two cases pass through Python on their way
+    into the TIFF (`standardize_slide`)."""
     tile_rows = reader.info.tile_height(plan.level)
     chunk_rows = max(1, _BAND_BYTES // (3 * plan.level_size[0] * tile_rows)) * tile_rows
     rows = reader.iter_rows(plan.level, chunk_rows)
     if plan.enlarges:
         band_rows = max(16, math.floor(chunk_rows * plan.scale[1]))
         bands = resample_rows(rows, plan, band_rows=band_rows)
+    else:
+        level = reader.level_image(plan.level)
+        if level is None:
+            write_pyramid_tiff(
+                dest,
+                rows,
+                size=plan.level_size,
+                mpp=plan.output_mpp,
+                settings=settings,
+                transform=lambda image: shrink_image(image, plan),
+            )
+            return
+        if strips is None:
+            with _reading_level(reader, plan.level, dest):
+                save_pyramid(
+                    shrink_image(level, plan), dest, mpp=plan.output_mpp, settings=settings
+                )
+            return
+        bands = _vips_strips(shrink_image(level, plan), strips.rows)
+    if strips is not None:
+        strips.begin(plan.output_size)
+        bands = _passed_to(strips, _regrouped(bands, strips.rows))
+    with _reading_level(reader, plan.level, dest):
         write_pyramid_tiff(
             dest, bands, size=plan.output_size, mpp=plan.output_mpp, settings=settings
         )
-        return
-    level = reader.level_image(plan.level)
-    if level is None:
-        write_pyramid_tiff(
-            dest,
-            rows,
-            size=plan.level_size,
-            mpp=plan.output_mpp,
-            settings=settings,
-            transform=lambda image: shrink_image(image, plan),
-        )
-        return
+
+
+@contextmanager
+def _reading_level(reader: SlideReader, level: int, dest: Path) -> Iterator[None]:
+    """A libvips error inside the block that is no output fault is the slide's: its level
+    cannot be decoded."""
     try:
-        save_pyramid(shrink_image(level, plan), dest, mpp=plan.output_mpp, settings=settings)
+        yield
     except pyvips.Error as exc:
         if output_fault(exc, dest):
             raise  # disk full ...: no fault of the slide; `atomic_path` names the final path
-        raise SlideReadError(reader.path, f"cannot read level {plan.level}: {exc}") from exc
+        raise SlideReadError(reader.path, f"cannot read level {level}: {exc}") from exc
+
+
+def _vips_strips(image: pyvips.Image, rows: int) -> Iterator[np.ndarray]:
+    """`image` computed `rows` rows at a time (each strip only decodes the source it needs).
+
+    Memory: the consumers below drop each strip before the next one is computed (`del`), so
+    that only one strip and the transient copy of the next are held at once."""
+    for top in range(0, image.height, rows):
+        yield image.crop(0, top, image.width, min(rows, image.height - top)).numpy()
+
+
+def _regrouped(bands: Iterable[np.ndarray], rows: int) -> Iterator[np.ndarray]:
+    """The rows of `bands` regrouped into bands of exactly `rows` rows (the last one shorter)."""
+    pending: list[np.ndarray] = []
+    count = 0
+    for band in bands:
+        pending.append(band)
+        count += len(band)
+        del band
+        while count >= rows:
+            joined = pending[0] if len(pending) == 1 else np.concatenate(pending)
+            yield joined[:rows]
+            count -= rows
+            pending = [joined[rows:]] if count else []  # an empty view would pin the strip
+            del joined
+    if count:
+        yield np.concatenate(pending)
+
+
+def _passed_to(strips: StripConsumer, bands: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    for band in bands:
+        strips(band)
+        yield band
+        del band  # not held while the next band is computed (`_vips_strips`)
 
 
 @dataclass(frozen=True)
-class _SlideJob:
+class SlideJob:
     source: Path
     output: Path
     marker: Path
@@ -392,7 +478,7 @@ class _SlideJob:
 
 
 @dataclass(frozen=True)
-class _SlideOutcome:
+class SlideOutcome:
     source_file: str
     record: dict[str, Any] | None = None
     failure: dict[str, str] | None = None
@@ -414,7 +500,26 @@ def standardize_partition(
     `standardized/<key>/<stem>.tiff`; one SLIDES record per slide done or reused, one failure
     per slide that could not be used (the others finish). Afterwards the outputs of slides
     without a record are deleted (module docstring)."""
-    result = StageResult()
+    jobs, collector = slide_jobs(
+        slide_files, key=key, layout=layout, options=options, settings=settings
+    )
+    collector.progress = progress
+    for outcome in map_unordered(run_slide_job, jobs, executor, on_lost=failed_slide_job):
+        collector.add(outcome)
+    return collector.finish(layout, key)
+
+
+def slide_jobs(
+    slide_files: Sequence[Path],
+    *,
+    key: str,
+    layout: DataLayout,
+    options: WsiOptions,
+    settings: StandardizeSettings,
+) -> tuple[list[SlideJob], SlidesCollector]:
+    """One job per slide, and the collector of their outcomes, which already holds the
+    failures of slides whose name another slide of the partition uses."""
+    collector = SlidesCollector()
     jobs = []
     owners: dict[str, Path] = {}
     for source in sorted(Path(p) for p in slide_files):
@@ -422,12 +527,12 @@ def standardize_partition(
         stored = layout.stored(source)
         if stem in owners:
             reason = f"slide name {stem!r} is already used by {owners[stem].name}; rename one"
-            result.failures.append(failure(stored, STAGE, f"{source.name}: {reason}"))
+            collector.result.failures.append(failure(stored, STAGE, f"{source.name}: {reason}"))
             continue
         owners[stem] = source
         output = layout.standardized_dir(key) / f"{stem}.tiff"
         jobs.append(
-            _SlideJob(
+            SlideJob(
                 source=source,
                 output=output,
                 marker=_markers_dir(layout, key) / f"{stem}.json",
@@ -437,66 +542,80 @@ def standardize_partition(
                 settings=settings,
             )
         )
-    for outcome in map_unordered(_run_job, jobs, executor, on_lost=_failed_job):
+    return jobs, collector
+
+
+class SlidesCollector:
+    """Gathers a partition's `SlideOutcome`s into its StageResult."""
+
+    def __init__(self, progress: Callable[[str], None] | None = None) -> None:
+        self.result = StageResult()
+        self.progress = progress
+
+    def add(self, outcome: SlideOutcome) -> None:
         if outcome.record is not None:
-            result.records.append(outcome.record)
+            self.result.records.append(outcome.record)
         if outcome.failure is not None:
-            result.failures.append(outcome.failure)
-        result.reused += outcome.reused
-        if progress:
-            progress(outcome.message)
-    _remove_unrecorded_slides(
-        layout, key, keep={Path(record["standardized_file"]).stem for record in result.records}
-    )
-    result.records.sort(key=lambda record: record["source_file"])
-    result.failures.sort(key=lambda row: row["file"])
-    return result
+            self.result.failures.append(outcome.failure)
+        self.result.reused += outcome.reused
+        if self.progress:
+            self.progress(outcome.message)
+
+    def finish(self, layout: DataLayout, key: str) -> StageResult:
+        """The result, once the outputs of slides without a record are deleted."""
+        result = self.result
+        keep = {Path(record["standardized_file"]).stem for record in result.records}
+        _remove_unrecorded_slides(layout, key, keep=keep)
+        result.records.sort(key=lambda record: record["source_file"])
+        result.failures.sort(key=lambda row: row["file"])
+        return result
 
 
-def _run_job(job: _SlideJob) -> _SlideOutcome:
+def run_slide_job(job: SlideJob, strips: StripConsumer | None = None) -> SlideOutcome:
     """Worker: one slide, reused when its marker matches, failures recorded not raised (an
     unexpected error too, so that the siblings still finish). An output-side fault (disk
-    full) is raised: it is no fault of the slide, and fails the stage."""
+    full) is raised: it is no fault of the slide, and fails the stage. `strips` receives the
+    pixels of a slide that is standardized now (`standardize_slide`), never of one reused."""
     try:
-        return _standardize_or_reuse(job)
+        return _standardize_or_reuse(job, strips)
     except OutputWriteError:
         raise
     except Exception as exc:  # recorded, not raised: see the docstring
-        return _failed_job(job, f"{type(exc).__name__}: {exc}")
+        return failed_slide_job(job, f"{type(exc).__name__}: {exc}")
 
 
-def _failed_job(job: _SlideJob, cause: str) -> _SlideOutcome:
+def failed_slide_job(job: SlideJob, cause: str) -> SlideOutcome:
     """The failure of a slide whose work raised unexpectedly or whose worker process died
     twice (`parallel.map_unordered`); its temporaries are removed."""
     _remove_stale_temporaries(job.output)
-    return _SlideOutcome(
+    return SlideOutcome(
         job.source_file,
         failure=failure(job.source_file, STAGE, f"{job.source.name}: {cause}"),
         message=f"slide {job.source.name}: failed: {cause}",
     )
 
 
-def _standardize_or_reuse(job: _SlideJob) -> _SlideOutcome:
+def _standardize_or_reuse(job: SlideJob, strips: StripConsumer | None) -> SlideOutcome:
     name = job.source.name
     try:
         source_bytes = job.source.stat().st_size
         source_sha256 = sha256_file(job.source)
     except OSError as exc:
         reason = f"{name}: cannot read the file: {exc}"
-        return _SlideOutcome(job.source_file, failure=failure(job.source_file, STAGE, reason))
+        return SlideOutcome(job.source_file, failure=failure(job.source_file, STAGE, reason))
     fingerprint = _fingerprint(job, source_sha256, source_bytes)
     done = _load_marker(job.marker, fingerprint)
     if done is not None and job.output.is_file():
-        return _SlideOutcome(
+        return SlideOutcome(
             job.source_file, record=done, reused=True, message=f"slide {name}: already done"
         )
     _remove_stale_temporaries(job.output)
     try:
         fields = standardize_slide(
-            job.source, job.output, options=job.options, settings=job.settings
+            job.source, job.output, options=job.options, settings=job.settings, strips=strips
         )
     except SlideError as exc:
-        return _SlideOutcome(
+        return SlideOutcome(
             job.source_file,
             failure=failure(job.source_file, STAGE, str(exc)),
             message=f"slide {name}: failed: {exc.reason}",
@@ -516,10 +635,10 @@ def _standardize_or_reuse(job: _SlideJob) -> _SlideOutcome:
         f"{job.settings.target_mpp} um/px from level {record['level']} ({how}, "
         f"MPP {record['mpp_x']:.4f} from {record['mpp_origin']})"
     )
-    return _SlideOutcome(job.source_file, record=record, message=message)
+    return SlideOutcome(job.source_file, record=record, message=message)
 
 
-def _fingerprint(job: _SlideJob, source_sha256: str, source_bytes: int) -> str:
+def _fingerprint(job: SlideJob, source_sha256: str, source_bytes: int) -> str:
     options = job.options
     overrides = options.mpp_overrides
     names = (job.source.name, job.source.stem, slide_stem(job.source))

@@ -20,7 +20,10 @@ standardized slide, e.g. `TCGA-A2-A0EY-01A-01-BSA-960-39-6`. Tiles keep their na
 
 Each XL region is decoded once; every smaller scale is cut from it in memory. Large tiles are
 JPEG-encoded by libvips and S tiles by Pillow (faster for small images; same libjpeg-turbo,
-quality and 4:2:0 chroma subsampling).
+quality and 4:2:0 chroma subsampling). Two sources of pixels, recorded per row in `cut_from`:
+the stored standardized TIFF (`tile_slide`, `standardized_tiff`) or, when standardized_wsi runs
+in the same pass, the resampled pixels on their way into that TIFF (`StripTiler`, `resampled`,
+see `core/fused.py`); both take the same decisions and write the same records.
 
 Per slide the work is atomic and resumable. Tiles are written to hidden staging folders
 (`cpia/<L|M|S>/<key>/.<stem>.tiles.tmp/`), then `manifests/<key>/parts/tiles/<stem>.parquet`
@@ -41,6 +44,7 @@ import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +75,12 @@ _PIL_ENCODE_MAX_PX = 96
 S_RULES = ("uniform", "per_m_tile")
 PER_M_TILE_S_CELL = (2, 1)
 """(row, column) of the one S cell an M tile gives under `s_rule="per_m_tile"`."""
-_RESUME_VERSION = 1
+_RESUME_VERSION = 2
+CUT_FROM_TIFF = "standardized_tiff"
+"""TILES `cut_from`: decoded from the stored standardized TIFF (q90), then encoded again."""
+CUT_FROM_RESAMPLED = "resampled"
+"""TILES `cut_from`: the resampled pixels in memory before the TIFF encoding (fused path,
+one JPEG generation)."""
 _STAGING_SUFFIX = ".tiles.tmp"
 
 
@@ -157,26 +166,117 @@ def tile_slide(
     for folder in set(out_dirs.values()):
         folder.mkdir(parents=True, exist_ok=True)
     candidates: list[Candidate] = []
-    thresholds = settings.thresholds
     for row in range(rows):
         for column in range(columns):
-            name = tile_name(stem, xl, column, row)
             footprint = thumbnail[
                 int(row * xl * fy) : max(int(row * xl * fy) + 1, int((row + 1) * xl * fy)),
                 int(column * xl * fx) : max(int(column * xl * fx) + 1, int((column + 1) * xl * fx)),
             ]
-            coarse = _cell(grid_metrics(footprint, 1, 1, thresholds), 0, 0)
-            if coarse["tissue_fraction"] < thresholds.thumbnail_min_tissue:
-                coarse["blur"] = None  # meaningless at thumbnail resolution
-                candidates.append(Candidate("XL", name, xl, column, row, None, coarse, None))
-                continue
-            region = slide.crop(column * xl, row * xl, xl, xl).copy_memory()
-            candidates.extend(_cut_region(region, (column, row), stem, out_dirs, settings))
+            region = partial(_decoded, slide.crop(column * xl, row * xl, xl, xl))
+            candidates.extend(
+                _xl_candidates(footprint, region, (column, row), stem, out_dirs, settings)
+            )
     return candidates
+
+
+def _decoded(region: pyvips.Image) -> tuple[pyvips.Image, np.ndarray]:
+    """`region` decoded once: as a libvips image in memory and as its pixels."""
+    region = region.copy_memory()
+    return region, region.numpy()
+
+
+class StripTiler:
+    """Cuts a slide's tiles from its standardized pixels while they are written into the
+    TIFF (`standardize.StripConsumer`, the fused path): one strip per row of XL tiles.
+
+    The thumbnail test sees the strip box-shrunk by the factor of the pyramid page that
+    `tile_slide` would read from the finished TIFF, so both paths take the same decisions
+    (their metrics differ only by the TIFF's JPEG encoding)."""
+
+    def __init__(self, *, stem: str, out_dirs: Mapping[str, Path], settings: TilingSettings):
+        self.rows = settings.xl_size
+        self.stem, self.out_dirs, self.settings = stem, out_dirs, settings
+        self.candidates: list[Candidate] = []
+        self.size: tuple[int, int] | None = None
+        self.rows_seen = 0
+
+    @property
+    def complete(self) -> bool:
+        """Whether every row of the slide has passed (else tile it from the TIFF)."""
+        return self.size is not None and self.rows_seen == self.size[1]
+
+    def begin(self, size: tuple[int, int]) -> None:
+        self.size = size
+        for folder in set(self.out_dirs.values()):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, strip: np.ndarray) -> None:
+        assert self.size is not None, "begin() first"
+        row, self.rows_seen = self.rows_seen // self.rows, self.rows_seen + len(strip)
+        xl = self.settings.xl_size
+        if len(strip) < xl:
+            return  # the partial bottom row of XL tiles is not cut
+        factor = _page_factor(self.size, self.settings.thumbnail_downsample)
+        image = pyvips.Image.new_from_array(strip)  # shares the strip's memory
+        for column in range(strip.shape[1] // xl):
+            crop = image.crop(column * xl, 0, xl, xl)
+            footprint = crop.shrink(factor, factor).numpy() if factor > 1 else crop.numpy()
+            region = partial(_pair, crop, strip[:, column * xl : (column + 1) * xl])
+            self.candidates.extend(
+                _xl_candidates(
+                    footprint, region, (column, row), self.stem, self.out_dirs, self.settings
+                )
+            )
+        _trim_operation_cache()
+
+
+def _trim_operation_cache() -> None:
+    """Empty libvips' operation cache: its crops of a strip would keep the strip's memory
+    alive while the next strips are computed (memory would grow with the slide's height)."""
+    limit = pyvips.cache_get_max()
+    pyvips.cache_set_max(0)
+    pyvips.cache_set_max(limit)
+
+
+def _pair(region: pyvips.Image, pixels: np.ndarray) -> tuple[pyvips.Image, np.ndarray]:
+    return region, pixels
+
+
+def _page_factor(size: tuple[int, int], downsample: int, tile_px: int = 256) -> int:
+    """The downsample of the pyramid page `_thumbnail` reads: libvips halves a page while it
+    is wider or taller than one TIFF tile (`tile_px`, as `standardize` writes it)."""
+    width, height, factor = *size, 1
+    while (width > tile_px or height > tile_px) and factor * 2 <= downsample * 1.01:
+        width, height, factor = width // 2, height // 2, factor * 2
+    return factor
+
+
+def _xl_candidates(
+    footprint: np.ndarray,
+    region: Callable[[], tuple[pyvips.Image, np.ndarray]],
+    position: tuple[int, int],
+    stem: str,
+    out_dirs: Mapping[str, Path],
+    settings: TilingSettings,
+) -> Iterator[Candidate]:
+    """The XL candidate at `position`: rejected on its thumbnail `footprint` without reading
+    its pixels, else the XL tile and its sub-tiles (`_cut_region`) from `region()` (the tile
+    as a libvips image and as an array of the same pixels)."""
+    thresholds = settings.thresholds
+    column, row = position
+    xl = settings.xl_size
+    coarse = _cell(grid_metrics(footprint, 1, 1, thresholds), 0, 0)
+    if coarse["tissue_fraction"] < thresholds.thumbnail_min_tissue:
+        coarse["blur"] = None  # meaningless at thumbnail resolution
+        name = tile_name(stem, xl, column, row)
+        yield Candidate("XL", name, xl, column, row, None, coarse, None)
+        return
+    yield from _cut_region(*region(), position, stem, out_dirs, settings)
 
 
 def _cut_region(
     region: pyvips.Image,
+    pixels: np.ndarray,
     position: tuple[int, int],
     stem: str,
     out_dirs: Mapping[str, Path],
@@ -194,7 +294,7 @@ def _cut_region(
     if xl_metrics["tissue_fraction"] < thresholds.xl_min_tissue:
         yield Candidate("XL", xl_name, xl, column, row, None, xl_metrics, None)
         return
-    writer = _TileWriter(region, region.numpy(), out_dirs, settings.jpeg_quality)
+    writer = _TileWriter(region, pixels, out_dirs, settings.jpeg_quality)
     yield Candidate(
         "XL", xl_name, xl, column, row, None, xl_metrics, writer.save("XL", xl_name, 0, 0, xl)
     )
@@ -288,7 +388,7 @@ def _thumbnail(path: Path, slide: pyvips.Image, downsample: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class _TilingJob:
+class TilingJob:
     slide: Mapping[str, Any]  # SLIDES record
     key: str
     layout: DataLayout
@@ -329,7 +429,7 @@ def _part_file(layout: DataLayout, key: str, stem: str) -> Path:
 
 
 @dataclass(frozen=True)
-class _TilingOutcome:
+class TilingOutcome:
     stem: str
     rows: list[dict[str, Any]] = field(default_factory=list)
     failure: dict[str, str] | None = None
@@ -352,30 +452,46 @@ def tile_partition(
     candidates with their metrics; failures: slides that could not be tiled. Afterwards the
     outputs of slides that are not in `slides` or failed are deleted (module docstring).
     """
-    result = StageResult()
-    jobs = [_TilingJob(dict(slide), key, layout, settings) for slide in slides]
-    tiled: set[str] = set()
-    for outcome in map_unordered(_run_job, jobs, executor, on_lost=_failed_job):
+    jobs = [TilingJob(dict(slide), key, layout, settings) for slide in slides]
+    collector = TilesCollector(progress)
+    for outcome in map_unordered(run_tiling_job, jobs, executor, on_lost=failed_tiling_job):
+        collector.add(outcome)
+    return collector.finish(layout, key)
+
+
+class TilesCollector:
+    """Gathers a partition's `TilingOutcome`s into its StageResult."""
+
+    def __init__(self, progress: Callable[[str], None] | None = None) -> None:
+        self.result = StageResult()
+        self.tiled: set[str] = set()
+        self.progress = progress
+
+    def add(self, outcome: TilingOutcome) -> None:
         for row in outcome.rows:
-            (result.records if row["path"] else result.rejected).append(row)
+            (self.result.records if row["path"] else self.result.rejected).append(row)
         if outcome.failure is None:
-            tiled.add(outcome.stem)
+            self.tiled.add(outcome.stem)
         else:
-            result.failures.append(outcome.failure)
-        result.reused += outcome.reused
-        if progress:
-            progress(outcome.message)
-    result.failures.extend(_remove_untiled_slides(layout, key, keep=tiled))
-    result.records.sort(key=_row_order)
-    result.rejected.sort(key=_row_order)
-    return result
+            self.result.failures.append(outcome.failure)
+        self.result.reused += outcome.reused
+        if self.progress:
+            self.progress(outcome.message)
+
+    def finish(self, layout: DataLayout, key: str) -> StageResult:
+        """The result, once the outputs of every slide not tiled this time are deleted."""
+        result = self.result
+        result.failures.extend(_remove_untiled_slides(layout, key, keep=self.tiled))
+        result.records.sort(key=_row_order)
+        result.rejected.sort(key=_row_order)
+        return result
 
 
 def _row_order(row: Mapping[str, Any]) -> tuple[str, int, int, int]:
     return row["source_file"], -row["size_px"], row["y"], row["x"]
 
 
-def _run_job(job: _TilingJob) -> _TilingOutcome:
+def run_tiling_job(job: TilingJob) -> TilingOutcome:
     """Worker: tile one slide, or reuse it when its fingerprint matches; any error becomes
     the slide's failure (its staging folders removed) so that its siblings still finish,
     except an output-side fault (disk full), which is no fault of the slide and is raised."""
@@ -383,56 +499,74 @@ def _run_job(job: _TilingJob) -> _TilingOutcome:
         return _tile_or_reuse(job)
     except OutputWriteError:  # the slide's outputs were removed before it was redone
         _remove_previous_outputs(job.layout, job.key, job.stem)
-        _remove_staging(job)
+        remove_staging(job)
         raise
     except pyvips.Error as exc:
-        return _failed_job(job, f"cannot read the standardized slide: {exc}")
+        return failed_tiling_job(job, f"cannot read the standardized slide: {exc}")
     except Exception as exc:  # recorded, not raised: see the docstring
-        return _failed_job(job, f"{type(exc).__name__}: {exc}")
+        return failed_tiling_job(job, f"{type(exc).__name__}: {exc}")
 
 
-def _failed_job(job: _TilingJob, cause: str) -> _TilingOutcome:
+def failed_tiling_job(job: TilingJob, cause: str) -> TilingOutcome:
     """The failure of a slide that raised or whose worker process died twice
     (`parallel.map_unordered`); its staging folders are removed."""
-    _remove_staging(job)
+    remove_staging(job)
     slide_file = job.slide["standardized_file"]
     reason = f"{slide_file}: {cause}"
-    return _TilingOutcome(job.stem, failure=failure(slide_file, STAGE, reason), message=reason)
+    return TilingOutcome(job.stem, failure=failure(slide_file, STAGE, reason), message=reason)
 
 
-def _tile_or_reuse(job: _TilingJob) -> _TilingOutcome:
+def _tile_or_reuse(job: TilingJob) -> TilingOutcome:
     slide_file = job.slide["standardized_file"]
     try:
         stat = job.standardized.stat()
     except OSError as exc:
         reason = f"{slide_file}: standardized slide missing: {exc}"
-        return _TilingOutcome(job.stem, failure=failure(slide_file, STAGE, reason), message=reason)
+        return TilingOutcome(job.stem, failure=failure(slide_file, STAGE, reason), message=reason)
     fingerprint = _fingerprint(job, stat)
     if _marker_matches(job.marker, fingerprint) and job.part.is_file():
         rows = pl.read_parquet(job.part).to_dicts()
         kept = sum(1 for row in rows if row["path"])
         message = f"slide {job.stem}: already tiled ({kept} images)"
-        return _TilingOutcome(job.stem, rows=rows, reused=True, message=message)
+        return TilingOutcome(job.stem, rows=rows, reused=True, message=message)
     _remove_previous_outputs(job.layout, job.key, job.stem)
-    _remove_staging(job)
+    remove_staging(job)
     candidates = tile_slide(
         job.standardized, stem=job.stem, out_dirs=job.staging(), settings=job.settings
     )
-    folders = job.folders()
-    rows = [_tiles_row(job, candidate, folders) for candidate in candidates]
-    write_parquet_atomic(schema.frame(rows, schema.TILES), job.part)
-    for candidate in candidates:
-        if candidate.file is not None:
-            final = folders[candidate.scale] / candidate.file.name
-            with writing(final):
-                candidate.file.replace(final)
-    _remove_staging(job)
-    with atomic_path(job.marker) as tmp:
-        tmp.write_text(json.dumps({"fingerprint": fingerprint}))
-    return _TilingOutcome(job.stem, rows=rows, message=_summary(job.stem, candidates))
+    return commit_tiles(job, candidates, cut_from=CUT_FROM_TIFF)
 
 
-def _tiles_row(job: _TilingJob, candidate: Candidate, folders: Mapping[str, Path]) -> dict:
+def commit_tiles(
+    job: TilingJob, candidates: Sequence[Candidate], *, cut_from: str
+) -> TilingOutcome:
+    """Record the slide's candidates (staged under `job.staging()`) and move its kept tiles
+    into place, replacing an earlier run's (module docstring); `cut_from` says which pixels
+    the tiles were cut from."""
+    try:
+        _remove_previous_outputs(job.layout, job.key, job.stem)
+        fingerprint = _fingerprint(job, job.standardized.stat())
+        folders = job.folders()
+        rows = [_tiles_row(job, candidate, folders, cut_from) for candidate in candidates]
+        write_parquet_atomic(schema.frame(rows, schema.TILES), job.part)
+        for candidate in candidates:
+            if candidate.file is not None:
+                final = folders[candidate.scale] / candidate.file.name
+                with writing(final):
+                    candidate.file.replace(final)
+        remove_staging(job)
+        with atomic_path(job.marker) as tmp:
+            tmp.write_text(json.dumps({"fingerprint": fingerprint}))
+    except OutputWriteError:  # nothing half-moved stays
+        _remove_previous_outputs(job.layout, job.key, job.stem)
+        remove_staging(job)
+        raise
+    return TilingOutcome(job.stem, rows=rows, message=_summary(job.stem, candidates))
+
+
+def _tiles_row(
+    job: TilingJob, candidate: Candidate, folders: Mapping[str, Path], cut_from: str
+) -> dict:
     slide = job.slide
     row: dict[str, Any] = dict.fromkeys(schema.TILES) | {
         "image_name": candidate.name,
@@ -448,6 +582,7 @@ def _tiles_row(job: _TilingJob, candidate: Candidate, folders: Mapping[str, Path
         "path": None,
         "parent_image": candidate.parent,
         "split": "none",
+        "cut_from": cut_from,
         **candidate.metrics,
     }
     if candidate.file is not None:
@@ -470,7 +605,7 @@ def _summary(stem: str, candidates: Sequence[Candidate]) -> str:
     )
 
 
-def _fingerprint(job: _TilingJob, stat: os.stat_result) -> str:
+def _fingerprint(job: TilingJob, stat: os.stat_result) -> str:
     """Hash of what the tiles depend on: the slide's SLIDES fields (not the lineage columns,
     such as `run_id`, that the caller may pass along), its file and the settings."""
     identity = {
@@ -490,7 +625,7 @@ def _marker_matches(marker: Path, fingerprint: str) -> bool:
         return False
 
 
-def _remove_staging(job: _TilingJob) -> None:
+def remove_staging(job: TilingJob) -> None:
     for staging in job.staging().values():
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -75,18 +75,17 @@ def cell_sums(rgb: np.ndarray, rows: int, cols: int, thresholds: TissueThreshold
     tissue = (saturation >= thresholds.saturation) & (rgb.max(axis=2) >= thresholds.min_brightness)
     grey = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
     laplacian = _laplacian(grey)
-    planes = np.dstack(
-        [
-            np.ones_like(grey),
-            rgb.astype(np.float32),
-            tissue.astype(np.float32),
-            saturation,
-            laplacian,
-            laplacian * laplacian,
-        ]
-    )
-    shaped = planes.reshape(rows, cell_h, cols, cell_w, planes.shape[2])
-    return shaped.sum(axis=(1, 3), dtype=np.float64)
+
+    def cell_totals(plane: np.ndarray) -> np.ndarray:
+        """(rows, cols, channels) sums of an (H, W[, channels]) plane; summing one axis at a
+        time over contiguous rows is several times faster than one 2-axis reduction."""
+        channels = plane.size // (plane.shape[0] * plane.shape[1])
+        by_rows = plane.reshape(rows, cell_h, -1).sum(axis=1, dtype=np.float64)
+        return by_rows.reshape(rows, cols, cell_w, channels).sum(axis=2)
+
+    counts = np.full((rows, cols, 1), cell_h * cell_w, np.float64)
+    planes = (rgb, tissue, saturation, laplacian, laplacian * laplacian)
+    return np.concatenate([counts, *(cell_totals(plane) for plane in planes)], axis=2)
 
 
 def coarsen(sums: np.ndarray, factor: int) -> np.ndarray:

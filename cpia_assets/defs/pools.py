@@ -198,18 +198,32 @@ def _blocking_pool(event: dg.DagsterEvent) -> str | None:
     return pool.value if isinstance(pool, dg.PoolMetadataValue) else None
 
 
-def pool_reporting(executor: dg.ExecutorDefinition) -> dg.ExecutorDefinition:
-    """`executor` (same name and config) whose runs name the holders of a pool they wait for."""
+def pool_reporting(
+    executor: dg.ExecutorDefinition, default_config: dict[str, Any] | None = None
+) -> dg.ExecutorDefinition:
+    """`executor` (same name and config, or another default config) whose runs name the holders
+    of a pool they wait for."""
     create = executor.executor_creation_fn
     if create is None:
         raise ValueError(f"executor {executor.name!r} has no creation function")
+    config_schema = executor.config_schema
+    if default_config is not None:
+        config_schema = dg.Field(
+            config_schema.config_type, default_value=default_config, is_required=False
+        )
     return dg.ExecutorDefinition(
         name=executor.name,
-        config_schema=executor.config_schema,
+        config_schema=config_schema,
         requirements=executor.get_requirements,
         executor_creation_fn=lambda init_context: _PoolReportingExecutor(create(init_context)),
         description=executor.description,
     )
 
 
-pool_reporting_executor = pool_reporting(dg.multi_or_in_process_executor)
+pool_reporting_executor = pool_reporting(
+    dg.multi_or_in_process_executor, default_config={"in_process": {}}
+)
+"""The platform's default executor. In process by default: a run is a chain of steps (one
+partition's stages) whose per-slide work already runs in the `workers` pool, so steps share the
+run's process and pool instead of paying a process start-up and a new pool each. Run config
+`execution: {config: {multiprocess: {}}}` runs each step in its own process."""

@@ -22,22 +22,33 @@ def write_records(
     table: str,
     rows: Iterable[Mapping[str, Any]],
     columns: Mapping[str, pl.DataType],
+    *,
+    asset: dg.AssetKey | None = None,
 ) -> Path:
     """Write `rows` as manifests/<partition>/<table>.parquet, stamped with run id and code
-    version."""
+    version (of `asset`: needed in a multi-asset, else the context's asset)."""
     frame = schema.frame(rows, columns).with_columns(
         run_id=pl.lit(context.run.run_id, pl.String),
-        code_version=pl.lit(code_version(context), pl.String),
+        code_version=pl.lit(code_version(context, asset), pl.String),
     )
     return write_parquet_atomic(frame, layout.manifest_file(context.partition_key, table))
 
 
 def write_failures(
-    context: dg.AssetExecutionContext, layout: DataLayout, failures: Sequence[Mapping[str, Any]]
+    context: dg.AssetExecutionContext,
+    layout: DataLayout,
+    failures: Sequence[Mapping[str, Any]],
+    *,
+    asset: dg.AssetKey | None = None,
 ) -> None:
     """Record this stage's failures (an empty file clears those of an earlier run)."""
-    write_records(context, layout, f"failures-{context.asset_key.to_user_string()}", failures,
-                  schema.FAILURES)  # fmt: skip
+    asset = asset or context.asset_key
+    table = failures_table(asset)
+    write_records(context, layout, table, failures, schema.FAILURES, asset=asset)
+
+
+def failures_table(asset: dg.AssetKey) -> str:
+    return f"failures-{asset.to_user_string()}"
 
 
 def read_records(layout: DataLayout, key: str, table: str) -> list[dict[str, Any]]:
@@ -47,8 +58,9 @@ def read_records(layout: DataLayout, key: str, table: str) -> list[dict[str, Any
     return pl.read_parquet(path).to_dicts()
 
 
-def code_version(context: dg.AssetExecutionContext) -> str:
-    return context.assets_def.code_versions_by_key.get(context.asset_key) or "unversioned"
+def code_version(context: dg.AssetExecutionContext, asset: dg.AssetKey | None = None) -> str:
+    versions = context.assets_def.code_versions_by_key
+    return versions.get(asset or context.asset_key) or "unversioned"
 
 
 def progress_logger(context: dg.AssetExecutionContext) -> Callable[[str], None]:

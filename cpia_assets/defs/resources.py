@@ -42,10 +42,15 @@ class WorkerPool(dg.ConfigurableResource):
 
     `workers=0` uses every local core; `workers=1` runs in-process. `dask_scheduler` (e.g.
     `tcp://scheduler:8786`) sends the work to a Dask cluster instead, for scale-out beyond one host.
+    The local process pool is started once per run (at its first use) and serves every step of
+    the run (the partition runs execute in one process, `definitions.py`); a pool that a dead
+    worker broke is replaced at its next use.
     """
 
     workers: int = 0
     dask_scheduler: str | None = None
+
+    _pool: ProcessPoolExecutor | None = PrivateAttr(default=None)
 
     @contextmanager
     def executor(self) -> Iterator[Executor | None]:
@@ -59,6 +64,16 @@ class WorkerPool(dg.ConfigurableResource):
         if workers == 1:
             yield None
             return
-        # spawn: forking a process that holds Dagster's threads and OpenSlide handles is unsafe.
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            yield pool
+        if self._pool is None or getattr(self._pool, "_broken", False):
+            self._shutdown()
+            # spawn: forking a process that holds Dagster's threads and OpenSlide handles is unsafe.
+            self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+        yield self._pool
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
