@@ -53,3 +53,13 @@ def partition_records(data: Path, key: str) -> dict[str, pl.DataFrame]:
         frame = frame.with_columns(pl.col(text).str.replace_all(str(data), "", literal=True))
         frames[path.stem] = frame.sort(frame.columns, nulls_last=True)
     return frames
+
+
+def materialization_of(result: dg.ExecuteInProcessResult, asset: str) -> dg.AssetMaterialization:
+    """The materialization of `asset` (both assets come from the `standardize_and_tile` step)."""
+    (found,) = [
+        event
+        for event in result.get_asset_materialization_events()
+        if event.asset_key == dg.AssetKey(asset)
+    ]
+    return found.materialization

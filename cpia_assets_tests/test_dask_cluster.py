@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 from distributed import LocalCluster
 
-from cpia_assets_tests.outputs import build_partition, output_files, partition_records
+from cpia_assets_tests.outputs import (
+    build_partition,
+    materialization_of,
+    output_files,
+    partition_records,
+)
 
 KEY = "wsi-20x"  # two small synthetic slides of the test catalog
 
@@ -30,7 +35,7 @@ def test_dask_cluster_gives_the_local_pool_results_byte_for_byte(
     on_dask = build_partition(
         small_catalog_path, tmp_path / "dask", KEY, dask_scheduler=cluster.scheduler_address
     )
-    metadata = on_dask.asset_materializations_for_node("scale_tiles")[0].metadata
+    metadata = materialization_of(on_dask, "scale_tiles").metadata
     assert metadata["images"].value > 0
     assert "XL kept" in metadata["slide_thumbnails"].value  # the UI's per-slide thumbnails
     local_files = output_files(tmp_path / "local")

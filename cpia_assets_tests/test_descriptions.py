@@ -11,10 +11,6 @@ from markdown_it import MarkdownIt
 from cpia_assets.core.catalog import load_catalog
 from cpia_assets.definitions import build_definitions
 
-# The fused standardize/tiles multi_asset of issue 12 rewrites these two descriptions; strict, so
-# the marker must go once they render.
-REWRITTEN_ELSEWHERE = {"standardized_wsi", "scale_tiles"}
-
 
 @pytest.fixture(scope="module")
 def descriptions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
@@ -57,14 +53,6 @@ def test_every_description_renders_without_html(descriptions: dict[str, str]) ->
     problems = {
         name: html_in_markdown(text)
         for name, text in descriptions.items()
-        if name not in REWRITTEN_ELSEWHERE and html_in_markdown(text)
+        if html_in_markdown(text)
     }
     assert problems == {}
-
-
-@pytest.mark.xfail(strict=True, reason="description owned by the issue-12 multi_asset rewrite")
-@pytest.mark.parametrize("name", sorted(REWRITTEN_ELSEWHERE))
-def test_rewritten_descriptions_render_without_html(
-    descriptions: dict[str, str], name: str
-) -> None:
-    assert html_in_markdown(descriptions[name]) == []

@@ -14,6 +14,7 @@ from PIL import Image
 from cpia_assets.core.catalog import load_catalog
 from cpia_assets.core.layout import DataLayout
 from cpia_assets.definitions import PARTITIONED_ASSETS, build_definitions
+from cpia_assets_tests.outputs import materialization_of
 
 TILE_NAME = re.compile(r"^(?P<slide>.+)-(?P<size>3840|960|384|96)-(?P<x>\d+)-(?P<y>\d+)$")
 
@@ -34,16 +35,6 @@ def pipeline(small_catalog_path: Path, tmp_path_factory: pytest.TempPathFactory)
             for key in catalog.keys
         }
         yield DataLayout(data), results, instance
-
-
-def materialization_of(result: dg.ExecuteInProcessResult, asset: str) -> dg.AssetMaterialization:
-    """The materialization of `asset` (both assets come from the `standardize_and_tile` step)."""
-    (found,) = [
-        event
-        for event in result.get_asset_materialization_events()
-        if event.asset_key == dg.AssetKey(asset)
-    ]
-    return found.materialization
 
 
 def _tiles(layout: DataLayout, key: str) -> pl.DataFrame:

@@ -29,6 +29,7 @@ from cpia_assets.definitions import (
 )
 from cpia_assets.defs.assets.raw import SOURCE_ASSET
 from cpia_assets.defs.versions import partitions_to_rebuild
+from cpia_assets_tests.outputs import materialization_of
 
 CATALOG = """\
 subdatasets:
@@ -117,7 +118,7 @@ class Platform:
             instance=self.instance,
         )
         return {
-            name: result.asset_materializations_for_node(name)[0].tags["dagster/data_version"]
+            name: materialization_of(result, name).tags["dagster/data_version"]
             for name in PARTITIONED_ASSETS
         }
 

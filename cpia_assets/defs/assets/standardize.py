@@ -49,7 +49,7 @@ STANDARDIZED_WSI = dg.AssetSpec(
     skippable=True,
     description=(
         "WSI sub-datasets: every slide resampled to the target microns per pixel (default "
-        "0.491) and written as a pyramidal JPEG TIFF under standardized/<key>/, with source "
+        "0.491) and written as a pyramidal JPEG TIFF under `standardized/<key>/`, with source "
         "MPP, its origin, level and scale factor recorded per slide. ROI sub-datasets: this "
         "stage does the ROI crop/resize instead (largest centred square, 384x384 JPEG, kept "
         "under the catalog's scale folder with label and split). Bad files are recorded in "
