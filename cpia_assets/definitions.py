@@ -53,8 +53,10 @@ def build_definitions(
         partitions_def=partitions,
         description=(
             "Download, standardize, tile and build CPIA-Mini of one sub-dataset (one run per "
-            "partition)."
+            "partition; each step in its own process, so backfills under the run queue isolate "
+            "a crashing step)."
         ),
+        config={"execution": {"config": {"multiprocess": {}}}},
     )
     observe_job = dg.define_asset_job(
         OBSERVE_JOB,

@@ -24,6 +24,7 @@ from cpia_assets.core.manifest import load_manifest, open_manifest
 from cpia_assets.core.standardize import StandardizeSettings, standardize_partition
 from cpia_assets.core.tiling import TilingSettings, tile_partition
 from cpia_assets.definitions import build_definitions
+from cpia_assets.defs.pools import pool_reporting_executor
 from cpia_assets.defs.resources import WorkerPool
 from cpia_assets_tests.slide_factory import TESTDATA, build_slide, tissue_only
 from cpia_assets_tests.small_disk import resize, tmpfs
@@ -260,10 +261,17 @@ def test_a_run_shares_one_worker_pool_and_replaces_a_broken_one() -> None:
             assert fresh is not first and fresh.submit(int, "8").result() == 8
 
 
-def test_partition_runs_execute_their_steps_in_the_run_process(tmp_path: Path) -> None:
+def test_asset_runs_execute_their_steps_in_the_run_process(tmp_path: Path) -> None:
+    """`dagster asset materialize`, the UI's materialize and `make demo` run in process; the
+    partition job of backfills gives each step its own process."""
     defs = build_definitions(load_catalog("demo"), tmp_path)
-    for job in ("build_subdatasets", "__ASSET_JOB"):
-        assert defs.resolve_job_def(job).executor_def is dg.in_process_executor
+    executor = defs.resolve_job_def("__ASSET_JOB").executor_def
+    assert executor is pool_reporting_executor
+    assert executor.config_schema.as_field().default_value == {"in_process": {}}
+    partition_job = defs.resolve_job_def("build_subdatasets")
+    assert partition_job.executor_def is pool_reporting_executor
+    run_config = partition_job.partitioned_config.get_run_config_for_partition_key("demo-wsi-40x")
+    assert run_config["execution"]["config"] == {"multiprocess": {}}
 
 
 def test_the_manifest_loads_cut_from_and_older_files_without_it(

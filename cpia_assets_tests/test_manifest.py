@@ -37,7 +37,7 @@ from cpia_assets.core.manifest import (
     trace_image,
 )
 from cpia_assets.core.mosaic import EMPTY_CELL, UNREADABLE, MosaicStyle, build_mosaic
-from cpia_assets.definitions import PARTITIONED_ASSETS, build_definitions
+from cpia_assets.definitions import build_definitions
 from cpia_assets.defs.instance import DUCKDB_POOL as POOL
 from cpia_assets.defs.instance import ensure_pool_limits, prepare_instance
 
@@ -800,8 +800,9 @@ def test_partition_runs_beside_manifest_runs_lose_nothing(tmp_path: Path) -> Non
                    if f"blocked by limit for pool {POOL}" in (record.message or "")]  # fmt: skip
         assert blocked
         spans = list(_step_spans(instance, manifest_runs[1:], DUCKDB_STEPS))
-        writing = list(_step_spans(instance, partition_runs, set(PARTITIONED_ASSETS)))
-        assert len(spans) == 4 and len(writing) == 12
+        partition_steps = {"raw_download", "standardize_and_tile"}
+        writing = list(_step_spans(instance, partition_runs, partition_steps))
+        assert len(spans) == 4 and len(writing) == 8
         assert any(start < other_end and other_start < end for start, end in spans
                    for other_start, other_end in writing)  # fmt: skip
         checks = instance.all_logs(

@@ -448,8 +448,8 @@ def test_demo_builds_mini_and_its_shards(small_catalog_path: Path, tmp_path: Pat
         again = demo()
         newest_first = instance.get_runs()
     assert {run.job_name for run in newest_first[: len(newest_first) - runs]} == {OBSERVE_JOB}
-    steps = len(load_catalog(small_catalog_path).keys) + 3  # manifest, shards, ssl
-    assert "downstream_eval: skipped" in again.stdout  # no demo-roi-cells task here
+    steps = len(load_catalog(small_catalog_path).keys) + 4  # manifest, shards, ssl, evaluation
+    assert "random / none / none" in run.stdout  # evaluated on roi-cells, its labelled cells
     assert again.stdout.count(UP_TO_DATE) == steps
     assert "Asset check 'mini_ratios' on 'tile_manifest' passed" in run.stdout
     assert "CPIA-Mini (384 px):" in run.stdout

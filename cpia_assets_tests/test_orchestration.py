@@ -136,7 +136,8 @@ def test_backfill_under_the_daemon_runs_each_partition_once_within_the_queue_lim
         run = runs[0]
         run_pid = _pids(instance, run.run_id, dg.DagsterEventType.RUN_START)
         step_pids = _pids(instance, run.run_id, dg.DagsterEventType.STEP_START)
-        assert len(step_pids) == len(PARTITIONED_ASSETS)  # each step in its own process
+        steps = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_START)
+        assert len(step_pids) == len(steps) >= 3  # each step in its own process
         assert not step_pids & run_pid
 
 

@@ -141,7 +141,12 @@ def test_on_a_dask_cluster_only_the_item_whose_workers_all_die_is_lost(tmp_path:
     marker = tmp_path / "kill.txt"
     marker.write_text("5")
     items = [(number, str(marker)) for number in range(8)]
-    retry_once = {"distributed.scheduler.allowed-failures": 1}
+    # One task per worker thread at a time (no tasks queued on a worker), so a worker's death
+    # makes only the item it was running suspicious, not an innocent one queued behind it.
+    retry_once = {
+        "distributed.scheduler.allowed-failures": 1,
+        "distributed.scheduler.worker-saturation": 1.0,
+    }
     with (
         dask.config.set(retry_once),
         LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster,
