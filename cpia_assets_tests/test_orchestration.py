@@ -6,7 +6,6 @@ and the manifest at once from the CLI: `test_manifest.py`,
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from PIL import Image
 from cpia_assets.definitions import PARTITIONED_ASSETS
 from cpia_assets.defs.automation import SENSOR_NAME
 from cpia_assets.defs.instance import prepare_instance
+from cpia_assets_tests.processes import stop_process_group
 
 KEYS = ("cells-a", "cells-b", "cells-c")
 MAX_RUNS = 2
@@ -71,12 +71,7 @@ def daemon(platform_env: dict[str, str], tmp_path: Path) -> Iterator[subprocess.
     try:
         yield process
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_process_group(process)
         log.close()
 
 

@@ -4,8 +4,6 @@ graph and partitions, a partition run launched through it, its materialization m
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +17,7 @@ from typing import Any
 import pytest
 
 from cpia_assets.definitions import PARTITIONED_ASSETS
+from cpia_assets_tests.processes import stop_process_group
 from cpia_assets_tests.test_orchestration import KEYS, MODULE, SENSOR_NAME, _dagster, platform_env
 
 __all__ = ["platform_env"]  # the fixture, shared with test_orchestration
@@ -81,12 +80,7 @@ def graphql(platform_env: dict[str, str], tmp_path: Path) -> Iterator[GraphQL]:
         client.wait_ready(server, log_path, timeout=300)
         yield client
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_process_group(server)
         log.close()
 
 
