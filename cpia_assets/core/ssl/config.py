@@ -228,12 +228,16 @@ def prepare_run_dir(job: PretrainJob) -> str:
 
 
 def launch_command(
-    job_file: Path, settings: PretrainSettings, python: str = sys.executable
+    job_file: Path,
+    settings: PretrainSettings,
+    python: str = sys.executable,
+    module: str = "cpia_assets.core.ssl.train",
 ) -> list[str]:
-    """`python -m cpia_assets.core.ssl.train JOB` on one device, else the same under torchrun (one
-    process per device; with several nodes this starts this node's share and the other nodes run
-    the same command with their --node-rank)."""
-    train = ["-m", "cpia_assets.core.ssl.train", str(job_file)]
+    """`python -m MODULE JOB` on one device, else the same under torchrun (one process per
+    device; with several nodes this starts this node's share and the other nodes run the same
+    command with their --node-rank). `module`: the training entry point (the Dagster asset
+    passes its Pipes-reporting wrapper)."""
+    train = ["-m", module, str(job_file)]
     if settings.devices * settings.nodes == 1:
         return [python, *train]
     command = [python, "-m", "torch.distributed.run", f"--nproc-per-node={settings.devices}"]

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -134,19 +132,13 @@ def _write_outputs(
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, progress: Callable[[str], None] = print) -> int:
+    """Train from the job file named on the command line, telling `progress` as it goes."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
         print("usage: python -m cpia_assets.core.ssl.train JOB.json", file=sys.stderr)
         return 2
-    job = PretrainJob.load(Path(args[0]))
-    with ExitStack() as stack:
-        progress: Callable[[str], None] = print
-        if os.environ.get("DAGSTER_PIPES_CONTEXT") and int(os.environ.get("RANK", "0")) == 0:
-            from dagster_pipes import open_dagster_pipes  # the Pipes protocol, not Dagster itself
-
-            progress = stack.enter_context(open_dagster_pipes()).log.info
-        run_training(job, progress=progress)
+    run_training(PretrainJob.load(Path(args[0])), progress=progress)
     return 0
 
 

@@ -37,6 +37,8 @@ SSL_PARTITIONS = dg.MultiPartitionsDefinition(
     }
 )
 SHARDS_ASSET = "training_shards"
+TRAINING_CHILD = "cpia_assets.defs.ssl_child"
+"""The training process this asset starts: the core's training, reporting through Pipes."""
 
 
 def build_ssl_assets() -> list[dg.AssetsDefinition]:
@@ -72,7 +74,8 @@ def build_ssl_assets() -> list[dg.AssetsDefinition]:
             f"[{context.partition_key}] {start} run on {source} ({', '.join(folders)})"
         )
         pipes_subprocess_client.run(
-            context=context, command=launch_command(out / JOB_FILE, settings)
+            context=context,
+            command=launch_command(out / JOB_FILE, settings, module=TRAINING_CHILD),
         ).get_results()
         summary = json.loads((out / SUMMARY_FILE).read_text())
         curve = preview_data_uri(out / LOSS_CURVE_FILE)

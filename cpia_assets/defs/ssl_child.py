@@ -1,0 +1,22 @@
+"""The training process the `ssl_checkpoint` asset starts (`python -m` or under torchrun): the
+core's training entry point, with rank 0 reporting its progress to the asset through Dagster
+Pipes. The training itself stays in `cpia_assets.core.ssl.train`, free of Dagster."""
+
+from __future__ import annotations
+
+import os
+
+from cpia_assets.core.ssl import train
+
+
+def main() -> int:
+    if not os.environ.get("DAGSTER_PIPES_CONTEXT") or int(os.environ.get("RANK", "0")) != 0:
+        return train.main()
+    from dagster_pipes import open_dagster_pipes
+
+    with open_dagster_pipes() as pipes:
+        return train.main(progress=pipes.log.info)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
