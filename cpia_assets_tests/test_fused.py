@@ -16,7 +16,7 @@ import pytest
 import pyvips
 from PIL import Image
 
-from cpia_assets.core import tiling
+from cpia_assets.core import standardize, tiling
 from cpia_assets.core.catalog import WsiOptions, load_catalog
 from cpia_assets.core.fused import standardize_and_tile_partition
 from cpia_assets.core.layout import DataLayout
@@ -146,27 +146,51 @@ def test_a_slide_that_fails_midway_leaves_nothing_and_its_sibling_finishes(
 ) -> None:
     layout = DataLayout(tmp_path)
     _fused(raw_slides[:1], layout)  # an earlier run tiled the first slide
-    cut = tiling.StripTiler.__call__
+    resample = standardize.resample_rows  # only the 20x slide is enlarged (Pillow, in bands)
 
-    def crash_in_the_20x_slide(self, strip):
-        if self.stem.startswith("F20"):
-            raise RuntimeError("simulated crash")
-        cut(self, strip)
+    def unreadable_after_one_band(*args, **kwargs):
+        bands = resample(*args, **kwargs)
+        yield next(bands)
+        raise RuntimeError("simulated unreadable tile")
 
-    monkeypatch.setattr(tiling.StripTiler, "__call__", crash_in_the_20x_slide)
+    monkeypatch.setattr(standardize, "resample_rows", unreadable_after_one_band)
     slides, tiles = _fused(raw_slides[:2], layout)
     (failed,) = slides.failures
-    assert failed["file"].endswith("F20-0001.tiff") and "simulated crash" in failed["reason"]
+    assert failed["file"].endswith("F20-0001.tiff") and "unreadable tile" in failed["reason"]
     assert {Path(r["source_file"]).name for r in slides.records} == {"F40-0001.tiff"}
     names = {row["image_name"] for row in tiles.records}
     assert names and all(name.startswith("F40") for name in names)
     leftovers = [p for p in tmp_path.rglob("*") if "F20" in p.name or p.name.endswith(".tmp")]
     assert leftovers == []
 
-    monkeypatch.setattr(tiling.StripTiler, "__call__", cut)
+    monkeypatch.setattr(standardize, "resample_rows", resample)
     slides, tiles = _fused(raw_slides[:2], layout)
     assert not slides.failures and slides.reused == 1 and tiles.reused == 1
     assert {row["image_name"][:3] for row in tiles.records} == {"F40", "F20"}
+
+
+def test_a_crash_while_cutting_keeps_the_tiff_and_tiles_from_it(
+    raw_slides, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cut = tiling.StripTiler._cut
+
+    def crash_in_the_20x_slide(self, strip, row):
+        if self.stem.startswith("F20"):
+            raise RuntimeError("simulated bug")
+        cut(self, strip, row)
+
+    monkeypatch.setattr(tiling.StripTiler, "_cut", crash_in_the_20x_slide)
+    messages: list[str] = []
+    layout = DataLayout(tmp_path)
+    slides, tiles = standardize_and_tile_partition(
+        raw_slides[:2], key=KEY, layout=layout, options=WsiOptions(),
+        settings=StandardizeSettings(), tiling=TilingSettings(), progress=messages.append,
+    )  # fmt: skip
+    assert not slides.failures and not tiles.failures and len(slides.records) == 2
+    cut_from = {row["image_name"][:3]: row["cut_from"] for row in tiles.records}
+    assert cut_from == {"F40": tiling.CUT_FROM_RESAMPLED, "F20": tiling.CUT_FROM_TIFF}
+    assert any("F20" in m and "RuntimeError: simulated bug" in m for m in messages)
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
 
 
 @pytest.fixture

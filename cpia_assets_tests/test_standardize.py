@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -13,6 +14,8 @@ from PIL import Image
 
 from cpia_assets.core import standardize
 from cpia_assets.core.catalog import WsiOptions
+from cpia_assets.core.downloads.state import DownloadState, verified_digests
+from cpia_assets.core.fsutil import sha256_file
 from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.slides import Mpp, SlideInfo
 from cpia_assets.core.standardize import (
@@ -123,6 +126,58 @@ def test_resampling_streams_source_rows_instead_of_holding_the_level():
     assert sum(len(band) for band in bands) == 2000 - 50
 
 
+def _open_descriptors() -> int:
+    """Open descriptors, once libvips' cache no longer holds files of earlier tests."""
+    standardize.trim_operation_cache()
+    return sum(1 for _ in Path("/proc/self/fd").iterdir())
+
+
+def _row_feeders() -> int:
+    """Threads still feeding rows to libvips (`standardize._PngRowStream.feed`)."""
+    return sum(thread.name == "png-rows" for thread in threading.enumerate())
+
+
+def test_streamed_pyramid_holds_exactly_the_rows_given(tmp_path: Path):
+    pixels = real_pixels()[:700, :600]
+    dest = tmp_path / "s.tiff"
+    before = _open_descriptors()
+    standardize.write_pyramid_tiff(
+        dest, _chunks(pixels, 64), size=(600, 700), mpp=(0.5, 0.5),
+        settings=StandardizeSettings(jpeg_quality=100),
+    )  # fmt: skip
+    assert (_open_descriptors(), _row_feeders()) == (before, 0)
+    written = pyvips.Image.tiffload(str(dest)).numpy()
+    assert written.shape == pixels.shape
+    assert np.abs(written.astype(int) - pixels).mean() < 1.5  # JPEG q100
+
+
+def test_streamed_pyramid_fails_with_the_producers_error_or_libvips_own(tmp_path: Path):
+    pixels = real_pixels()[:700, :600]
+
+    def failing_rows():
+        yield pixels[:300]
+        raise RuntimeError("tile 3 of the source is not a JPEG")
+
+    settings = StandardizeSettings()
+    with pytest.raises(RuntimeError, match="not a JPEG"):
+        standardize.write_pyramid_tiff(
+            tmp_path / "a.tiff", failing_rows(), size=(600, 700), mpp=(0.5, 0.5), settings=settings
+        )
+
+    # The reader gives up first (no such folder) while rows are still coming: the producer
+    # thread is stopped, not left blocked on a full pipe.
+    def endless_rows():
+        while True:
+            yield pixels[:100]
+
+    with pytest.raises(pyvips.Error, match="unable to open"):
+        standardize.write_pyramid_tiff(
+            tmp_path / "missing" / "b.tiff", endless_rows(), size=(600, 10**6), mpp=(0.5, 0.5),
+            settings=settings,
+        )  # fmt: skip
+    assert _row_feeders() == 0
+
+
 def test_plan_picks_the_coarsest_level_not_coarser_than_the_target():
     sizes = [(80_000, 40_000), (40_000, 20_000), (20_000, 10_000), (10_000, 5_000)]
     plan = plan_resample(_info(sizes), Mpp(0.1, 0.1, "openslide"), StandardizeSettings())
@@ -226,6 +281,37 @@ def test_rerun_reuses_done_slides_and_redoes_interrupted_or_changed_ones(tmp_pat
         (layout.manifest_dir(KEY) / "parts/standardized/openslide-small.json").read_text()
     )
     assert marker["record"]["target_mpp"] == 0.4942
+
+
+def test_digests_verified_by_the_download_are_not_read_again(tmp_path: Path, monkeypatch):
+    layout = DataLayout(tmp_path / "data")
+    files = _raw_dir(tmp_path, GOOD)
+    raw = layout.raw_dir(KEY)
+    state = DownloadState(dest=raw)
+    for path in files:
+        state.record(path.name, sha256=sha256_file(path), source=str(path), owned=False)
+    state.save()
+    small = raw / "openslide-small.svs"
+    small.unlink()  # replaced after the download verified it: its digest is no longer known
+    small.symlink_to(TESTDATA / "CMU-1-Small-Region.svs")
+    known = verified_digests(raw)
+    assert set(known) == {raw / "CMU-1-Small-Region.svs"}
+
+    hashed = []
+
+    def counted(path: Path) -> str:
+        hashed.append(path.name)
+        return sha256_file(path)
+
+    monkeypatch.setattr(standardize, "sha256_file", counted)
+    result = standardize_partition(
+        files, key=KEY, layout=layout, options=WsiOptions(), settings=StandardizeSettings(),
+        known_sha256=known,
+    )  # fmt: skip
+    assert hashed == ["openslide-small.svs"]
+    assert {r["source_file"]: r["source_sha256"] for r in result.records} == {
+        layout.stored(path): sha256_file(path) for path in files
+    }
 
 
 def test_tolerance_copies_near_target_slide_at_its_own_mpp(tmp_path: Path):

@@ -9,16 +9,17 @@ tiles are one JPEG generation from the resampled pixels (TILES `cut_from` = `res
 Records, files, resume markers and failures are those of the two stages run one after the
 other. A slide whose standardized TIFF is already done for the same source and settings is
 tiled as `scale_tiles` does (reused, or cut from the stored TIFF); so is a slide whose level
-libvips shrinks from an OpenSlide row stream (its pixels never reach Python). A slide that
-fails here is a failure of standardized_wsi; its tiles from an earlier run are deleted at the
-end, like those of every slide that is not tiled.
+libvips shrinks from an OpenSlide row stream (its pixels never reach Python), and one whose cut
+failed unexpectedly (`StripTiler.error`): its TIFF is kept and the tiles are cut from it. A
+slide whose standardization fails is a failure of standardized_wsi; its tiles from an earlier
+run are deleted at the end, like those of every slide that is not tiled.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cpia_assets.core.catalog import WsiOptions
@@ -77,11 +78,17 @@ def standardize_and_tile_partition(
     tiling: TilingSettings,
     executor: Executor | None = None,
     progress: Callable[[str], None] | None = None,
+    known_sha256: Mapping[Path, str] | None = None,
 ) -> tuple[StageResult, StageResult]:
     """`standardize_partition` and then `tile_partition` of its records, in one pass per slide
     (module docstring); returns both stages' results."""
     jobs, slides = slide_jobs(
-        slide_files, key=key, layout=layout, options=options, settings=settings
+        slide_files,
+        key=key,
+        layout=layout,
+        options=options,
+        settings=settings,
+        known_sha256=known_sha256,
     )
     slides.progress = progress
     tiles = TilesCollector(progress)
@@ -108,8 +115,12 @@ def _run_fused_job(job: _FusedJob) -> _FusedOutcome:
         remove_staging(staging)
         return _FusedOutcome(standardized)
     tiling_job = job.tiling_job(standardized.record)
-    if not tiler.complete:  # reused, or an OpenSlide-only level
-        return _FusedOutcome(standardized, run_tiling_job(tiling_job))
+    if not tiler.complete:  # reused, an OpenSlide-only level, or the cut failed
+        tiles = run_tiling_job(tiling_job)
+        if tiler.error is not None:
+            note = f"one-pass cut failed ({tiler.error}), cut from the stored TIFF instead"
+            tiles = replace(tiles, message=f"{tiles.message} [{note}]")
+        return _FusedOutcome(standardized, tiles)
     try:
         tiles = commit_tiles(tiling_job, tiler.candidates, cut_from=CUT_FROM_RESAMPLED)
     except OutputWriteError:

@@ -27,8 +27,10 @@ bands hold about `_BAND_BYTES` of source rows plus the filter margin. Memory the
 on the slide width, never on its height or area.
 
 Resume: `manifests/<key>/parts/standardized/<stem>.json` holds the SLIDES record and a
-fingerprint of the source bytes (sha256), the settings and the slide's catalog options. A rerun
-reuses a slide whose marker matches and whose TIFF is present; anything else is redone. The TIFF
+fingerprint of the source bytes (sha256, taken from raw_download's state file when the file is
+unchanged since it was verified there, `known_sha256`), the settings and the slide's catalog
+options. A rerun reuses a slide whose marker matches and whose TIFF is present; anything else
+is redone. The TIFF
 is written to a temporary sibling and renamed into place before its marker is written, so an
 interrupted slide leaves nothing at its final name. At the end of a partition the TIFF and
 marker of every slide that is no longer an input or failed this time are deleted, so the
@@ -37,15 +39,19 @@ TIFFs on disk are exactly the records.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
+import os
+import select
 import shutil
 import struct
+import threading
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -75,6 +81,9 @@ _BAND_BYTES = 16 << 20
 _RESUME_VERSION = 2
 """Bump when the output of the same inputs and settings changes, to redo finished slides."""
 _BIGTIFF_ABOVE = 3 << 30
+_F_SETPIPE_SZ = 1031  # fcntl command (Linux)
+_PIPE_BYTES = 1 << 20
+_FEED_WAIT_S = 0.2
 
 
 class StripConsumer(Protocol):
@@ -236,61 +245,68 @@ def shrink_by(image: pyvips.Image, factors: Sequence[float]) -> pyvips.Image:
 
 
 class _PngRowStream:
-    """An uncompressed PNG built on the fly from RGB row bands, read by libvips via `on_read`.
+    """An uncompressed PNG built on the fly from RGB row bands and written into a pipe that
+    libvips reads (`write_pyramid_tiff`).
 
     libvips-binary has no raw or PPM source loader, and a PNG with stored (level 0) deflate
-    blocks costs only a copy and two checksums per byte. An exception raised while producing
-    rows (e.g. a corrupt source tile) cannot cross the C callback; it is kept in `error` and the
-    stream ends early, which makes libvips fail; the caller re-raises `error`.
+    blocks costs only a copy and two checksums per byte. The rows are produced in a thread of
+    our own (`feed`), not in a read callback: that would run the producer's work (in the fused
+    path, computing strips with libvips and cutting tiles) nested inside libvips' worker
+    threads, whose per-thread buffers then grew the peak memory strip after strip. An exception
+    raised while producing rows (e.g. a corrupt source tile) is kept in `error` and the pipe is
+    closed early, which makes libvips fail; the caller re-raises `error`.
     """
 
     def __init__(self, width: int, height: int, bands: Iterable[np.ndarray]) -> None:
         self.width, self.height = width, height
         self.rows_sent = 0
         self.error: BaseException | None = None
-        self._chunks = self._png_chunks(iter(bands))
-        self._pending = memoryview(b"")
+        self._bands = iter(bands)
 
-    def source(self) -> pyvips.SourceCustom:
-        source = pyvips.SourceCustom()
-        source.on_read(self._read)
-        return source
-
-    def _read(self, size: int) -> bytes:
+    def feed(self, descriptor: int, stop: threading.Event) -> None:
+        """Write the PNG into the pipe's write end `descriptor` and close it; returns early,
+        leaving the PNG unfinished, once `stop` is set (the reader has given up)."""
         try:
-            while not self._pending:
-                self._pending = memoryview(next(self._chunks))
-        except StopIteration:
-            return b""
+            os.set_blocking(descriptor, False)
+            for piece in self._png_chunks(self._bands):
+                view = memoryview(piece)
+                while view:
+                    try:
+                        view = view[os.write(descriptor, view) :]
+                    except BlockingIOError:
+                        if stop.is_set():
+                            return
+                        select.select([], [descriptor], [], _FEED_WAIT_S)
         except Exception as exc:  # re-raised by the caller, see the class docstring
             self.error = exc
-            return b""
-        chunk, self._pending = self._pending[:size], self._pending[size:]
-        return bytes(chunk)
+        finally:
+            os.close(descriptor)
 
     def _png_chunks(self, bands: Iterator[np.ndarray]) -> Iterator[bytes]:
+        """The PNG's bytes in pieces; pixel data is copied as few times as possible (it is
+        most of what passes here): once into the filtered rows, once by zlib."""
         header = struct.pack(">IIBBBBB", self.width, self.height, 8, 2, 0, 0, 0)
-        yield b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
+        yield b"\x89PNG\r\n\x1a\n"
+        yield from _png_chunk(b"IHDR", header)
         deflate = zlib.compressobj(0)
-        slice_rows = max(1, _BAND_BYTES // (3 * self.width))  # copies stay small (memory)
+        filter_none = b"\x00"  # each row's filter type byte
         for band in bands:
             if band.shape[1:] != (self.width, 3):
                 raise StandardizeError(f"band of shape {band.shape} for width {self.width}")
-            for top in range(0, len(band), slice_rows):
-                rows = band[top : top + slice_rows]
-                filtered = np.zeros((len(rows), 1 + 3 * self.width), np.uint8)  # filter byte 0
-                filtered[:, 1:] = rows.reshape(len(rows), -1)
-                self.rows_sent += len(rows)
-                data = deflate.compress(filtered)
-                if data:
-                    yield _png_chunk(b"IDAT", data)
-            del band, rows  # not held while the next band is computed (`_vips_strips`)
-        yield _png_chunk(b"IDAT", deflate.flush()) + _png_chunk(b"IEND", b"")
+            for row in np.ascontiguousarray(band):  # zlib reads each row in place
+                for data in (deflate.compress(filter_none), deflate.compress(row)):
+                    if data:
+                        yield from _png_chunk(b"IDAT", data)
+            self.rows_sent += len(band)
+            del band, row  # not held while the next band is computed (`_vips_strips`)
+        yield from _png_chunk(b"IDAT", deflate.flush())
+        yield from _png_chunk(b"IEND", b"")
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
+def _png_chunk(kind: bytes, data: bytes) -> tuple[bytes, bytes, bytes]:
+    """A PNG chunk in three pieces (length and type, data, CRC), so `data` is not copied."""
     crc = zlib.crc32(data, zlib.crc32(kind))
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+    return struct.pack(">I", len(data)) + kind, data, struct.pack(">I", crc)
 
 
 def save_pyramid(
@@ -325,17 +341,37 @@ def write_pyramid_tiff(
     when given, into a pyramid (`save_pyramid`)."""
     width, height = size
     stream = _PngRowStream(width, height, bands)
+    read_end, write_end = os.pipe()
+    with contextlib.suppress(OSError):  # a larger pipe buffer where the system allows it
+        fcntl.fcntl(write_end, _F_SETPIPE_SZ, _PIPE_BYTES)
+    stop = threading.Event()
+    feeder = threading.Thread(target=stream.feed, args=(write_end, stop), name="png-rows")
+    feeder.start()
     try:
-        image = pyvips.Image.new_from_source(stream.source(), "", access="sequential")
+        source = pyvips.Source.new_from_descriptor(read_end)  # libvips reads a copy of it
+        image = pyvips.Image.new_from_source(source, "", access="sequential")
         save_pyramid(transform(image) if transform else image, dest, mpp=mpp, settings=settings)
     except pyvips.Error as exc:
         if stream.error is not None:
             raise stream.error from exc
         raise
+    finally:
+        os.close(read_end)
+        stop.set()
+        feeder.join()
+        trim_operation_cache()  # the cached load holds libvips' copy of the read end
     if stream.error is not None:
         raise stream.error
     if stream.rows_sent != height:
         raise StandardizeError(f"{dest.name}: {stream.rows_sent} rows written, {height} expected")
+
+
+def trim_operation_cache() -> None:
+    """Empty libvips' operation cache, whose entries hold their inputs alive: the memory of a
+    strip that was cropped, the pipe a stream was loaded from."""
+    limit = pyvips.cache_get_max()
+    pyvips.cache_set_max(0)
+    pyvips.cache_set_max(limit)
 
 
 def standardize_slide(
@@ -420,7 +456,7 @@ def _write_standardized(
         )
 
 
-@contextmanager
+@contextlib.contextmanager
 def _reading_level(reader: SlideReader, level: int, dest: Path) -> Iterator[None]:
     """A libvips error inside the block that is no output fault is the slide's: its level
     cannot be decoded."""
@@ -475,6 +511,7 @@ class SlideJob:
     standardized_file: str
     options: WsiOptions
     settings: StandardizeSettings
+    known_sha256: str | None = None  # the source's digest, when already known
 
 
 @dataclass(frozen=True)
@@ -495,13 +532,20 @@ def standardize_partition(
     settings: StandardizeSettings,
     executor: Executor | None = None,
     progress: Callable[[str], None] | None = None,
+    known_sha256: Mapping[Path, str] | None = None,
 ) -> StageResult:
     """Standardize a partition's slides (in parallel over `executor`) into
     `standardized/<key>/<stem>.tiff`; one SLIDES record per slide done or reused, one failure
     per slide that could not be used (the others finish). Afterwards the outputs of slides
-    without a record are deleted (module docstring)."""
+    without a record are deleted (module docstring). `known_sha256`: digests of source files
+    that need not be read again (`downloads.state.verified_digests`)."""
     jobs, collector = slide_jobs(
-        slide_files, key=key, layout=layout, options=options, settings=settings
+        slide_files,
+        key=key,
+        layout=layout,
+        options=options,
+        settings=settings,
+        known_sha256=known_sha256,
     )
     collector.progress = progress
     for outcome in map_unordered(run_slide_job, jobs, executor, on_lost=failed_slide_job):
@@ -516,6 +560,7 @@ def slide_jobs(
     layout: DataLayout,
     options: WsiOptions,
     settings: StandardizeSettings,
+    known_sha256: Mapping[Path, str] | None = None,
 ) -> tuple[list[SlideJob], SlidesCollector]:
     """One job per slide, and the collector of their outcomes, which already holds the
     failures of slides whose name another slide of the partition uses."""
@@ -540,6 +585,7 @@ def slide_jobs(
                 standardized_file=layout.stored(output),
                 options=options,
                 settings=settings,
+                known_sha256=(known_sha256 or {}).get(source),
             )
         )
     return jobs, collector
@@ -599,7 +645,7 @@ def _standardize_or_reuse(job: SlideJob, strips: StripConsumer | None) -> SlideO
     name = job.source.name
     try:
         source_bytes = job.source.stat().st_size
-        source_sha256 = sha256_file(job.source)
+        source_sha256 = job.known_sha256 or sha256_file(job.source)
     except OSError as exc:
         reason = f"{name}: cannot read the file: {exc}"
         return SlideOutcome(job.source_file, failure=failure(job.source_file, STAGE, reason))

@@ -19,8 +19,9 @@ Names: `<slide stem>-<size>-<x>-<y>` with the top-left corner at (size * x, size
 standardized slide, e.g. `TCGA-A2-A0EY-01A-01-BSA-960-39-6`. Tiles keep their native size.
 
 Each XL region is decoded once; every smaller scale is cut from it in memory. Large tiles are
-JPEG-encoded by libvips and S tiles by Pillow (faster for small images; same libjpeg-turbo,
-quality and 4:2:0 chroma subsampling). Two sources of pixels, recorded per row in `cut_from`:
+JPEG-encoded by libvips and M and S tiles by Pillow (about 2x faster for these sizes, whose
+per-call overhead dominates in libvips; same libjpeg-turbo, quality and 4:2:0 chroma
+subsampling). Two sources of pixels, recorded per row in `cut_from`:
 the stored standardized TIFF (`tile_slide`, `standardized_tiff`) or, when standardized_wsi runs
 in the same pass, the resampled pixels on their way into that TIFF (`StripTiler`, `resampled`,
 see `core/fused.py`); both take the same decisions and write the same records.
@@ -58,6 +59,7 @@ from cpia_assets.core.fsutil import OutputWriteError, atomic_path, write_parquet
 from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.parallel import map_unordered
 from cpia_assets.core.stage import StageResult, failure
+from cpia_assets.core.standardize import trim_operation_cache
 from cpia_assets.core.tissue import (
     METRICS,
     TissueThresholds,
@@ -70,8 +72,8 @@ from cpia_assets.core.tissue import (
 STAGE = "scale_tiles"
 SCALES = ("XL", "L", "M", "S")
 CELLS_PER_XL_EDGE = {"XL": 1, "L": 4, "M": 10, "S": 40}
-_PIL_ENCODE_MAX_PX = 96
-"""Tiles up to this edge are encoded by Pillow (per-call overhead of libvips dominates)."""
+PIL_ENCODE_MAX_PX = 384
+"""Tiles up to this edge (M and S) are encoded by Pillow (module docstring)."""
 S_RULES = ("uniform", "per_m_tile")
 PER_M_TILE_S_CELL = (2, 1)
 """(row, column) of the one S cell an M tile gives under `s_rule="per_m_tile"`."""
@@ -191,7 +193,9 @@ class StripTiler:
 
     The thumbnail test sees the strip box-shrunk by the factor of the pyramid page that
     `tile_slide` would read from the finished TIFF, so both paths take the same decisions
-    (their metrics differ only by the TIFF's JPEG encoding)."""
+    (their metrics differ only by the TIFF's JPEG encoding). An unexpected error while cutting
+    stops the cut, not the TIFF: it is kept in `error`, and the slide is tiled from its
+    finished TIFF instead (`fused.py`). An output-side fault (disk full) is raised."""
 
     def __init__(self, *, stem: str, out_dirs: Mapping[str, Path], settings: TilingSettings):
         self.rows = settings.xl_size
@@ -199,11 +203,12 @@ class StripTiler:
         self.candidates: list[Candidate] = []
         self.size: tuple[int, int] | None = None
         self.rows_seen = 0
+        self.error: str | None = None
 
     @property
     def complete(self) -> bool:
-        """Whether every row of the slide has passed (else tile it from the TIFF)."""
-        return self.size is not None and self.rows_seen == self.size[1]
+        """Whether every row of the slide was cut here (else tile it from the stored TIFF)."""
+        return self.error is None and self.size is not None and self.rows_seen == self.size[1]
 
     def begin(self, size: tuple[int, int]) -> None:
         self.size = size
@@ -213,9 +218,20 @@ class StripTiler:
     def __call__(self, strip: np.ndarray) -> None:
         assert self.size is not None, "begin() first"
         row, self.rows_seen = self.rows_seen // self.rows, self.rows_seen + len(strip)
-        xl = self.settings.xl_size
-        if len(strip) < xl:
+        if len(strip) < self.settings.xl_size or self.error is not None:
             return  # the partial bottom row of XL tiles is not cut
+        try:
+            self._cut(strip, row)
+        except OutputWriteError:
+            raise
+        except Exception as exc:  # see the class docstring
+            self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            trim_operation_cache()  # its crops of the strip would keep the strip's memory
+
+    def _cut(self, strip: np.ndarray, row: int) -> None:
+        assert self.size is not None
+        xl = self.settings.xl_size
         factor = _page_factor(self.size, self.settings.thumbnail_downsample)
         image = pyvips.Image.new_from_array(strip)  # shares the strip's memory
         for column in range(strip.shape[1] // xl):
@@ -227,15 +243,6 @@ class StripTiler:
                     footprint, region, (column, row), self.stem, self.out_dirs, self.settings
                 )
             )
-        _trim_operation_cache()
-
-
-def _trim_operation_cache() -> None:
-    """Empty libvips' operation cache: its crops of a strip would keep the strip's memory
-    alive while the next strips are computed (memory would grow with the slide's height)."""
-    limit = pyvips.cache_get_max()
-    pyvips.cache_set_max(0)
-    pyvips.cache_set_max(limit)
 
 
 def _pair(region: pyvips.Image, pixels: np.ndarray) -> tuple[pyvips.Image, np.ndarray]:
@@ -365,7 +372,7 @@ class _TileWriter:
     def save(self, scale: str, name: str, left: int, top: int, size: int) -> Path:
         path = self.out_dirs[scale] / f"{name}.jpg"
         with writing(path):
-            if size <= _PIL_ENCODE_MAX_PX:
+            if size <= PIL_ENCODE_MAX_PX:
                 crop = self.pixels[top : top + size, left : left + size]
                 Image.fromarray(crop).save(path, "JPEG", quality=self.quality)
             else:
@@ -547,7 +554,8 @@ def commit_tiles(
         _remove_previous_outputs(job.layout, job.key, job.stem)
         fingerprint = _fingerprint(job, job.standardized.stat())
         folders = job.folders()
-        rows = [_tiles_row(job, candidate, folders, cut_from) for candidate in candidates]
+        stored = {scale: job.layout.relative(folder) for scale, folder in folders.items()}
+        rows = [_tiles_row(job, candidate, stored, cut_from) for candidate in candidates]
         write_parquet_atomic(schema.frame(rows, schema.TILES), job.part)
         for candidate in candidates:
             if candidate.file is not None:
@@ -565,8 +573,9 @@ def commit_tiles(
 
 
 def _tiles_row(
-    job: TilingJob, candidate: Candidate, folders: Mapping[str, Path], cut_from: str
+    job: TilingJob, candidate: Candidate, stored_folders: Mapping[str, str], cut_from: str
 ) -> dict:
+    """The candidate's TILES row; `stored_folders`: each scale's folder as records store it."""
     slide = job.slide
     row: dict[str, Any] = dict.fromkeys(schema.TILES) | {
         "image_name": candidate.name,
@@ -586,8 +595,7 @@ def _tiles_row(
         **candidate.metrics,
     }
     if candidate.file is not None:
-        final = folders[candidate.scale] / candidate.file.name
-        row["path"] = job.layout.relative(final)
+        row["path"] = f"{stored_folders[candidate.scale]}/{candidate.file.name}"
         row["bytes"] = candidate.file.stat().st_size
     return row
 

@@ -142,6 +142,14 @@ class DownloadState:
         return dropped
 
 
+def verified_digests(dest: Path) -> dict[Path, str]:
+    """The sha256 of every file the state file of `dest` records and that is unchanged on disk
+    (size and modification time, as a rerun of the download judges it), by path under `dest`:
+    later stages need not read the bytes again to identify their inputs."""
+    files = DownloadState.load(dest).files.values()
+    return {dest / entry.rel_path: entry.sha256 for entry in files if entry.is_current(dest)}
+
+
 def listing_key(spec: Mapping[str, Any]) -> str:
     """A digest of the spec that produced a listing; specs hold no secrets, only env names."""
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()

@@ -13,6 +13,7 @@ from concurrent.futures import Executor
 import dagster as dg
 
 from cpia_assets.core import schema
+from cpia_assets.core.downloads.state import verified_digests
 from cpia_assets.core.fused import standardize_and_tile_partition
 from cpia_assets.core.roi import RoiSettings, standardize_roi_partition
 from cpia_assets.core.slides import select_slides
@@ -122,7 +123,13 @@ def _standardize(
         return result, None
     selection = select_slides(raw_dir, entry.wsi)
     progress(f"{len(selection.used)} slide files, {len(selection.skipped)} skipped")
-    partition = {"key": key, "layout": layout, "options": entry.wsi, "executor": executor}
+    partition = {
+        "key": key,
+        "layout": layout,
+        "options": entry.wsi,
+        "executor": executor,
+        "known_sha256": verified_digests(raw_dir),
+    }
     settings = settings_from(config.wsi, StandardizeSettings)
     tiles = None
     if fused is None:
