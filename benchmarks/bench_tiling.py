@@ -19,12 +19,14 @@ of `--rounds` counts. All use the same cores:
   and JPEG-encodes every XL/L/M tile and a 10% sample of S tiles once from memory (3.1x the
   standardized area), one process per slide;
 - floor+TIFF: the same, also writing the standardized pyramidal TIFF (q90, 256 px tiles) from
-  the same in-memory pixels.
+  the same in-memory pixels. `--tiff-quality` sets the TIFF's quality for ours and this one:
+  below 90 libvips writes it as YCbCr with 4:2:0 chroma, at 90 and above as RGB.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import resource
@@ -68,11 +70,11 @@ TARGET_MPP = 0.491
 PIPELINES = ("ours", "naive", "floor", "floor+TIFF")
 
 
-def floor_slide(job: tuple[str, str, bool]) -> int:
+def floor_slide(job: tuple[str, str, int | None]) -> int:
     """Decode once, resample once, encode every XL/L/M tile and a 10% sample of S tiles once
     from memory (libvips for XL and L, Pillow for M and S, as ours does); with `tiff`, also the
     standardized pyramid from the same pixels. Returns the number of tiles."""
-    path, out_dir, tiff = job
+    path, out_dir, tiff_quality = job
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     image = pyvips.Image.tiffload(path)
@@ -80,8 +82,8 @@ def floor_slide(job: tuple[str, str, bool]) -> int:
     size = (math.floor(image.width * scale + 1e-6), math.floor(image.height * scale + 1e-6))
     plan = ResamplePlan(0, (image.width, image.height), (scale, scale), size, (TARGET_MPP,) * 2)
     resized = shrink_image(image, plan).copy_memory()
-    if tiff:
-        settings = StandardizeSettings()
+    if tiff_quality is not None:
+        settings = StandardizeSettings(jpeg_quality=tiff_quality)
         save_pyramid(resized, out / "standardized.tiff", mpp=plan.output_mpp, settings=settings)
     pixels = resized.numpy()
     tiling = TilingSettings()
@@ -143,13 +145,20 @@ def _ours_env(raw: Path, data: Path, workers: int) -> dict[str, str]:
     }
 
 
-def run_round(slides: list[Path], work: Path, workers: int) -> dict[str, tuple[float, int]]:
+def run_round(
+    slides: list[Path], work: Path, workers: int, tiff_quality: int
+) -> dict[str, tuple[float, int]]:
     """Seconds and images of every pipeline, each in a fresh folder under `work`."""
     times: dict[str, tuple[float, int]] = {}
     env = _ours_env(slides[0].parent, work / "ours", workers)
     _cli(["--select", "raw_download", "--partition", KEY], env, work / "raw_download.log")
+    config = {"ops": {"standardize_and_tile": {"config": {"wsi": {"jpeg_quality": tiff_quality}}}}}
     start = time.perf_counter()
-    _cli(["--select", "standardized_wsi,scale_tiles", "--partition", KEY], env, work / "ours.log")
+    _cli(
+        ["--select", "standardized_wsi,scale_tiles", "--partition", KEY,
+         "--config-json", json.dumps(config)],
+        env, work / "ours.log",
+    )  # fmt: skip
     seconds = time.perf_counter() - start
     layout = DataLayout(work / "ours")
     images = sum(1 for _ in layout.cpia_dir.rglob("*.jpg"))
@@ -160,8 +169,8 @@ def run_round(slides: list[Path], work: Path, workers: int) -> dict[str, tuple[f
         start = time.perf_counter()
         written = sum(pool.map(naive_job, naive_jobs))
         times["naive"] = (time.perf_counter() - start, written)
-        for label, tiff in (("floor", False), ("floor+TIFF", True)):
-            jobs = [(str(s), str(work / label / s.stem), tiff) for s in slides]
+        for label, quality in (("floor", None), ("floor+TIFF", tiff_quality)):
+            jobs = [(str(s), str(work / label / s.stem), quality) for s in slides]
             start = time.perf_counter()
             written = sum(pool.map(floor_slide, jobs))
             times[label] = (time.perf_counter() - start, written)
@@ -177,7 +186,10 @@ def speed(args: argparse.Namespace, work: Path) -> None:
         path = raw / f"B40-{index:04d}.tiff"
         build_slide(path, tissue_only(args.size, args.size), mpp=0.25, quality=args.source_quality)
         slides.append(path)
-    print(f"{args.slides} slides of {args.size}^2 px at 0.25 um/px, {args.workers} workers")
+    print(
+        f"{args.slides} slides of {args.size}^2 px at 0.25 um/px, {args.workers} workers, "
+        f"standardized TIFF q{args.tiff_quality}"
+    )
     print(
         f"sources: JPEG q{args.source_quality}, {_bits_per_pixel(slides[0]):.2f} bits per level-0 "
         f"pixel (the real {REAL_SVS.name}: {_bits_per_pixel(REAL_SVS):.2f})"
@@ -186,7 +198,7 @@ def speed(args: argparse.Namespace, work: Path) -> None:
     for round_index in range(args.rounds):
         print(f"round {round_index + 1}", flush=True)
         folder = work / f"round-{round_index}"
-        times = run_round(slides, folder, args.workers)
+        times = run_round(slides, folder, args.workers, args.tiff_quality)
         if round_index == 0:
             print(
                 f"same JPEG tables and chroma subsampling (L tiles): {_same_jpeg_settings(folder)}"
@@ -259,6 +271,10 @@ def main() -> None:
         "--source-quality", type=int, default=75, help="JPEG quality of the built slides"
     )
     parser.add_argument("--rounds", type=int, default=2, help="the best round counts")
+    parser.add_argument(
+        "--tiff-quality", type=int, default=StandardizeSettings().jpeg_quality,
+        help="JPEG quality of the standardized TIFF (ours and floor+TIFF)",
+    )  # fmt: skip
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--quick", action="store_true", help="2 slides of 8192 px, one round")
     parser.add_argument("--memory", action="store_true", help="peak RSS on one large slide")

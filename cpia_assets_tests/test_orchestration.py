@@ -107,10 +107,17 @@ def _most_at_once(records: list[dg.RunRecord]) -> int:
     return peak
 
 
+@pytest.fixture
+def automation_stopped(platform_env: dict[str, str]) -> None:
+    """The README's command to stop the automation sensor, run before the daemon starts: run
+    while the daemon's first tick stores the sensor's state, both may insert it at once."""
+    _dagster(platform_env, "sensor", "stop", SENSOR_NAME, *MODULE)
+
+
 def test_backfill_under_the_daemon_runs_each_partition_once_within_the_queue_limit(
-    platform_env: dict[str, str], daemon: subprocess.Popen, tmp_path: Path
-) -> None:
-    _dagster(platform_env, "sensor", "stop", SENSOR_NAME, *MODULE)  # the README's command
+    platform_env: dict[str, str], automation_stopped: None, daemon: subprocess.Popen,
+    tmp_path: Path,
+) -> None:  # fmt: skip
     _dagster(
         platform_env, "job", "backfill", *MODULE, "-j", "build_subdatasets",
         "--partitions", ",".join(KEYS), "--noprompt",
