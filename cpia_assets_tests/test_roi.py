@@ -14,7 +14,9 @@ import pytest
 import pyvips
 from PIL import Image, ImageOps
 
+from cpia_assets.core import roi as roi_module
 from cpia_assets.core.catalog import SubDataset, load_catalog
+from cpia_assets.core.downloads.state import DownloadState, verified_digests
 from cpia_assets.core.fsutil import sha256_file
 from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.roi import (
@@ -566,6 +568,36 @@ def test_corrupt_images_are_recorded_and_skipped(tmp_path: Path, tissue: np.ndar
         "also-good.jpg",
         "good.jpg",
     ]
+
+
+def test_a_rerun_with_verified_download_digests_reads_no_unchanged_source(
+    tmp_path: Path, tissue: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layout = DataLayout(tmp_path)
+    source = layout.raw_dir(KEY)
+    for index in range(3):
+        save(source / f"img{index}.png", tissue[index * 200 : index * 200 + 160, :200])
+    state = DownloadState(dest=source)
+    for path in sorted(source.iterdir()):
+        state.record(path.name, sha256=sha256_file(path), source="local", owned=False)
+    state.save()
+    first = run(roi_entry(), layout, known_sha256=verified_digests(source))
+    save(source / "img0.png", tissue[800:960, 300:500])  # changed after the download verified it
+
+    hashed: list[str] = []
+
+    def counted(path: Path) -> str:
+        hashed.append(path.name)
+        return sha256_file(path)
+
+    monkeypatch.setattr(roi_module, "sha256_file", counted)
+    again = run(roi_entry(), layout, known_sha256=verified_digests(source))
+    assert hashed == ["img0.png"]
+    assert again.reused == 2
+    assert {r["image_name"]: r["source_sha256"] for r in again.records} == {
+        path.stem: sha256_file(path) for path in source.glob("*.png")
+    }
+    assert first.records[1:] == again.records[1:]
 
 
 def test_rerun_reuses_updates_and_cleans_up(tmp_path: Path, tissue: np.ndarray) -> None:

@@ -46,7 +46,7 @@ import json
 import posixpath
 import shutil
 from collections import defaultdict
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
@@ -333,8 +333,11 @@ def standardize_roi_partition(
     settings: RoiSettings,
     executor: Executor | None = None,
     progress: Callable[[str], None] | None = None,
+    known_sha256: Mapping[Path, str] | None = None,
 ) -> StageResult:
     """Standardize every image of one ROI sub-dataset; TILES records, one per saved image.
+    `known_sha256`: digests of source files that need not be read again to tell whether an
+    output is current (`downloads.state.verified_digests`).
 
     Images a label or split rule cannot place and images that cannot be decoded are recorded as
     failures. Files that are not images, the catalog's label tables and images the catalog gives
@@ -351,7 +354,7 @@ def standardize_roi_partition(
         executor=executor,
     )
     roots = (Path(source_dir), unpacked_dir) if unpacked_dir.is_dir() else (Path(source_dir),)
-    jobs, result = _plan_jobs(entry, roots=roots, layout=layout)
+    jobs, result = _plan_jobs(entry, roots=roots, layout=layout, known_sha256=known_sha256 or {})
     result.failures[:0] = unpack_failures
     crop_fraction = entry.crop.fraction if entry.crop else 1.0
     chunks = [
@@ -386,7 +389,11 @@ def standardize_roi_partition(
 
 
 def _plan_jobs(
-    entry: SubDataset, *, roots: tuple[Path, ...], layout: DataLayout
+    entry: SubDataset,
+    *,
+    roots: tuple[Path, ...],
+    layout: DataLayout,
+    known_sha256: Mapping[Path, str],
 ) -> tuple[list[_ImageJob], StageResult]:
     """Jobs for the used images under `roots` (the source folder first, whose files the label
     rules' CSVs live in; then the folder of unpacked patch arrays), and a result holding the
@@ -434,6 +441,7 @@ def _plan_jobs(
                     scale=scale,
                     label=annotation.label,
                     split=annotation.split,
+                    known_sha256=known_sha256.get(root / relative),
                 )
             )
     if stratified:
@@ -489,6 +497,7 @@ class _ImageJob:
     scale: str
     label: str | None
     split: str
+    known_sha256: str | None = None  # the source's digest, when already known
 
 
 @dataclass(frozen=True)
@@ -534,7 +543,7 @@ def _standardize_chunk(chunk: _Chunk) -> list[_Outcome]:
     outcomes = []
     for job in chunk.jobs:
         try:
-            source_sha256 = sha256_file(job.source)
+            source_sha256 = job.known_sha256 or sha256_file(job.source)
         except OSError as exc:
             reason = f"{job.source_file}: cannot read source: {exc}"
             outcomes.append(_Outcome(failure=failure(job.source_file, STAGE, reason)))

@@ -119,6 +119,7 @@ def _standardize(
             settings=settings_from(config.roi, RoiSettings),
             executor=executor,
             progress=progress,
+            known_sha256=verified_digests(raw_dir),
         )
         return result, None
     selection = select_slides(raw_dir, entry.wsi)
