@@ -30,11 +30,10 @@ Resume: `manifests/<key>/parts/standardized/<stem>.json` holds the SLIDES record
 fingerprint of the source bytes (sha256, taken from raw_download's state file when the file is
 unchanged since it was verified there, `known_sha256`), the settings and the slide's catalog
 options. A rerun reuses a slide whose marker matches and whose TIFF is present; anything else
-is redone. The TIFF
-is written to a temporary sibling and renamed into place before its marker is written, so an
-interrupted slide leaves nothing at its final name. At the end of a partition the TIFF and
-marker of every slide that is no longer an input or failed this time are deleted, so the
-TIFFs on disk are exactly the records.
+is redone. The TIFF is written to a temporary sibling and renamed into place before its marker
+is written, so an interrupted slide leaves nothing at its final name. At the end of a partition
+the TIFF and marker of every slide that is no longer an input or failed this time are deleted,
+so the TIFFs on disk are exactly the records.
 """
 
 from __future__ import annotations
@@ -283,14 +282,16 @@ class _PngRowStream:
                         if stop.is_set():
                             return
                         select.select([], [descriptor], [], _FEED_WAIT_S)
+        except BrokenPipeError:
+            return  # libvips stopped reading: its own error is the one to report
         except Exception as exc:  # re-raised by the caller, see the class docstring
             self.error = exc
         finally:
             os.close(descriptor)
 
     def _png_chunks(self, bands: Iterator[np.ndarray]) -> Iterator[bytes]:
-        """The PNG's bytes in pieces; pixel data is copied as few times as possible (it is
-        most of what passes here): once into the filtered rows, once by zlib."""
+        """The PNG's bytes in pieces; pixel data, most of what passes here, is copied once (by
+        zlib, which reads each row in place)."""
         header = struct.pack(">IIBBBBB", self.width, self.height, 8, 2, 0, 0, 0)
         yield b"\x89PNG\r\n\x1a\n"
         yield from _png_chunk(b"IHDR", header)
@@ -299,12 +300,12 @@ class _PngRowStream:
         for band in bands:
             if band.shape[1:] != (self.width, 3):
                 raise StandardizeError(f"band of shape {band.shape} for width {self.width}")
-            for row in np.ascontiguousarray(band):  # zlib reads each row in place
+            for row in np.ascontiguousarray(band):
                 for data in (deflate.compress(filter_none), deflate.compress(row)):
                     if data:
                         yield from _png_chunk(b"IDAT", data)
             self.rows_sent += len(band)
-            del band, row  # not held while the next band is computed (`_vips_strips`)
+            band = row = None  # not held while the next band is computed (`_vips_strips`)
         yield from _png_chunk(b"IDAT", deflate.flush())
         yield from _png_chunk(b"IEND", b"")
 
