@@ -72,8 +72,8 @@ PIPELINES = ("ours", "naive", "floor", "floor+TIFF")
 
 def floor_slide(job: tuple[str, str, int | None]) -> int:
     """Decode once, resample once, encode every XL/L/M tile and a 10% sample of S tiles once
-    from memory (libvips for XL and L, Pillow for M and S, as ours does); with `tiff`, also the
-    standardized pyramid from the same pixels. Returns the number of tiles."""
+    from memory (libvips for XL and L, Pillow for M and S, as ours does); with a `tiff_quality`,
+    also the standardized pyramid from the same pixels. Returns the number of tiles."""
     path, out_dir, tiff_quality = job
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -219,11 +219,10 @@ def speed(args: argparse.Namespace, work: Path) -> None:
 
 def _bits_per_pixel(slide: Path) -> float:
     """Compressed bits per pixel of the slide's level 0 (its JPEG tiles' byte counts)."""
-    page = pyvips.Image.tiffload(str(slide))
-    Image.MAX_IMAGE_PIXELS = None  # only the tags are read
+    Image.MAX_IMAGE_PIXELS = None  # only the first page's tags are read
     with Image.open(slide) as tiff:
-        level0_bytes = sum(tiff.tag_v2[TILE_BYTE_COUNTS])
-    return 8 * level0_bytes / (page.width * page.height)
+        width, height = tiff.size
+        return 8 * sum(tiff.tag_v2[TILE_BYTE_COUNTS]) / (width * height)
 
 
 def _same_jpeg_settings(work: Path) -> bool:

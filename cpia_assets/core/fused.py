@@ -89,8 +89,8 @@ def standardize_and_tile_partition(
         options=options,
         settings=settings,
         known_sha256=known_sha256,
+        progress=progress,
     )
-    slides.progress = progress
     tiles = TilesCollector(progress)
     fused = [_FusedJob(job, key, layout, tiling) for job in jobs]
     for outcome in map_unordered(_run_fused_job, fused, executor, on_lost=_lost_job):

@@ -553,8 +553,8 @@ def standardize_partition(
         options=options,
         settings=settings,
         known_sha256=known_sha256,
+        progress=progress,
     )
-    collector.progress = progress
     for outcome in map_unordered(run_slide_job, jobs, executor, on_lost=failed_slide_job):
         collector.add(outcome)
     return collector.finish(layout, key)
@@ -568,10 +568,12 @@ def slide_jobs(
     options: WsiOptions,
     settings: StandardizeSettings,
     known_sha256: Mapping[Path, str] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> tuple[list[SlideJob], SlidesCollector]:
-    """One job per slide, and the collector of their outcomes, which already holds the
-    failures of slides whose name another slide of the partition uses."""
-    collector = SlidesCollector()
+    """One job per slide, and the collector of their outcomes (reporting each to `progress`),
+    which already holds the failures of slides whose name another slide of the partition
+    uses."""
+    collector = SlidesCollector(progress)
     jobs = []
     owners: dict[str, Path] = {}
     for source in sorted(Path(p) for p in slide_files):

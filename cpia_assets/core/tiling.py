@@ -219,7 +219,7 @@ class StripTiler:
         assert self.size is not None, "begin() first"
         row, self.rows_seen = self.rows_seen // self.rows, self.rows_seen + len(strip)
         if len(strip) < self.settings.xl_size or self.error is not None:
-            return  # the partial bottom row of XL tiles is not cut
+            return  # the partial bottom row of XL tiles is not cut; nor is any after an error
         try:
             self._cut(strip, row)
         except OutputWriteError:

@@ -110,6 +110,7 @@ def _standardize(
     key = context.partition_key
     entry, layout = store.entry(key), store.layout
     raw_dir = layout.raw_dir(key)
+    known_sha256 = verified_digests(raw_dir)  # sources raw_download verified need no re-read
     progress = progress_logger(context)
     if entry.kind == "roi":
         result = standardize_roi_partition(
@@ -119,7 +120,7 @@ def _standardize(
             settings=settings_from(config.roi, RoiSettings),
             executor=executor,
             progress=progress,
-            known_sha256=verified_digests(raw_dir),
+            known_sha256=known_sha256,
         )
         return result, None
     selection = select_slides(raw_dir, entry.wsi)
@@ -129,7 +130,7 @@ def _standardize(
         "layout": layout,
         "options": entry.wsi,
         "executor": executor,
-        "known_sha256": verified_digests(raw_dir),
+        "known_sha256": known_sha256,
     }
     settings = settings_from(config.wsi, StandardizeSettings)
     tiles = None
