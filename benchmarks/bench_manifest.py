@@ -26,20 +26,22 @@ from typing import Any, TypeVar
 
 import polars as pl
 
-from cpia_assets.core import integrity, schema
-from cpia_assets.core.catalog import Catalog, SubDataset, load_catalog
+from cpia_assets.core import schema
+from cpia_assets.core.catalog.loading import load_catalog
+from cpia_assets.core.catalog.model import Catalog, SubDataset
 from cpia_assets.core.fsutil import write_parquet_atomic
 from cpia_assets.core.layout import SCALE_FOLDER_OF, DataLayout
-from cpia_assets.core.manifest import (
+from cpia_assets.core.manifest import integrity
+from cpia_assets.core.manifest.database import open_manifest
+from cpia_assets.core.manifest.loading import load_manifest
+from cpia_assets.core.manifest.mosaic import mosaic_samples
+from cpia_assets.core.manifest.queries import (
     TileFilter,
     count_tiles,
-    load_manifest,
-    open_manifest,
     query_tiles,
     table_i,
     trace_image,
 )
-from cpia_assets.core.mosaic import mosaic_samples
 
 PAPER_V1_COLUMNS = {
     ("wsi", "XL"): 139_986,

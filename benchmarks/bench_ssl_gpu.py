@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # for cpia_assets_tests.ssl_data
+sys.path.insert(0, str(REPO))  # for cpia_assets_tests.support.ssl_data
 
-from cpia_assets.core.ssl.config import MAESettings, PretrainJob, PretrainSettings  # noqa: E402
-from cpia_assets.core.ssl.train import run_training  # noqa: E402
-from cpia_assets_tests.ssl_data import write_folder_tree  # noqa: E402
+from cpia_assets.core.training.ssl.config import MAESettings, PretrainJob, PretrainSettings  # noqa: E402
+from cpia_assets.core.training.ssl.train import run_training  # noqa: E402
+from cpia_assets_tests.support.ssl_data import write_folder_tree  # noqa: E402
 
 
 def main() -> None:

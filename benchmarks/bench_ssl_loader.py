@@ -22,14 +22,14 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # for cpia_assets_tests.ssl_data
+sys.path.insert(0, str(REPO))  # for cpia_assets_tests.support.ssl_data
 
-from cpia_assets.core.datasets import training_loader  # noqa: E402
-from cpia_assets.core.ssl.augment import mae_views  # noqa: E402
-from cpia_assets.core.ssl.common import create_encoder  # noqa: E402
-from cpia_assets.core.ssl.config import MAESettings  # noqa: E402
-from cpia_assets.core.ssl.mae import MAE  # noqa: E402
-from cpia_assets_tests.ssl_data import write_folder_tree, write_shards  # noqa: E402
+from cpia_assets.core.training.datasets import training_loader  # noqa: E402
+from cpia_assets.core.training.ssl.augment import mae_views  # noqa: E402
+from cpia_assets.core.training.ssl.common import create_encoder  # noqa: E402
+from cpia_assets.core.training.ssl.config import MAESettings  # noqa: E402
+from cpia_assets.core.training.ssl.mae import MAE  # noqa: E402
+from cpia_assets_tests.support.ssl_data import write_folder_tree, write_shards  # noqa: E402
 
 
 def decode_only(image: object) -> list[torch.Tensor]:

@@ -43,25 +43,22 @@ import pyvips
 from PIL import Image, JpegImagePlugin
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # for cpia_assets_tests.slide_factory
+sys.path.insert(0, str(REPO))  # for cpia_assets_tests.support.slide_factory
 
 from benchmarks.naive_cpia import process_slide  # noqa: E402
-from cpia_assets.core.catalog import WsiOptions  # noqa: E402
-from cpia_assets.core.fused import standardize_and_tile_partition  # noqa: E402
+from cpia_assets.core.catalog.model import WsiOptions  # noqa: E402
 from cpia_assets.core.layout import DataLayout  # noqa: E402
-from cpia_assets.core.standardize import (  # noqa: E402
-    ResamplePlan,
-    StandardizeSettings,
-    save_pyramid,
-    shrink_image,
-)
-from cpia_assets.core.tiling import (  # noqa: E402
+from cpia_assets.core.wsi.fused import standardize_and_tile_partition  # noqa: E402
+from cpia_assets.core.wsi.pyramid import save_pyramid  # noqa: E402
+from cpia_assets.core.wsi.resample import ResamplePlan, shrink_image  # noqa: E402
+from cpia_assets.core.wsi.settings import StandardizeSettings  # noqa: E402
+from cpia_assets.core.wsi.tiling import (  # noqa: E402
     CELLS_PER_XL_EDGE,
     PIL_ENCODE_MAX_PX,
     TilingSettings,
     sample_cells,
 )
-from cpia_assets_tests.slide_factory import TESTDATA, build_slide, tissue_only  # noqa: E402
+from cpia_assets_tests.support.slide_factory import TESTDATA, build_slide, tissue_only  # noqa: E402
 
 KEY = "bench"
 REAL_SVS = TESTDATA / "CMU-1-Small-Region.svs"

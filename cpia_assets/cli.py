@@ -20,21 +20,20 @@ import polars as pl
 
 from cpia_assets.core.fsutil import atomic_path
 from cpia_assets.core.layout import DataLayout, default_data_dir
-from cpia_assets.core.manifest import (
+from cpia_assets.core.manifest.database import ManifestError, open_manifest
+from cpia_assets.core.manifest.paper_table_i import beside_paper
+from cpia_assets.core.manifest.queries import (
     GROUP_COLUMNS,
-    ManifestError,
     TileFilter,
     built_vs_published,
     count_tiles,
     failures,
     markdown_table,
-    open_manifest,
     query_tiles,
     subdataset_info,
     table_i,
     trace_image,
 )
-from cpia_assets.core.paper_table_i import beside_paper
 
 TILE_SUMMARY_COLUMNS = ("subdataset", "organ", "image_name", "kind", "scale", "size_px", "label",
                         "split", "in_mini", "path")  # fmt: skip

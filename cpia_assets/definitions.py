@@ -12,13 +12,14 @@ from pathlib import Path
 
 import dagster as dg
 
-from cpia_assets.core.catalog import Catalog, load_catalog
+from cpia_assets.core.catalog.loading import load_catalog
+from cpia_assets.core.catalog.model import Catalog
 from cpia_assets.core.layout import DataLayout, default_data_dir
+from cpia_assets.defs.assets.downloads import SOURCE_ASSET, build_raw_download, build_source_files
 from cpia_assets.defs.assets.manifest import build_manifest_assets
-from cpia_assets.defs.assets.mini import build_cpia_mini, build_training_shards
-from cpia_assets.defs.assets.raw import SOURCE_ASSET, build_raw_download, build_source_files
 from cpia_assets.defs.assets.ssl import build_ssl_assets
 from cpia_assets.defs.assets.standardize import build_standardize_and_tile
+from cpia_assets.defs.assets.training import build_cpia_mini, build_training_shards
 from cpia_assets.defs.automation import automation_sensor, with_automation
 from cpia_assets.defs.partitions import subdataset_partitions
 from cpia_assets.defs.pools import pool_reporting_executor, pool_watch

@@ -20,10 +20,14 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from cpia_assets.core.catalog import ALL_SCALES, Catalog, ParentFolderRule, load_catalog
+from cpia_assets.core.catalog.fields import ALL_SCALES
+from cpia_assets.core.catalog.loading import load_catalog
+from cpia_assets.core.catalog.model import Catalog
+from cpia_assets.core.catalog.rules import ParentFolderRule
 from cpia_assets.core.layout import DataLayout, default_data_dir
-from cpia_assets.core.manifest import count_tiles, markdown_table, open_manifest, table_i
-from cpia_assets.core.shards import MINI_VARIANT
+from cpia_assets.core.manifest.database import open_manifest
+from cpia_assets.core.manifest.queries import count_tiles, markdown_table, table_i
+from cpia_assets.core.training.shards import MINI_VARIANT
 from cpia_assets.definitions import (
     MANIFEST_ASSET,
     OBSERVE_JOB,

@@ -2,12 +2,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import dagster as dg
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-TESTDATA = SHARED / "testdata"
-REFERENCE = SHARED / "reference"
+from cpia_assets.core.catalog.loading import load_catalog
+from cpia_assets.core.layout import DataLayout
+from cpia_assets.definitions import PARTITIONED_ASSETS, build_definitions
+from cpia_assets_tests.support.paths import TESTDATA
+from cpia_assets_tests.support.small_catalog import TEST_CATALOG, copy_build, mini_run_config
 
 
 @pytest.fixture(scope="session")
@@ -16,58 +18,67 @@ def testdata() -> Path:
     return TESTDATA
 
 
-TEST_CATALOG = """\
-subdatasets:
-- key: wsi-40x
-  name: Test WSI 40x
-  kind: wsi
-  organ: breast
-  about: {licence: CC0 1.0, redistributable: true, stain: H&E, diseases: [none (demo)],
-          pathology: histopathology, year: 2026,
-          landing_page: "https://openslide.cs.cmu.edu/download/openslide-testdata/"}
-  source:
-    type: synthetic
-    recipe: wsi
-    slides:
-    - {name: T40-0001, width: 8000, height: 7900, mpp: 0.25, seed: 5}
-- key: wsi-20x
-  name: Test WSI 20x
-  kind: wsi
-  organ: colon
-  source:
-    type: synthetic
-    recipe: wsi
-    slides:
-    - {name: T20-0001, width: 4000, height: 3950, mpp: 0.5, seed: 6}
-    - {name: T20-0002, width: 4100, height: 3950, mpp: 0.5, seed: 7}
-- key: roi-cells
-  name: Test ROI cells
-  kind: roi
-  organ: blood
-  scale: S
-  labelled: true
-  labels: {from: parent_folder, level: 1}
-  splits: {from: parent_folder, level: 2}
-  source: {type: synthetic, recipe: roi, layout: folders, classes: [lymphocyte, neutrophil],
-           per_split: {train: 2, val: 1, test: 1}, seed: 31}
-- key: roi-tissue
-  name: Test ROI tissue
-  kind: roi
-  organ: colorectum
-  labelled: true
-  scale_rules:
-  - {pattern: '(?i)(^|/)40x/', scale: L}
-  - {pattern: '(?i)(^|/)200x/', scale: M}
-  labels: {from: csv, file: labels.csv, image_column: image, column: label}
-  splits: {from: csv, file: labels.csv, image_column: image, column: split}
-  source: {type: synthetic, recipe: roi, layout: csv, classes: [tumour, normal],
-           magnifications: [40x, 200x], per_split: {train: 2, val: 1, test: 1}, seed: 41}
-"""
-
-
 @pytest.fixture(scope="session")
 def small_catalog_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A catalog like the demo's, smaller: two WSI and two ROI sub-datasets, synthetic sources."""
     path = tmp_path_factory.mktemp("catalog") / "catalog.yaml"
     path.write_text(TEST_CATALOG)
     return path
+
+
+@pytest.fixture(scope="session")
+def small_build(small_catalog_path: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The small catalog built once per test run, in process, like `make demo`: every partition
+    through cpia_mini (`mini_run_config`), then tile_manifest with its checks and the cpia-mini
+    and cpia-s shards. Tests that read it share it; a test that changes it works on a copy
+    (`copy_of_small_build`) or puts back what it changed."""
+    data = tmp_path_factory.mktemp("data")
+    catalog = load_catalog(small_catalog_path)
+    defs = build_definitions(catalog, data, workers=2)
+    job = defs.resolve_implicit_global_asset_job_def()
+    selection = [dg.AssetKey(name) for name in PARTITIONED_ASSETS]
+    with dg.instance_for_test() as instance:
+        results = {
+            key: job.execute_in_process(
+                partition_key=key,
+                asset_selection=selection,
+                instance=instance,
+                run_config=mini_run_config(),
+            )
+            for key in catalog.keys
+        }
+        manifest = job.execute_in_process(
+            asset_selection=[dg.AssetKey("tile_manifest")], instance=instance
+        )
+        shards = {
+            variant: job.execute_in_process(
+                partition_key=variant,
+                asset_selection=[dg.AssetKey("training_shards")],
+                instance=instance,
+                run_config={"ops": {"training_shards": {"config": {"shard_size": 64}}}},
+            )
+            for variant in ("cpia-mini", "cpia-s")
+        }
+        yield {
+            "layout": DataLayout(data),
+            "catalog": catalog,
+            "job": job,
+            "instance": instance,
+            "results": results,
+            "manifest": manifest,
+            "shards": shards,
+        }
+
+
+@pytest.fixture
+def copy_of_small_build(small_build, tmp_path: Path):
+    """A private copy of `small_build`'s data folder, with definitions and a fresh instance of
+    its own, for a test that rebuilds parts of it."""
+    layout, defs = copy_build(small_build, tmp_path / "data")
+    with dg.instance_for_test() as instance:
+        yield {
+            "layout": layout,
+            "catalog": small_build["catalog"],
+            "job": defs.resolve_implicit_global_asset_job_def(),
+            "instance": instance,
+        }

@@ -10,8 +10,8 @@ import pytest
 
 from cpia_assets.cli import main
 from cpia_assets.core.fsutil import sha256_file
-from cpia_assets.core.manifest import load_manifest
-from cpia_assets_tests.test_manifest import DataFolder, build_data_folder
+from cpia_assets.core.manifest.loading import load_manifest
+from cpia_assets_tests.support.manifest_data import DataFolder, build_data_folder
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import posixpath
 import re
 import shutil
 import tempfile
@@ -183,3 +184,28 @@ def _walk_folder(
             walk.refused.append((relative, f"broken link to {Path(entry.path).readlink()}"))
         else:
             walk.refused.append((relative, "not a regular file or folder"))
+
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+class UnsafePathError(ValueError):
+    """A relative path that is absolute, climbs out with '..', or is empty."""
+
+
+def safe_relative(name: str) -> str:
+    """`name` as a clean POSIX path below its folder; raises UnsafePathError otherwise.
+
+    Backslashes count as separators (archives made on Windows), so `..\\x` is caught too.
+    """
+    text = name.replace("\\", "/")
+    if "\x00" in text:
+        raise UnsafePathError(f"path {name!r} contains a NUL byte")
+    if text.startswith("/") or _DRIVE.match(text):
+        raise UnsafePathError(f"path {name!r} is absolute")
+    parts = [part for part in text.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise UnsafePathError(f"path {name!r} climbs out of its folder with '..'")
+    if not parts:
+        raise UnsafePathError(f"path {name!r} is empty")
+    return posixpath.join(*parts)

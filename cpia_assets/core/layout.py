@@ -50,7 +50,7 @@ class DataLayout:
         return self.mini_dir / folder / key
 
     def shards_dir(self, variant: str) -> Path:
-        """WebDataset shards and index of one data variant (core/variants.py)."""
+        """WebDataset shards and index of one data variant (core/training/variants.py)."""
         return self.root / "shards" / variant
 
     @property
@@ -70,7 +70,7 @@ class DataLayout:
 
     @property
     def catalog_cache_dir(self) -> Path:
-        """Validated catalogs kept for the next process (`core/catalog.py`); safe to delete."""
+        """Validated catalogs kept for the next process (`catalog/cache.py`); safe to delete."""
         return self.root / "cache" / "catalogs"
 
     @property

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from cpia_assets.core.catalog import Catalog
+from cpia_assets.core.catalog.model import Catalog
 
 
 def subdataset_partitions(catalog: Catalog) -> dg.StaticPartitionsDefinition:

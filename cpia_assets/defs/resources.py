@@ -12,7 +12,8 @@ from pathlib import Path
 import dagster as dg
 from pydantic import PrivateAttr
 
-from cpia_assets.core.catalog import Catalog, SubDataset, load_catalog
+from cpia_assets.core.catalog.loading import load_catalog
+from cpia_assets.core.catalog.model import Catalog, SubDataset
 from cpia_assets.core.layout import DataLayout
 
 

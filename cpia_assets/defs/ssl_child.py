@@ -1,12 +1,12 @@
 """The training process the `ssl_checkpoint` asset starts (`python -m` or under torchrun): the
 core's training entry point, with rank 0 reporting its progress to the asset through Dagster
-Pipes. The training itself stays in `cpia_assets.core.ssl.train`, free of Dagster."""
+Pipes. The training itself stays in `cpia_assets.core.training.ssl.train`, free of Dagster."""
 
 from __future__ import annotations
 
 import os
 
-from cpia_assets.core.ssl import train
+from cpia_assets.core.training.ssl import train
 
 
 def main() -> int:

@@ -1,7 +1,9 @@
-"""raw_download: bring each sub-dataset's source files onto disk, verified, with a record per file.
+"""Stage 1, raw_download: takes a catalog entry's `source:` block and gives its files under
+`raw/<key>/`, verified, with a record per file; `source_versions` tells what a source holds
+without fetching it (the automation's observation).
 
-Source types (the catalog's `source:` block): local, http, gdc, idc, zenodo, figshare, manual and
-synthetic; see `spec.py` for each type's parameters. Nothing else in the platform reaches the
+Source types: local, http, gdc, idc, zenodo, figshare, manual and synthetic; see
+`core/catalog/sources.py` for each type's parameters. Nothing else in the platform reaches the
 network. `tcia` is refused with a pointer to `idc`, which mirrors TCIA's slide collections.
 """
 
@@ -12,15 +14,12 @@ from cpia_assets.core.downloads.errors import (
     ManualDownloadRequired,
     SourceError,
     SourceIncomplete,
-    SourceSpecError,
     UnsafeArchiveError,
 )
 from cpia_assets.core.downloads.fetch import STAGE, fetch_source, source_data_version
 from cpia_assets.core.downloads.settings import DownloadSettings
-from cpia_assets.core.downloads.spec import SOURCE_TYPES, validate_source
 
 __all__ = [
-    "SOURCE_TYPES",
     "STAGE",
     "DownloadSettings",
     "FileFetchError",
@@ -29,9 +28,7 @@ __all__ = [
     "ManualDownloadRequired",
     "SourceError",
     "SourceIncomplete",
-    "SourceSpecError",
     "UnsafeArchiveError",
     "fetch_source",
     "source_data_version",
-    "validate_source",
 ]

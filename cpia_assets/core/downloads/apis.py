@@ -13,11 +13,7 @@ from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
-from cpia_assets.core.downloads.archives import archive_stem
-from cpia_assets.core.downloads.errors import ListingError
-from cpia_assets.core.downloads.http import HttpClient, HttpStatusError, RemoteFile, TransientError
-from cpia_assets.core.downloads.paths import UnsafePathError, safe_relative
-from cpia_assets.core.downloads.spec import (
+from cpia_assets.core.catalog.sources import (
     FIGSHARE_API,
     GDC_API,
     GDC_STRATEGIES,
@@ -25,6 +21,10 @@ from cpia_assets.core.downloads.spec import (
     IDC_STORAGE,
     ZENODO_API,
 )
+from cpia_assets.core.downloads.archives import archive_stem
+from cpia_assets.core.downloads.errors import ListingError
+from cpia_assets.core.downloads.http import HttpClient, HttpStatusError, RemoteFile, TransientError
+from cpia_assets.core.fsutil import UnsafePathError, safe_relative
 
 T = TypeVar("T")
 _GDC_FIELDS = "file_id,file_name,md5sum,file_size"

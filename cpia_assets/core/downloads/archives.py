@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import IO
 
 from cpia_assets.core.downloads.errors import FileFetchError, UnsafeArchiveError
-from cpia_assets.core.downloads.paths import UnsafePathError, safe_relative
+from cpia_assets.core.fsutil import UnsafePathError, safe_relative
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar", ".zip")
 _MAX_LINK_TEXT = 4096

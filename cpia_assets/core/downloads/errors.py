@@ -10,24 +10,6 @@ class SourceError(Exception):
     """A source whose files could not all be brought in."""
 
 
-class SourceSpecError(SourceError):
-    """A `source:` block that is not usable (missing or malformed parameters).
-
-    `problems` pairs each parameter at fault, as a path inside the block (`files[0].sha256`;
-    None: the block as a whole), with the reason, so the catalog can name the field.
-    """
-
-    def __init__(
-        self, reason: str, field: str | None = None, *, more: Sequence[tuple[str, str]] = ()
-    ) -> None:
-        self.problems: list[tuple[str | None, str]] = [(field, reason), *more]
-        super().__init__(
-            "; ".join(
-                f"source field {name!r}: {why}" if name else why for name, why in self.problems
-            )
-        )
-
-
 class ManualDownloadRequired(SourceError):
     """The source needs a person (licence click-through, registration); its folder is empty."""
 

@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cpia_assets.core.catalog.sources import validate_source
 from cpia_assets.core.downloads import apis
 from cpia_assets.core.downloads.archives import extract_archive
 from cpia_assets.core.downloads.errors import (
@@ -32,7 +33,6 @@ from cpia_assets.core.downloads.http import HttpClient, RemoteFile, has_checksum
 from cpia_assets.core.downloads.local import bring_local, list_local
 from cpia_assets.core.downloads.paths import ARCHIVE_DIR, PARTIAL_DIR
 from cpia_assets.core.downloads.settings import DownloadSettings
-from cpia_assets.core.downloads.spec import validate_source
 from cpia_assets.core.downloads.state import (
     ArchiveEntry,
     DownloadState,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-LOCAL_MODES = ("symlink", "copy", "hardlink")
+from cpia_assets.core.catalog.sources import LOCAL_MODES
+
 GIB = 1 << 30
 
 

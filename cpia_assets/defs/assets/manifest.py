@@ -2,8 +2,7 @@
 
 Partitioned assets only write Parquet under manifests/<key>/; this unpartitioned asset loads the
 files changed since its last run. It and its checks share the pool "duckdb" (limit 1), so no two
-of them ever open the database file at once. All SQL lives in core/manifest.py and
-core/integrity.py.
+of them ever open the database file at once. All SQL lives in core/manifest/.
 
 Annotations stay real classes (no `from __future__ import annotations`): Dagster reads the
 context and resource types off the signatures.
@@ -13,8 +12,11 @@ from collections.abc import Iterator
 
 import dagster as dg
 
-from cpia_assets.core import integrity, manifest, mosaic
-from cpia_assets.core.paper_table_i import TABLE_I_NOTE, beside_paper
+from cpia_assets.core.manifest import integrity, mosaic
+from cpia_assets.core.manifest.database import open_manifest
+from cpia_assets.core.manifest.loading import load_manifest
+from cpia_assets.core.manifest.paper_table_i import TABLE_I_NOTE, beside_paper
+from cpia_assets.core.manifest.queries import built_vs_published, markdown_table, table_i
 from cpia_assets.defs.instance import DUCKDB_POOL as POOL
 from cpia_assets.defs.records import failures_markdown
 from cpia_assets.defs.resources import CpiaStore
@@ -44,13 +46,13 @@ def build_manifest_assets() -> list[dg.AssetsDefinition | dg.AssetChecksDefiniti
     )
     def tile_manifest(context: dg.AssetExecutionContext, store: CpiaStore) -> dg.MaterializeResult:
         layout = store.layout
-        report = manifest.load_manifest(layout, store.catalog(), on_wait=context.log.warning)
+        report = load_manifest(layout, store.catalog(), on_wait=context.log.warning)
         for problem in report.problems:
             context.log.warning(f"{problem['file']}: {problem['reason']}")
         picture = mosaic.mosaic_path(layout)
-        with manifest.open_manifest(layout, on_wait=context.log.warning) as con:
-            table = manifest.markdown_table(beside_paper(manifest.table_i(con)))
-            compared = manifest.markdown_table(manifest.built_vs_published(con, built_only=True))
+        with open_manifest(layout, on_wait=context.log.warning) as con:
+            table = markdown_table(beside_paper(table_i(con)))
+            compared = markdown_table(built_vs_published(con, built_only=True))
             if report.touched or not picture.exists():
                 mosaic.build_mosaic(con, layout, picture)
         metadata: dict[str, dg.RawMetadataValue] = {
@@ -84,7 +86,7 @@ def build_manifest_assets() -> list[dg.AssetsDefinition | dg.AssetChecksDefiniti
     ) -> Iterator[dg.AssetCheckResult]:
         """All checks in one step: one read-only connection, one pool slot, one folder walk."""
         selected = [key.name for key in context.selected_asset_check_keys]
-        with manifest.open_manifest(store.layout, on_wait=context.log.warning) as con:
+        with open_manifest(store.layout, on_wait=context.log.warning) as con:
             outcomes = integrity.run_checks(con, store.layout, selected)
         for name, outcome in outcomes.items():
             yield _check_result(outcome, specs[name])

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from cpia_assets.core.mosaic import preview_data_uri
-from cpia_assets.core.ssl.config import (
+from cpia_assets.core.manifest.mosaic import preview_data_uri
+from cpia_assets.core.training.ssl.config import (
     JOB_FILE,
     LOSS_CURVE_FILE,
     METHODS,
@@ -21,7 +21,7 @@ from cpia_assets.core.ssl.config import (
     prepare_run_dir,
     training_source,
 )
-from cpia_assets.core.variants import DATA_VARIANTS
+from cpia_assets.core.training.variants import DATA_VARIANTS
 from cpia_assets.defs.instance import GPU_POOL
 from cpia_assets.defs.records import config_class, failures_markdown, settings_from
 from cpia_assets.defs.resources import CpiaStore
@@ -110,7 +110,7 @@ def build_ssl_assets() -> list[dg.AssetsDefinition]:
     def downstream_eval(
         context: dg.AssetExecutionContext, config: FinetuneConfig, store: CpiaStore
     ) -> dg.MaterializeResult:
-        from cpia_assets.core.ssl.evaluate import (
+        from cpia_assets.core.training.ssl.evaluate import (
             confusion_markdown,
             evaluate_all,
             table_ii_markdown,

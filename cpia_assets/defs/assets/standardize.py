@@ -1,7 +1,7 @@
 """standardized_wsi and scale_tiles as one multi-asset (`standardize_and_tile`).
 
 Selected together (a partition run, `--select standardized_wsi,scale_tiles`), WSI slides are
-standardized and tiled in one pass (`core/fused.py`): the tiles are cut from the pixels written
+standardized and tiled in one pass (`core/wsi/fused.py`): the tiles are cut from the pixels written
 into the standardized TIFF. Either asset can still be materialized alone: standardized_wsi
 writes the TIFFs only, scale_tiles cuts the tiles from the stored TIFFs (e.g. after a tissue
 threshold change). ROI sub-datasets: standardized_wsi is the ROI crop/resize.
@@ -14,12 +14,15 @@ import dagster as dg
 
 from cpia_assets.core import schema
 from cpia_assets.core.downloads.state import verified_digests
-from cpia_assets.core.fused import standardize_and_tile_partition
-from cpia_assets.core.roi import RoiSettings, standardize_roi_partition
-from cpia_assets.core.slides import select_slides
+from cpia_assets.core.roi.images import RoiSettings
+from cpia_assets.core.roi.standardize import standardize_roi_partition
 from cpia_assets.core.stage import StageResult
-from cpia_assets.core.standardize import STAGE, StandardizeSettings, standardize_partition
-from cpia_assets.core.tiling import TilingSettings, with_thresholds
+from cpia_assets.core.wsi.fused import standardize_and_tile_partition
+from cpia_assets.core.wsi.settings import StandardizeSettings
+from cpia_assets.core.wsi.slide_jobs import standardize_partition
+from cpia_assets.core.wsi.slides import select_slides
+from cpia_assets.core.wsi.standardize import STAGE
+from cpia_assets.core.wsi.tiling import TilingSettings, with_thresholds
 from cpia_assets.defs.assets.tiles import (
     SCALE_TILES,
     TilingConfig,

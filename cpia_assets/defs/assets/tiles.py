@@ -11,11 +11,12 @@ from dataclasses import asdict
 import dagster as dg
 
 from cpia_assets.core import schema
-from cpia_assets.core.catalog import ALL_SCALES, SubDataset
-from cpia_assets.core.integrity import xl_ratio_text
+from cpia_assets.core.catalog.fields import ALL_SCALES
+from cpia_assets.core.catalog.model import SubDataset
 from cpia_assets.core.stage import StageResult
-from cpia_assets.core.thumbnails import thumbnails_markdown
-from cpia_assets.core.tiling import TilingSettings, rejection_counts, tile_partition
+from cpia_assets.core.wsi.thumbnails import thumbnails_markdown
+from cpia_assets.core.wsi.tile_jobs import tile_partition
+from cpia_assets.core.wsi.tiling import TilingSettings, rejection_counts, xl_ratio_text
 from cpia_assets.defs.records import (
     config_class,
     failures_markdown,

@@ -1,0 +1,244 @@
+"""training_shards: a data variant (`variants.py`) as WebDataset tar shards plus an index.
+
+Layout: `shards/<variant>/shard-000000.tar, ...` and `index.json` (variant, seed, shard size,
+images in total, per scale and per top folder, and per shard). Each sample is two members,
+`<key>.jpg` (the image file's bytes, never re-encoded) and `<key>.json` (`SIDECAR_FIELDS`),
+with `<key>` = `<subdataset>__<scale>__<image_name>` and every "." replaced by "_" (webdataset
+splits keys at the first dot). Samples are sorted by key, then shuffled with the seed, so
+sub-datasets mix in every shard.
+
+Re-exports are byte-identical: members have a fixed mtime, uid/gid 0 and no user names. A
+fingerprint of the samples (sidecars, file sizes and mtimes) and settings is kept beside the
+index; an export whose fingerprint matches writes nothing. Otherwise the shards are written to
+a hidden sibling folder that replaces the variant's folder in one rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from cpia_assets.core.catalog.model import Catalog, SubDataset
+from cpia_assets.core.fsutil import atomic_path
+from cpia_assets.core.layout import SCALE_FOLDER_OF, SCALE_FOLDERS, DataLayout
+from cpia_assets.core.parallel import map_unordered
+from cpia_assets.core.stage import failure
+from cpia_assets.core.training.variants import VARIANT_FOLDERS
+
+STAGE = "training_shards"
+MINI_VARIANT = "cpia-mini"
+SCALES = ("XL", "L", "M", "S")
+SIDECAR_FIELDS = (
+    "image_name", "subdataset", "organ", "scale", "folder", "label", "split", "source_tile",
+    "path", "licence", "redistributable",
+)  # fmt: skip
+INDEX_FILE = "index.json"
+FINGERPRINT_FILE = ".fingerprint"
+MEMBER_MTIME = 0
+_EXPORT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    shard_size: int = 10_000
+    """Samples per shard (the last shard holds the rest)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+
+
+def sample_key(subdataset: str, scale: str, image_name: str) -> str:
+    return f"{subdataset}__{scale}__{image_name}".replace(".", "_")
+
+
+def sidecar(row: Mapping[str, Any], entry: SubDataset) -> dict[str, Any]:
+    """The `<key>.json` of an image record (TILES or MINI_IMAGES row) of catalog `entry`; its
+    licence travels with it, and `redistributable` is false or null (unknown) where copies may
+    not be shared."""
+    return {
+        "image_name": row["image_name"],
+        "subdataset": row["subdataset"],
+        "organ": entry.organ,
+        "scale": row["scale"],
+        "folder": SCALE_FOLDER_OF[row["scale"]],
+        "label": row.get("label"),
+        "split": row.get("split"),
+        "source_tile": row.get("source_tile"),
+        "path": row["path"],
+        "licence": entry.about.licence,
+        "redistributable": entry.redistributable,
+    }
+
+
+def variant_sidecars(
+    layout: DataLayout, catalog: Catalog, variant: str
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The sidecars of every image of `variant`, read from the per-partition records (Mini:
+    `mini_images`, else the kept `tiles` of the variant's folders), and the catalog keys
+    whose records are missing (partition not built yet)."""
+    table = "mini_images" if variant == MINI_VARIANT else "tiles"
+    scales = [scale for scale in SCALES if SCALE_FOLDER_OF[scale] in VARIANT_FOLDERS[variant]]
+    sidecars, missing = [], []
+    for entry in catalog.subdatasets:
+        path = layout.manifest_file(entry.key, table)
+        if not path.is_file():
+            missing.append(entry.key)
+            continue
+        rows = pl.read_parquet(path).filter(
+            pl.col("path").is_not_null() & pl.col("scale").is_in(scales)
+        )
+        sidecars += [sidecar(row, entry) for row in rows.iter_rows(named=True)]
+    return sidecars, missing
+
+
+@dataclass
+class ExportResult:
+    index: dict[str, Any]
+    written: bool  # False: the fingerprint matched and nothing was written
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+
+def export_shards(
+    sidecars: Iterable[Mapping[str, Any]],
+    *,
+    variant: str,
+    layout: DataLayout,
+    settings: ShardSettings,
+    executor: Executor | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Write `sidecars`' images (paths relative to the data folder) as the variant's shards."""
+    samples = sorted(
+        ((sample_key(s["subdataset"], s["scale"], s["image_name"]), dict(s)) for s in sidecars),
+        key=lambda sample: sample[0],
+    )
+    duplicates = [k for k, n in Counter(k for k, _ in samples).items() if n > 1]
+    if duplicates:
+        raise ValueError(f"{variant}: sample keys used twice, e.g. {duplicates[:3]}")
+    out_dir = layout.shards_dir(variant)
+    fingerprint = _fingerprint(samples, layout, variant, settings)
+    previous = out_dir / FINGERPRINT_FILE
+    if previous.is_file() and previous.read_text() == fingerprint:
+        if progress:
+            progress(f"{variant}: inputs unchanged, nothing written")
+        return ExportResult(json.loads((out_dir / INDEX_FILE).read_text()), written=False)
+    order = np.random.default_rng(settings.seed).permutation(len(samples))
+    shuffled = [samples[i] for i in order]
+    size = settings.shard_size
+    with atomic_path(out_dir) as staging:
+        staging.mkdir()
+        jobs = [
+            _ShardJob(staging / f"shard-{n:06d}.tar", layout.root, shuffled[start : start + size])
+            for n, start in enumerate(range(0, len(shuffled), size))
+        ]
+        written = sorted(map_unordered(_write_shard, jobs, executor), key=lambda s: s.file)
+        restricted = sorted(
+            {m["subdataset"] for _, m in samples if m.get("redistributable") is not True}
+        )
+        index = _index(variant, settings, written, restricted)
+        (staging / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
+        failures = [f for shard in written for f in shard.failures]
+        # A failed image is retried next time: no fingerprint is kept then.
+        if not failures:
+            (staging / FINGERPRINT_FILE).write_text(fingerprint)
+    if progress:
+        progress(f"{variant}: {index['images']} images in {len(written)} shards")
+    return ExportResult(index, written=True, failures=failures)
+
+
+@dataclass(frozen=True)
+class _ShardJob:
+    file: Path
+    root: Path
+    samples: Sequence[tuple[str, Mapping[str, Any]]]
+
+
+@dataclass(frozen=True)
+class _Shard:
+    file: str
+    per_scale: dict[str, int]
+    failures: list[dict[str, str]]
+
+
+def _write_shard(job: _ShardJob) -> _Shard:
+    """Worker: one tar; an unreadable image is left out with a failure naming it."""
+    per_scale = dict.fromkeys(SCALES, 0)
+    failures = []
+    with tarfile.open(job.file, "w") as tar:
+        for key, meta in job.samples:
+            try:
+                image = (job.root / meta["path"]).read_bytes()
+            except OSError as exc:
+                reason = f"{meta['path']}: cannot read the image: {exc}"
+                failures.append(failure(meta["path"], STAGE, reason))
+                continue
+            _add(tar, f"{key}.jpg", image)
+            _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+            per_scale[meta["scale"]] += 1
+    return _Shard(job.file.name, per_scale, failures)
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), MEMBER_MTIME, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _index(
+    variant: str, settings: ShardSettings, shards: Sequence[_Shard], restricted: list[str]
+) -> dict[str, Any]:
+    """The shard index; `not_redistributable` names the sub-datasets whose licence does not
+    (or is not known to) allow sharing copies, so a user checks before publishing shards."""
+    per_scale = dict.fromkeys(SCALES, 0)
+    for shard in shards:
+        for scale, count in shard.per_scale.items():
+            per_scale[scale] += count
+    per_folder = dict.fromkeys(SCALE_FOLDERS, 0)
+    for scale, count in per_scale.items():
+        per_folder[SCALE_FOLDER_OF[scale]] += count
+    return {
+        "variant": variant,
+        "seed": settings.seed,
+        "shard_size": settings.shard_size,
+        "images": sum(per_scale.values()),
+        "per_scale": per_scale,
+        "per_folder": per_folder,
+        "not_redistributable": restricted,
+        "shards": [
+            {"file": s.file, "images": sum(s.per_scale.values()), "per_scale": s.per_scale}
+            for s in shards
+        ],
+    }
+
+
+def _fingerprint(
+    samples: Sequence[tuple[str, Mapping[str, Any]]],
+    layout: DataLayout,
+    variant: str,
+    settings: ShardSettings,
+) -> str:
+    """Hash of the sidecars, each image file's size and mtime, and the settings."""
+    digest = hashlib.sha256(json.dumps([_EXPORT_VERSION, variant, asdict(settings)]).encode())
+    for key, meta in samples:
+        try:
+            stat = (layout.root / meta["path"]).stat()
+            identity = [stat.st_size, stat.st_mtime_ns]
+        except OSError:
+            identity = None  # reported when the shard is written
+        digest.update(json.dumps([key, meta, identity], sort_keys=True).encode())
+    return digest.hexdigest()

@@ -1,0 +1,247 @@
+"""Settings of pre-training and fine-tuning (the run config of ssl_checkpoint and downstream_eval)
+and the resolved job a training process runs, stored as JSON beside its outputs. No torch import:
+the Dagster definitions load this module."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from cpia_assets.core.layout import DataLayout
+from cpia_assets.core.training.variants import VARIANT_FOLDERS
+
+METHODS = ("mae", "mocov3", "dino")
+METHOD_NAMES = {"mae": "MAE", "mocov3": "MoCo-v3", "dino": "DINO"}  # as in Table II
+DATA_NAMES = {"cpia-mini": "CPIA-Mini", "cpia": "CPIA", "cpia-l": "CPIA-L", "cpia-m": "CPIA-M",
+              "cpia-s": "CPIA-S"}  # fmt: skip
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
+
+
+@dataclass(frozen=True)
+class MAESettings:
+    mask_ratio: float = 0.75
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    norm_pix_loss: bool = True  # targets normalised per patch, as in the paper's best setting
+
+    def __post_init__(self) -> None:
+        if not 0 < self.mask_ratio < 1:
+            raise ValueError(f"mae.mask_ratio must lie in (0, 1), got {self.mask_ratio}")
+
+
+@dataclass(frozen=True)
+class DINOSettings:
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    out_dim: int = 65536
+    local_crops: int = 8
+    local_crop_fraction: float = 96 / 224  # local crop edge relative to the image size
+    teacher_temp: float = 0.04
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+    momentum: float = 0.996  # teacher EMA, rising to 1 on a cosine schedule
+
+
+@dataclass(frozen=True)
+class MoCoSettings:
+    hidden_dim: int = 4096
+    out_dim: int = 256
+    temperature: float = 0.2
+    momentum: float = 0.99  # momentum encoder EMA, rising to 1 on a cosine schedule
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    """Pre-training knobs. `steps` counts optimizer steps; `epochs` > 0 replaces it by that many
+    passes over the training images. `lr` is the peak learning rate (AdamW), reached after
+    `warmup_steps` and then held (`constant`) or decayed to 0 (`cosine`). `precision` `auto` is
+    bf16-mixed on CUDA and 32-true on CPU. `init` is `random` or a local timm checkpoint file
+    (e.g. ImageNet-1k weights); nothing is downloaded."""
+
+    model: str = "vit_base_patch16_224"
+    image_size: int = 224
+    batch_size: int = 64  # per device and micro-batch
+    accumulation: int = 1
+    steps: int = 10_000
+    epochs: float = 0.0
+    lr: float = 1.5e-4
+    schedule: str = "cosine"
+    warmup_steps: int = 500
+    weight_decay: float = 0.05
+    gradient_clip: float = 0.0  # max gradient norm, 0 = off (DINO uses 3.0)
+    seed: int = 0
+    precision: str = "auto"
+    workers: int = 8  # loader processes per device
+    init: str = "random"
+    checkpoint_every: int = 1000  # optimizer steps between Lightning checkpoints
+    devices: int = 1  # GPUs per node; > 1 or nodes > 1 runs DDP under torchrun
+    nodes: int = 1
+    rendezvous: str = ""  # host:port of the first node, when nodes > 1
+    mae: MAESettings = field(default_factory=MAESettings)
+    mocov3: MoCoSettings = field(default_factory=MoCoSettings)
+    dino: DINOSettings = field(default_factory=DINOSettings)
+
+    def __post_init__(self) -> None:
+        positive = (
+            "image_size",
+            "batch_size",
+            "accumulation",
+            "checkpoint_every",
+            "devices",
+            "nodes",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.steps < 1 and self.epochs <= 0:
+            raise ValueError("set steps >= 1 or epochs > 0")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be cosine or constant, got {self.schedule!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.nodes > 1 and not self.rendezvous:
+            raise ValueError("nodes > 1 needs rendezvous (host:port of the first node)")
+        if self.init != "random" and not Path(self.init).is_file():
+            raise ValueError(
+                f"init must be 'random' or a local checkpoint file; {self.init} is missing"
+            )
+
+    @property
+    def init_label(self) -> str:
+        """Table II's init column: random, or ImageNet for a local checkpoint file."""
+        return "random" if self.init == "random" else "ImageNet"
+
+
+@dataclass(frozen=True)
+class PretrainJob:
+    """Everything one training process needs: method, data and where to write."""
+
+    method: str
+    data: str  # data variant (partition), e.g. cpia-mini
+    source: str  # folder root or shard folder
+    folders: tuple[str, ...]
+    out_dir: str
+    settings: PretrainSettings
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown SSL method {self.method!r}; expected one of {METHODS}")
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> PretrainJob:
+        try:
+            return from_dict(cls, json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise ValueError(f"{path}: not a valid pre-training job ({exc})") from exc
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """Fine-tuning knobs. `tasks` maps a task name to a local ImageFolder: `<split>/<class>/*`
+    with splits train/test (and val, else 1/8 of train per class), or `<class>/*`, split 7:1:2
+    per class with `seed`. `imagenet_init` is a local timm checkpoint for the ImageNet baseline
+    row (empty: no such row)."""
+
+    tasks: dict[str, str] = field(default_factory=dict)
+    epochs: int = 50
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    image_size: int = 224
+    seed: int = 0
+    workers: int = 4
+    random_init_baseline: bool = True
+    imagenet_init: str = ""
+    baseline_model: str = "vit_base_patch16_224"  # the model of the baseline rows
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be at least 1")
+
+
+def from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """A (nested) settings dataclass from its `asdict` form; unknown keys are an error."""
+    hints = get_type_hints(cls)
+    unknown = set(values) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    converted = {}
+    for name, value in values.items():
+        kind = hints[name]
+        if is_dataclass(kind):
+            value = from_dict(kind, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        converted[name] = value
+    return cls(**converted)
+
+
+JOB_FILE = "config.json"  # the resolved job, beside the outputs of its training
+ENCODER_FILE = "encoder.pth"
+SUMMARY_FILE = "summary.json"
+LOSS_CURVE_FILE = "loss_curve.png"
+LAST_CHECKPOINT = "checkpoints/last.ckpt"
+
+
+def training_source(layout: DataLayout, variant: str) -> tuple[Path, tuple[str, ...]]:
+    """Where a data variant's images are read from: its shards when their index.json exists,
+    else the folder layout (`cpia-mini/`, or `cpia/` restricted to the variant's folders)."""
+    if variant not in VARIANT_FOLDERS:
+        raise ValueError(
+            f"unknown data variant {variant!r}; expected one of {sorted(VARIANT_FOLDERS)}"
+        )
+    folders = VARIANT_FOLDERS[variant]
+    shards = layout.shards_dir(variant)
+    if (shards / "index.json").is_file():
+        return shards, folders
+    root = layout.mini_dir if variant == "cpia-mini" else layout.cpia_dir
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"{root}: no training images for {variant} (neither this folder nor "
+            f"{shards}/index.json exists); build the images or the shards first"
+        )
+    return root, folders
+
+
+def prepare_run_dir(job: PretrainJob) -> str:
+    """Write the job file into its output folder; returns `resume` when an earlier run with the
+    same job left a checkpoint, else `fresh` (checkpoints of a different job are removed first:
+    resuming them would mix two trainings)."""
+    out = Path(job.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path, checkpoints = out / JOB_FILE, out / "checkpoints"
+    previous = path.read_text() if path.exists() else None
+    job.save(path)
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        if previous == path.read_text():
+            return "resume"
+        shutil.rmtree(checkpoints)
+    return "fresh"
+
+
+def launch_command(
+    job_file: Path,
+    settings: PretrainSettings,
+    python: str = sys.executable,
+    module: str = "cpia_assets.core.training.ssl.train",
+) -> list[str]:
+    """`python -m MODULE JOB` on one device, else the same under torchrun (one process per
+    device; with several nodes this starts this node's share and the other nodes run the same
+    command with their --node-rank). `module`: the training entry point (the Dagster asset
+    passes its Pipes-reporting wrapper)."""
+    train = ["-m", module, str(job_file)]
+    if settings.devices * settings.nodes == 1:
+        return [python, *train]
+    command = [python, "-m", "torch.distributed.run", f"--nproc-per-node={settings.devices}"]
+    if settings.nodes > 1:
+        command += [f"--nnodes={settings.nodes}", "--rdzv-backend=c10d",
+                    f"--rdzv-endpoint={settings.rendezvous}"]  # fmt: skip
+    return [*command, *train]

@@ -1,0 +1,147 @@
+"""One pre-training run from a resolved job file:
+`python -m cpia_assets.core.training.ssl.train JOB.json`.
+
+Under several devices or nodes launch it with `torchrun --nproc_per_node N [--nnodes ...]`:
+Lightning's DDP then joins the processes torchrun started. Outputs in the job's `out_dir`:
+`encoder.pth` (timm ViT state dict, no classifier), `checkpoints/last.ckpt` (and one every
+`checkpoint_every` steps; a rerun resumes from last.ckpt), `metrics.jsonl` (loss and learning
+rate per step), `loss_curve.png` and `summary.json` (what the asset reports). Under Dagster Pipes,
+rank 0 sends its progress lines to the asset's log.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from cpia_assets.core.fsutil import atomic_path
+from cpia_assets.core.training.datasets import count_training_images
+from cpia_assets.core.training.ssl.config import (
+    ENCODER_FILE,
+    LAST_CHECKPOINT,
+    LOSS_CURVE_FILE,
+    SUMMARY_FILE,
+    PretrainJob,
+)
+from cpia_assets.core.training.ssl.module import MetricsRecorder, PretrainModule
+from cpia_assets.core.training.ssl.report import plot_curve
+
+
+def total_steps(job: PretrainJob) -> int:
+    """Optimizer steps: `steps`, or `epochs` passes over the training images."""
+    settings = job.settings
+    if settings.epochs <= 0:
+        return settings.steps
+    per_step = settings.batch_size * settings.accumulation * settings.devices * settings.nodes
+    images = count_training_images(Path(job.source), job.folders)
+    return max(1, math.ceil(settings.epochs * images / per_step))
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name()}"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def run_training(
+    job: PretrainJob,
+    *,
+    progress: Callable[[str], None] = print,
+    callbacks: Sequence[pl.Callback] = (),
+    log_every: int = 10,
+) -> dict[str, Any] | None:
+    """Train (resuming from the last checkpoint when there is one); rank 0 writes the outputs and
+    returns the summary, other ranks return None."""
+    settings = job.settings
+    out = Path(job.out_dir)
+    pl.seed_everything(settings.seed, workers=True, verbose=False)
+    steps = total_steps(job)
+    module = PretrainModule(job, steps)
+    recorder = MetricsRecorder(progress, log_every)
+    checkpoints = pl.callbacks.ModelCheckpoint(
+        dirpath=out / "checkpoints", every_n_train_steps=settings.checkpoint_every,
+        save_top_k=-1, save_last=True, filename="step-{step:07d}", auto_insert_metric_name=False,
+    )  # fmt: skip
+    distributed = settings.devices * settings.nodes > 1
+    cuda = torch.cuda.is_available()
+    precision = settings.precision
+    if precision == "auto":
+        precision = "bf16-mixed" if cuda else "32-true"
+    trainer = pl.Trainer(
+        accelerator="gpu" if cuda else "cpu",
+        devices=settings.devices,
+        num_nodes=settings.nodes,
+        strategy="ddp" if distributed else "auto",
+        sync_batchnorm=distributed and cuda,  # SyncBatchNorm needs GPUs
+        precision=precision,
+        max_steps=steps,
+        accumulate_grad_batches=settings.accumulation,
+        gradient_clip_val=settings.gradient_clip or None,
+        callbacks=[recorder, checkpoints, *callbacks],
+        deterministic="warn" if cuda else True,
+        use_distributed_sampler=False,  # the stream splits itself over ranks
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out,
+    )
+    resume = out / LAST_CHECKPOINT
+    if resume.exists():
+        progress(f"resuming from {resume}")
+    trainer.fit(module, ckpt_path=resume if resume.exists() else None)
+    if trainer.global_rank != 0:
+        return None
+    return _write_outputs(job, module, recorder, device_name(), precision)
+
+
+def _write_outputs(
+    job: PretrainJob, module: PretrainModule, recorder: MetricsRecorder, device: str, precision: str
+) -> dict[str, Any]:
+    out = Path(job.out_dir)
+    encoder = {k: v.detach().cpu() for k, v in module.method.export_encoder().state_dict().items()}
+    with atomic_path(out / ENCODER_FILE) as tmp:
+        torch.save(encoder, tmp)
+    history = recorder.history
+    with atomic_path(out / "metrics.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
+    plot_curve(
+        [row["step"] for row in history], [row["loss"] for row in history], out / LOSS_CURVE_FILE,
+        title=f"{job.method} on {job.data}: training loss",
+    )  # fmt: skip
+    summary = {
+        "method": job.method,
+        "data": job.data,
+        "model": job.settings.model,
+        "image_size": job.settings.image_size,
+        "steps": history[-1]["step"] if history else 0,
+        "first_loss": history[0]["loss"] if history else None,
+        "final_loss": history[-1]["loss"] if history else None,
+        "images_per_s": round(recorder.images_per_s, 2),
+        "device": device,
+        "precision": precision,
+        "encoder": str(out / ENCODER_FILE),
+    }
+    with atomic_path(out / SUMMARY_FILE) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: Sequence[str] | None = None, progress: Callable[[str], None] = print) -> int:
+    """Train from the job file named on the command line, telling `progress` as it goes."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        print("usage: python -m cpia_assets.core.training.ssl.train JOB.json", file=sys.stderr)
+        return 2
+    run_training(PretrainJob.load(Path(args[0])), progress=progress)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,187 @@
+"""cpia_mini (per sub-dataset) and training_shards (per data variant): CPIA-Mini and exports."""
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from cpia_assets.core import schema
+from cpia_assets.core.catalog.fields import ALL_SCALES
+from cpia_assets.core.manifest.mosaic import preview_grid_uri
+from cpia_assets.core.schema import MiniReason
+from cpia_assets.core.training.exclusions import ExclusionError, Exclusions
+from cpia_assets.core.training.mini import MiniResult, MiniSettings, build_mini_partition, xl_quota
+from cpia_assets.core.training.shards import ShardSettings, export_shards, variant_sidecars
+from cpia_assets.core.training.variants import DATA_VARIANTS
+from cpia_assets.core.wsi.tiling import xl_ratio_text
+from cpia_assets.defs.records import (
+    config_class,
+    failures_markdown,
+    progress_logger,
+    read_records,
+    settings_from,
+    write_failures,
+    write_records,
+)
+from cpia_assets.defs.resources import CpiaStore, WorkerPool
+from cpia_assets.defs.versions import files_data_version, records_data_version
+
+MiniConfig = config_class(MiniSettings, "MiniConfig")
+ShardConfig = config_class(ShardSettings, "ShardConfig")
+PREVIEW_PER_SCALE = 6
+MINI_TABLES = ("mini_images", "mini_selection", "failures-cpia_mini")
+
+
+def build_cpia_mini(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    @dg.asset(
+        partitions_def=partitions,
+        deps=["scale_tiles"],
+        group_name="mini",
+        code_version="1",
+        kinds={"python", "libvips", "parquet"},
+        description=(
+            "CPIA-Mini of one sub-dataset under `cpia-mini/{L,M,S}/<key>/`, every image 384 px. "
+            "WSI: an XL quota from the Table I organ row's budget (capped per sub-dataset), XL "
+            "tiles spread over the slides, with 16 L, 32 M and one S crop per M each (area "
+            "filter when shrinking, Lanczos when enlarging). ROI: unlabelled sets whole, "
+            "labelled sets' training split only. The exclusion rules keep evaluation data out. "
+            "Records: `mini_images` and `mini_selection` (`in_mini` and its reason per image)."
+        ),
+    )
+    def cpia_mini(
+        context: dg.AssetExecutionContext,
+        config: MiniConfig,
+        store: CpiaStore,
+        workers: WorkerPool,
+    ) -> dg.MaterializeResult:
+        key = context.partition_key
+        layout = store.layout
+        settings = settings_from(config, MiniSettings)
+        try:
+            exclusions = Exclusions.load(settings.exclusions)
+        except ExclusionError as exc:
+            raise dg.Failure(str(exc)) from exc
+        quota = xl_quota(store.catalog(), key, settings, exclusions)
+        with workers.executor() as executor:
+            result = build_mini_partition(
+                store.entry(key),
+                read_records(layout, key, "tiles"),
+                quota=quota,
+                exclusions=exclusions,
+                layout=layout,
+                settings=settings,
+                executor=executor,
+                progress=progress_logger(context),
+            )
+        write_records(context, layout, "mini_images", result.records, schema.MINI_IMAGES)
+        write_records(context, layout, "mini_selection", result.selection, schema.MINI_SELECTION)
+        write_failures(context, layout, result.failures)
+        if quota and not result.records and result.failures:
+            raise dg.Failure(
+                f"no Mini image of {key!r} could be made",
+                metadata={"failures": dg.MetadataValue.md(failures_markdown(result.failures))},
+            )
+        return dg.MaterializeResult(
+            metadata=_mini_metadata(result, layout.root),
+            data_version=records_data_version(
+                layout, key, MINI_TABLES, {"settings": settings, "quota": quota}
+            ),
+        )
+
+    return cpia_mini
+
+
+def _mini_metadata(result: MiniResult, root: Path) -> dict[str, Any]:
+    counts = Counter(row["scale"] for row in result.records)
+    reasons = Counter(row["mini_reason"] for row in result.selection)
+    left_out = "\n".join(
+        ["| reason | images |", "|---|---|"]
+        + [
+            f"| {reason} | {n} |"
+            for reason, n in sorted(reasons.items())
+            if reason != MiniReason.SELECTED
+        ]
+    )
+    preview = {
+        scale: [root / row["path"] for row in result.records if row["scale"] == scale][
+            :PREVIEW_PER_SCALE
+        ]
+        for scale in ALL_SCALES
+        if counts.get(scale)
+    }
+    metadata: dict[str, Any] = {f"images_{scale}": counts.get(scale, 0) for scale in ALL_SCALES}
+    metadata |= {
+        "images": len(result.records),
+        "xl_quota": result.quota,
+        "quota_used": counts.get("XL", 0),
+        "ratio_XL_L_M_S": xl_ratio_text(counts),
+        "images_left_out": dg.MetadataValue.md(left_out),
+        "reused_from_earlier_run": bool(result.reused),
+        "failures": dg.MetadataValue.md(failures_markdown(result.failures)),
+    }
+    if preview:
+        metadata["preview"] = dg.MetadataValue.md(f"![Mini samples]({preview_grid_uri(preview)})")
+    return metadata
+
+
+def build_training_shards() -> dg.AssetsDefinition:
+    all_partitions = dg.AllPartitionMapping()
+
+    @dg.asset(
+        partitions_def=dg.StaticPartitionsDefinition(list(DATA_VARIANTS)),
+        deps=[
+            dg.AssetDep("cpia_mini", partition_mapping=all_partitions),
+            dg.AssetDep("scale_tiles", partition_mapping=all_partitions),
+        ],
+        group_name="mini",
+        code_version="1",
+        kinds={"python", "webdataset"},
+        description=(
+            "One data variant (cpia-mini, cpia, cpia-l, cpia-m, cpia-s) as WebDataset tar "
+            "shards under `shards/<variant>/`: `<key>.jpg` (original bytes) + `<key>.json` "
+            "(sub-dataset, organ, scale, label, split, source tile), shuffled across "
+            "sub-datasets with a fixed seed, plus `index.json`. Unchanged inputs write nothing."
+        ),
+    )
+    def training_shards(
+        context: dg.AssetExecutionContext,
+        config: ShardConfig,
+        store: CpiaStore,
+        workers: WorkerPool,
+    ) -> dg.MaterializeResult:
+        variant = context.partition_key
+        layout = store.layout
+        sidecars, missing = variant_sidecars(layout, store.catalog(), variant)
+        if missing:
+            context.log.warning(f"{variant}: no records yet for {', '.join(missing)}")
+        if not sidecars:
+            raise dg.Failure(f"{variant}: no images to export (partitions not built: {missing})")
+        settings = settings_from(config, ShardSettings)
+        with workers.executor() as executor:
+            result = export_shards(
+                sidecars,
+                variant=variant,
+                layout=layout,
+                settings=settings,
+                executor=executor,
+                progress=progress_logger(context),
+            )
+        for problem in result.failures:
+            context.log.warning(problem["reason"])
+        index = result.index
+        index_path = layout.shards_dir(variant) / "index.json"
+        return dg.MaterializeResult(
+            metadata={
+                "images": index["images"],
+                "shards": len(index["shards"]),
+                "per_scale": dg.MetadataValue.json(index["per_scale"]),
+                "written": result.written,
+                "partitions_without_records": dg.MetadataValue.json(missing),
+                "failures": dg.MetadataValue.md(failures_markdown(result.failures)),
+                "index": dg.MetadataValue.path(str(index_path)),
+            },
+            data_version=files_data_version([index_path], settings),
+        )
+
+    return training_shards

@@ -1,0 +1,144 @@
+"""The training loader over both layouts: content, scale subsets, exact resume, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cpia_assets.core.training.datasets import (
+    StreamSlice,
+    count_training_images,
+    list_folder_images,
+    training_loader,
+)
+from cpia_assets_tests.support.ssl_data import corrupt_jpeg, write_folder_tree, write_shards
+
+torch.set_num_threads(1)  # the test machine's cores are shared
+
+
+def mean_colour(image: Image.Image) -> list[torch.Tensor]:
+    """A 'view' that identifies the image: its mean RGB."""
+    return [torch.tensor(np.asarray(image, dtype=np.float64).mean(axis=(0, 1)))]
+
+
+def _key(colour: torch.Tensor) -> tuple[float, ...]:
+    return tuple(round(value, 3) for value in colour.tolist())
+
+
+def file_colours(paths: list[Path]) -> list[tuple[float, ...]]:
+    return sorted(_key(mean_colour(Image.open(p).convert("RGB"))[0]) for p in paths)
+
+
+def batch_colours(batch: tuple[list[torch.Tensor], torch.Tensor]) -> list[tuple[float, ...]]:
+    return sorted(_key(row) for row in batch[0][0])
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("data")
+    write_folder_tree(root / "cpia", per_scale=4)
+    write_shards(root / "cpia", root / "shards", shard_size=5)
+    return root / "cpia", root / "shards"
+
+
+@pytest.mark.parametrize("layout", ["folders", "shards"])
+@pytest.mark.parametrize("folders", [("L", "M", "S"), ("S",), ("L",)])
+def test_one_epoch_yields_each_selected_image_once(
+    layouts: tuple[Path, Path], layout: str, folders: tuple[str, ...]
+) -> None:
+    root, shards = layouts
+    source = root if layout == "folders" else shards
+    expected = file_colours(list_folder_images(root, folders))
+    assert count_training_images(source, folders) == len(expected)  # XL and L both under L
+    loader = training_loader(
+        source, transform=mean_colour, batch_size=len(expected), seed=3, folders=folders
+    )
+    first = next(iter(loader))
+    assert batch_colours(first) == expected
+    assert len(set(first[1].tolist())) == len(expected)  # every sample its own augmentation seed
+
+
+@pytest.mark.parametrize(("layout", "workers"), [("folders", 0), ("folders", 2), ("shards", 2)])
+def test_a_resumed_stream_continues_exactly(
+    layouts: tuple[Path, Path], layout: str, workers: int
+) -> None:
+    source = layouts[0] if layout == "folders" else layouts[1]
+
+    def batches(start: int, count: int) -> list:
+        loader = training_loader(
+            source, transform=mean_colour, batch_size=3, seed=5, workers=workers,
+            stream_slice=StreamSlice(start_batch=start),
+        )  # fmt: skip
+        iterator = iter(loader)
+        return [next(iterator) for _ in range(count)]
+
+    straight = batches(0, 9)  # 27 samples: crosses an epoch of 16 images
+    resumed = batches(5, 4)
+    for ours, theirs in zip(straight[5:], resumed, strict=True):
+        assert torch.equal(ours[0][0], theirs[0][0])
+        assert torch.equal(ours[1], theirs[1])
+
+
+def test_folder_stream_is_the_same_for_any_number_of_workers(layouts: tuple[Path, Path]) -> None:
+    def seeds(workers: int) -> list[list[int]]:
+        loader = training_loader(layouts[0], transform=mean_colour, batch_size=4, seed=1,
+                                 workers=workers)  # fmt: skip
+        iterator = iter(loader)
+        return [next(iterator)[1].tolist() for _ in range(6)]
+
+    assert seeds(0) == seeds(2)
+
+
+def test_ranks_read_disjoint_batches(layouts: tuple[Path, Path]) -> None:
+    def first(rank: int) -> list[tuple[float, ...]]:
+        loader = training_loader(
+            layouts[0], transform=mean_colour, batch_size=8, seed=2,
+            stream_slice=StreamSlice(rank=rank, world_size=2),
+        )  # fmt: skip
+        return batch_colours(next(iter(loader)))
+
+    both = first(0) + first(1)
+    assert sorted(both) == file_colours(list_folder_images(layouts[0], "LMS"))
+
+
+@pytest.mark.parametrize("layout", ["folders", "shards"])
+def test_an_undecodable_image_is_skipped_and_named(
+    tmp_path: Path, layout: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    paths = write_folder_tree(tmp_path / "cpia", per_scale=2)
+    bad = paths[3]
+    corrupt_jpeg(bad)
+    source = tmp_path / "cpia"
+    if layout == "shards":
+        write_shards(source, tmp_path / "shards", shard_size=3)
+        source = tmp_path / "shards"
+    with caplog.at_level(logging.WARNING, logger="cpia_assets.core.training.datasets"):
+        batch = next(iter(training_loader(source, transform=mean_colour, batch_size=8, seed=0)))
+    assert len(batch[1]) == 7  # the other seven images of the batch are there
+    assert bad.stem in caplog.text
+    assert "not a decodable image" in caplog.text
+
+
+def test_bad_sources_fail_naming_the_path(tmp_path: Path, layouts: tuple[Path, Path]) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        training_loader(tmp_path / "nowhere", transform=mean_colour, batch_size=2, seed=0)
+    (tmp_path / "empty" / "M").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"empty: no \.jpg images"):
+        training_loader(tmp_path / "empty", transform=mean_colour, batch_size=2, seed=0)
+    with pytest.raises(ValueError, match="folders must be a subset"):
+        training_loader(layouts[0], transform=mean_colour, batch_size=2, seed=0, folders=("XL",))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    index = json.loads((layouts[1] / "index.json").read_text())
+    (broken / "index.json").write_text(json.dumps(index))
+    with pytest.raises(FileNotFoundError, match=r"shard-000000\.tar"):
+        training_loader(broken, transform=mean_colour, batch_size=2, seed=0)
+    (broken / "index.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"broken/index\.json: not a valid shard index"):
+        training_loader(broken, transform=mean_colour, batch_size=2, seed=0)

@@ -1,0 +1,410 @@
+"""CPIA-Mini and its shards: quotas, ratios, exclusions, determinism, real Dagster runs."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import numpy as np
+import polars as pl
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from cpia_assets.core.catalog.loading import load_catalog
+from cpia_assets.core.layout import DataLayout
+from cpia_assets.core.schema import MiniReason
+from cpia_assets.core.training.exclusions import ExclusionError, Exclusions, ExclusionSettings
+from cpia_assets.core.training.mini import (
+    MiniSettings,
+    build_mini_partition,
+    choose_s_cell,
+    spread_over_slides,
+    xl_quota,
+)
+from cpia_assets.core.training.shards import ShardSettings, export_shards, sample_key
+from cpia_assets.definitions import OBSERVE_JOB, build_definitions
+from cpia_assets.demo_run import UP_TO_DATE
+from cpia_assets_tests.support.small_catalog import EXCLUDED_SLIDE, mini_run_config
+
+# ---------------------------------------------------------------------------------------------
+# Quotas, selection and exclusion rules (no images)
+
+
+def test_quota_divides_the_organ_budget_among_its_wsi_sets_and_caps_it() -> None:
+    catalog = load_catalog("cpia")
+    settings = MiniSettings(organ_xl_budget=1600, subdataset_xl_cap=800)
+    exclusions = Exclusions.load(settings.exclusions)
+    # Table I rows: breast 4 WSI sets; lung 3 (TCGA-LUSC counts under multiple organs: 13);
+    # kidney 4, but tcga-kirp (pRCC's source) is excluded
+    assert xl_quota(catalog, "tcga-brca", settings, exclusions) == 400
+    assert xl_quota(catalog, "cptac-luad", settings, exclusions) == 533
+    assert xl_quota(catalog, "tcga-lusc", settings, exclusions) == 123
+    assert xl_quota(catalog, "tcga-kirc", settings, exclusions) == 533
+    assert xl_quota(catalog, "tcga-kirp", settings, exclusions) == 0
+    assert xl_quota(catalog, "tcga-prad", settings, exclusions) == 800  # alone in its row: cap
+    assert xl_quota(catalog, "nct-crc-he-100k", settings, exclusions) == 0  # ROI: no XL
+    smaller = MiniSettings(organ_xl_budget=1600, subdataset_xl_cap=300)
+    assert xl_quota(catalog, "tcga-brca", smaller, exclusions) == 300
+
+
+def test_xl_tiles_are_spread_over_slides_seeded_and_nested() -> None:
+    slides = {
+        "big": [f"big-{i}" for i in range(20)],
+        "one": ["one-0"],
+        "mid": [f"mid-{i}" for i in range(5)],
+    }
+    picked = spread_over_slides(slides, 7, seed=0)
+    per_slide = Counter(name.split("-")[0] for name in picked)
+    assert per_slide == {"big": 3, "mid": 3, "one": 1}  # round-robin: no slide dominates
+    assert spread_over_slides(slides, 7, seed=0) == picked
+    assert spread_over_slides(slides, 12, seed=0)[:7] == picked  # a larger quota adds tiles
+    assert spread_over_slides(slides, 7, seed=1) != picked
+    assert len(spread_over_slides(slides, 100, seed=0)) == 26
+
+
+def test_s_crop_is_a_tissue_cell_or_the_richest_one() -> None:
+    tissue = np.zeros((4, 4))
+    tissue[1, 2], tissue[3, 0] = 0.5, 0.2
+    chosen = {choose_s_cell(tissue, 0.1, 0, f"m-{i}") for i in range(40)}
+    assert chosen == {(2, 1), (0, 3)}  # (column, row) of the two tissue cells
+    blank = np.full((4, 4), 0.01)
+    blank[2, 3] = 0.05
+    assert choose_s_cell(blank, 0.1, 0, "m") == (3, 2)
+
+
+def test_exclusion_rules_and_lists(tmp_path: Path) -> None:
+    listed = tmp_path / "eval.txt"
+    listed.write_text("# pRCC cases\ntcga-kirc:TCGA-AB-12*\n\n")
+    exclusions = Exclusions.load(ExclusionSettings(rules=("cam16:*test_*",), lists=(str(listed),)))
+    assert exclusions.for_key("cam16")(["testing/test_001.tif"])
+    assert not exclusions.for_key("cam16")(["training/normal_001.tif"])
+    assert exclusions.for_key("tcga-kirc")(["TCGA-AB-1234-01Z.svs"])
+    assert not exclusions.for_key("tcga-brca")(["TCGA-AB-1234-01Z.svs"])
+    assert Exclusions.load(ExclusionSettings()).whole("prcc")
+    with pytest.raises(ExclusionError, match=r"missing\.txt: cannot read the exclusion list"):
+        Exclusions.load(ExclusionSettings(lists=(str(tmp_path / "missing.txt"),)))
+    listed.write_text("cam16:\n")
+    with pytest.raises(ExclusionError, match=r"eval\.txt:1: exclusion rule 'cam16:'"):
+        Exclusions.load(ExclusionSettings(lists=(str(listed),)))
+
+
+def test_mini_run_config_mirrors_the_settings(tmp_path: Path) -> None:
+    defs = build_definitions(load_catalog("demo"), tmp_path)
+    job = defs.resolve_job_def("build_subdatasets")
+    resolved = dg.validate_run_config(job, mini_run_config())["ops"]["cpia_mini"]["config"]
+    assert resolved["exclusions"]["rules"] == [f"wsi-20x:{EXCLUDED_SLIDE}*"]
+    assert resolved["m_per_xl"] == 32 and resolved["subdataset_xl_cap"] == 800
+    default = dg.validate_run_config(job, {})["ops"]["cpia_mini"]["config"]
+    assert default["exclusions"]["rules"] == list(ExclusionSettings().rules)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real runs on the small synthetic catalog (`small_build`, built once per test run)
+
+
+def _frame(layout: DataLayout, key: str, table: str) -> pl.DataFrame:
+    return pl.read_parquet(layout.manifest_file(key, table))
+
+
+def _metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict[str, Any]:
+    [materialization] = result.asset_materializations_for_node(asset)
+    return {name: value.value for name, value in materialization.metadata.items()}
+
+
+def test_wsi_mini_follows_quota_and_ratios(small_build) -> None:
+    layout = small_build["layout"]
+    for key in ("wsi-40x", "wsi-20x"):
+        assert small_build["results"][key].success
+        mini = _frame(layout, key, "mini_images")
+        tiles = _frame(layout, key, "tiles")
+        xl = mini.filter(pl.col("scale") == "XL")["image_name"].to_list()
+        assert 1 <= len(xl) <= 2  # quota: budget 2 for the organ's only WSI set
+        for name in xl:
+            kept = tiles.filter(pl.col("parent_image") == name)
+            children = mini.filter(pl.col("parent_image") == name)
+            count = dict(children.group_by("scale").len().iter_rows())
+            assert count["L"] == kept.filter(pl.col("scale") == "L").height <= 16
+            assert count["M"] == min(32, kept.filter(pl.col("scale") == "M").height)
+            m_names = children.filter(pl.col("scale") == "M")["image_name"]
+            s_crops = mini.filter((pl.col("scale") == "S") & pl.col("parent_image").is_in(m_names))
+            assert s_crops.height == count["M"]  # one S crop per Mini M tile
+            assert s_crops["source_tile"].sort().to_list() == m_names.sort().to_list()
+        metadata = _metadata(small_build["results"][key], "cpia_mini")
+        assert metadata["quota_used"] == len(xl) and metadata["xl_quota"] == 2
+        assert metadata["preview"].startswith("![Mini samples](data:image/jpeg;base64,")
+        for row in mini.iter_rows(named=True):
+            with Image.open(layout.root / row["path"]) as image:
+                assert image.size == (384, 384), row["path"]
+            assert row["path"].startswith(
+                f"cpia-mini/{'L' if row['scale'] == 'XL' else row['scale']}/"
+            )
+
+
+def test_mini_s_crop_is_the_recorded_cell_enlarged(small_build) -> None:
+    layout = small_build["layout"]
+    mini = _frame(layout, "wsi-40x", "mini_images")
+    crop = mini.filter(pl.col("scale") == "S").row(0, named=True)
+    cell = (crop["x"] % 4, crop["y"] % 4)
+    with Image.open(layout.root / crop["source_path"]) as m_tile:
+        source = np.asarray(m_tile.convert("RGB"), dtype=np.float32)
+
+    def cell_pixels(column: int, row: int) -> np.ndarray:
+        return source[row * 96 : (row + 1) * 96, column * 96 : (column + 1) * 96]
+
+    with Image.open(layout.root / crop["path"]) as image:
+        shrunk = np.asarray(image.convert("RGB").resize((96, 96), Image.Resampling.BOX), np.float32)
+    assert crop["image_name"].endswith(f"-96-{crop['x']}-{crop['y']}")
+    error = np.abs(shrunk - cell_pixels(*cell)).mean()
+    assert error < 6  # the same pixels, up to JPEG and resampling
+    assert np.abs(shrunk - cell_pixels((cell[0] + 2) % 4, cell[1])).mean() > error
+
+
+def test_excluded_slide_never_enters_mini(small_build) -> None:
+    layout = small_build["layout"]
+    mini = _frame(layout, "wsi-20x", "mini_images")
+    assert (
+        mini.height and not mini.filter(pl.col("source_file").str.contains(EXCLUDED_SLIDE)).height
+    )
+    assert not any(EXCLUDED_SLIDE in path.name for path in layout.root.glob("cpia-mini/*/*/*"))
+    selection = _frame(layout, "wsi-20x", "mini_selection")
+    tiles = _frame(layout, "wsi-20x", "tiles")
+    excluded = tiles.filter(pl.col("source_file").str.contains(EXCLUDED_SLIDE))["image_name"]
+    reasons = selection.filter(pl.col("image_name").is_in(excluded))["mini_reason"].unique()
+    assert excluded.len() and reasons.to_list() == [MiniReason.EXCLUDED]
+
+
+def test_labelled_roi_sets_give_only_their_training_split(small_build) -> None:
+    layout = small_build["layout"]
+    for key in ("roi-cells", "roi-tissue"):
+        mini = _frame(layout, key, "mini_images")
+        tiles = _frame(layout, key, "tiles")
+        train = tiles.filter(pl.col("split") == "train")
+        assert sorted(mini["image_name"]) == sorted(train["image_name"])
+        for row in mini.iter_rows(named=True):  # linked, never re-encoded
+            source = (
+                layout.root / tiles.filter(pl.col("image_name") == row["image_name"])["path"][0]
+            )
+            assert (layout.root / row["path"]).read_bytes() == source.read_bytes()
+        selection = _frame(layout, key, "mini_selection")
+        held_out = selection.filter(~pl.col("in_mini"))
+        assert held_out["mini_reason"].unique().to_list() == [MiniReason.EVAL_SPLIT]
+        assert held_out.height == tiles.height - train.height
+
+
+def test_manifest_marks_in_mini_and_its_checks_pass(small_build) -> None:
+    from cpia_assets.core.manifest.database import open_manifest
+    from cpia_assets.core.manifest.queries import table_i
+
+    result = small_build["manifest"]
+    checks = {
+        event.event_specific_data.check_name: event.event_specific_data.passed
+        for event in result.all_events
+        if event.event_type_value == "ASSET_CHECK_EVALUATION"
+    }
+    assert checks["mini_ratios"] and all(checks.values()), checks
+    with open_manifest(small_build["layout"]) as con:
+        reasons = dict(con.sql("SELECT mini_reason, count(*) FROM tiles GROUP BY ALL").fetchall())
+        mini_total = table_i(con, mini_only=True).filter(pl.col("organ") == "Total")["total"]
+        [(mini_rows,)] = con.sql("SELECT count(*) FROM mini_images").fetchall()
+        [(blank,)] = con.sql(
+            "SELECT count(*) FROM rejected_tiles WHERE mini_reason <> 'blank'"
+        ).fetchall()
+    assert set(reasons) == {"selected", "not selected", "val/test split", "excluded for evaluation"}
+    assert mini_total.item() == mini_rows > 0 and blank == 0
+
+
+def test_rebuild_writes_the_same_bytes_and_a_rerun_reuses(small_build) -> None:
+    layout, catalog = small_build["layout"], small_build["catalog"]
+    key = "wsi-20x"
+    before = {p: p.read_bytes() for p in layout.root.glob(f"cpia-mini/*/{key}/*.jpg")}
+    mtimes = {p: p.stat().st_mtime_ns for p in before}
+    settings = MiniSettings(organ_xl_budget=2, exclusions=ExclusionSettings(
+        rules=(f"wsi-20x:{EXCLUDED_SLIDE}*",)))  # fmt: skip
+    exclusions = Exclusions.load(settings.exclusions)
+    tiles = _frame(layout, key, "tiles").to_dicts()
+    common = {"quota": xl_quota(catalog, key, settings, exclusions), "exclusions": exclusions,
+              "layout": layout, "settings": settings}  # fmt: skip
+    reused = build_mini_partition(catalog.get(key), tiles, **common)
+    assert reused.reused == 1
+    assert {p: p.stat().st_mtime_ns for p in before} == mtimes  # nothing rewritten
+    (layout.manifest_dir(key) / "parts" / "mini" / "mini.json").unlink()
+    rebuilt = build_mini_partition(catalog.get(key), tiles, **common)
+    after = {p: p.read_bytes() for p in layout.root.glob(f"cpia-mini/*/{key}/*.jpg")}
+    assert rebuilt.reused == 0 and len(after) == len(before) > 0
+    assert after == before
+    assert rebuilt.records == reused.records
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards
+
+
+def _folder_copy(layout: DataLayout, sidecar: dict[str, Any]) -> bytes:
+    return (layout.root / sidecar["path"]).read_bytes()
+
+
+def test_shards_round_trip_through_webdataset_and_tarfile(small_build) -> None:
+    layout = small_build["layout"]
+    assert small_build["shards"]["cpia-mini"].success
+    folder = layout.shards_dir("cpia-mini")
+    index = json.loads((folder / "index.json").read_text())
+    mini = pl.concat(
+        [_frame(layout, key, "mini_images") for key in small_build["catalog"].keys], how="vertical"
+    )
+    assert index["images"] == mini.height and index["shard_size"] == 64
+    assert index["per_scale"] == {s: mini.filter(pl.col("scale") == s).height for s in
+                                  ("XL", "L", "M", "S")}  # fmt: skip
+    assert sum(index["per_folder"].values()) == index["images"]
+    files = [folder / shard["file"] for shard in index["shards"]]
+    assert [f.name for f in files] == [f"shard-{i:06d}.tar" for i in range(len(files))]
+    assert [shard["images"] for shard in index["shards"][:-1]] == [64] * (len(files) - 1)
+
+    seen = {}
+    for file in files:
+        with tarfile.open(file) as tar:
+            members = tar.getmembers()
+            assert {(m.mtime, m.uid, m.gid, m.uname) for m in members} == {(0, 0, 0, "")}
+            for image, sidecar in zip(members[::2], members[1::2], strict=True):
+                key = image.name.removesuffix(".jpg")
+                assert sidecar.name == f"{key}.json" and "." not in key
+                meta = json.loads(tar.extractfile(sidecar).read())
+                assert tar.extractfile(image).read() == _folder_copy(layout, meta)
+                seen[key] = meta
+    assert len(seen) == mini.height
+    row = mini.filter(pl.col("scale") == "S").row(0, named=True)
+    meta = seen[sample_key(row["subdataset"], "S", row["image_name"])]
+    assert meta["source_tile"] == row["source_tile"] and meta["folder"] == "S"
+    assert meta["organ"] in {"breast", "colon"} and meta["split"] == "none"
+
+    first_shard = [meta["subdataset"] for meta in list(seen.values())[:64]]
+    assert len(set(first_shard)) > 1  # shuffled across sub-datasets
+    dataset = wds.WebDataset([str(f) for f in files], shardshuffle=False, empty_check=False)
+    read_back = 0
+    for sample in dataset:
+        meta = json.loads(sample["json"])
+        assert sample["jpg"] == _folder_copy(layout, meta)
+        with Image.open(io.BytesIO(sample["jpg"])) as image:
+            assert image.size == (384, 384)
+        read_back += 1
+    assert read_back == mini.height
+
+
+def test_scale_subset_holds_only_its_folder(small_build) -> None:
+    layout = small_build["layout"]
+    index = json.loads((layout.shards_dir("cpia-s") / "index.json").read_text())
+    assert index["per_folder"] == {"L": 0, "M": 0, "S": index["images"]} and index["images"] > 0
+
+
+def test_reexport_of_unchanged_inputs_writes_nothing_and_is_byte_identical(small_build) -> None:
+    layout, job = small_build["layout"], small_build["job"]
+    folder = layout.shards_dir("cpia-s")
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.glob("*.tar")}
+    again = job.execute_in_process(
+        partition_key="cpia-s",
+        asset_selection=[dg.AssetKey("training_shards")],
+        instance=small_build["instance"],
+        run_config={"ops": {"training_shards": {"config": {"shard_size": 64}}}},
+    )
+    assert _metadata(again, "training_shards")["written"] is False
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.glob("*.tar")} == before
+    (folder / ".fingerprint").unlink()
+    sidecars = [json.loads(m) for m in _sidecars(folder)]
+    result = export_shards(sidecars, variant="cpia-s", layout=layout,
+                           settings=ShardSettings(shard_size=64))  # fmt: skip
+    assert result.written
+    assert {p.name: p.read_bytes() for p in folder.glob("*.tar")} == {
+        name: content for name, (content, _) in before.items()
+    }
+
+
+def _sidecars(folder: Path) -> list[bytes]:
+    found = []
+    for file in sorted(folder.glob("*.tar")):
+        with tarfile.open(file) as tar:
+            found += [
+                tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith("json")
+            ]
+    return found
+
+
+def test_an_unreadable_image_is_left_out_and_named(tmp_path: Path) -> None:
+    layout = DataLayout(tmp_path)
+    images = []
+    for index in range(5):
+        path = tmp_path / "cpia" / "S" / "set" / f"cell.{index}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (index * 40, 0, 0)).save(path)
+        images.append({"image_name": f"cell.{index}", "subdataset": "set", "organ": "blood",
+                       "scale": "S", "folder": "S", "label": None, "split": "train",
+                       "source_tile": None, "path": layout.relative(path)})  # fmt: skip
+    (tmp_path / images[2]["path"]).unlink()
+    result = export_shards(images, variant="cpia-s", layout=layout,
+                           settings=ShardSettings(shard_size=2))  # fmt: skip
+    assert [f["file"] for f in result.failures] == [images[2]["path"]]
+    assert "cannot read the image" in result.failures[0]["reason"]
+    assert result.index["images"] == 4 and len(result.index["shards"]) == 3
+    assert not (layout.shards_dir("cpia-s") / ".fingerprint").exists()  # retried next time
+    with tarfile.open(layout.shards_dir("cpia-s") / "shard-000000.tar") as tar:
+        assert all(name.startswith("set__S__cell_") for name in tar.getnames())
+
+
+def test_changed_budget_rebuilds_only_partitions_whose_quota_changed(copy_of_small_build) -> None:
+    built = copy_of_small_build
+    job, instance = built["job"], built["instance"]
+    rerun = {
+        key: job.execute_in_process(
+            partition_key=key,
+            asset_selection=[dg.AssetKey("cpia_mini")],
+            instance=instance,
+            run_config=mini_run_config(organ_xl_budget=1),
+        )
+        for key in ("wsi-20x", "roi-cells")
+    }
+    wsi, roi = (_metadata(rerun[key], "cpia_mini") for key in ("wsi-20x", "roi-cells"))
+    assert not wsi["reused_from_earlier_run"] and wsi["quota_used"] == 1
+    assert roi["reused_from_earlier_run"]
+    mini = _frame(built["layout"], "wsi-20x", "mini_images")
+    assert mini.filter(pl.col("scale") == "XL").height == 1
+    assert not list(built["layout"].root.glob("cpia-mini/*/.*"))  # no staging left
+
+
+def test_demo_builds_mini_and_its_shards(small_catalog_path: Path, tmp_path: Path) -> None:
+    """`make demo`'s driver, on the small catalog: Mini for every partition, then the shards;
+    run again with nothing changed, it launches no run (only the source observation)."""
+    env = {**os.environ, "CPIA_CATALOG": str(small_catalog_path), "CPIA_DATA_DIR": str(tmp_path),
+           "DAGSTER_HOME": str(tmp_path / "home"), "CPIA_WORKERS": "1"}  # fmt: skip
+
+    def demo() -> subprocess.CompletedProcess:
+        run = subprocess.run(
+            [sys.executable, "-m", "cpia_assets.demo_run"],
+            env=env, capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        return run
+
+    run = demo()
+    assert UP_TO_DATE not in run.stdout
+    with dg.DagsterInstance.from_config(str(tmp_path / "home")) as instance:
+        runs = len(instance.get_runs())
+        again = demo()
+        newest_first = instance.get_runs()
+    assert {run.job_name for run in newest_first[: len(newest_first) - runs]} == {OBSERVE_JOB}
+    steps = len(load_catalog(small_catalog_path).keys) + 4  # manifest, shards, ssl, evaluation
+    assert "random / none / none" in run.stdout  # evaluated on roi-cells, its labelled cells
+    assert again.stdout.count(UP_TO_DATE) == steps
+    assert "Asset check 'mini_ratios' on 'tile_manifest' passed" in run.stdout
+    assert "CPIA-Mini (384 px):" in run.stdout
+    layout = DataLayout(tmp_path)
+    index = json.loads((layout.shards_dir("cpia-mini") / "index.json").read_text())
+    mini_files = list(layout.mini_dir.glob("*/*/*.jpg"))
+    assert index["images"] == len(mini_files) > 0
+    assert {p.parent.name for p in mini_files} == set(load_catalog(small_catalog_path).keys)

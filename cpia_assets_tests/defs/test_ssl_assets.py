@@ -1,0 +1,160 @@
+"""The SSL assets in real Dagster runs: a small MAE pre-training through Pipes, its evaluation,
+the training source per data variant, resume bookkeeping, launch commands, asset selection."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from cpia_assets.core.catalog.loading import load_catalog
+from cpia_assets.core.layout import DataLayout
+from cpia_assets.core.training.ssl.config import (
+    JOB_FILE,
+    PretrainJob,
+    PretrainSettings,
+    launch_command,
+    prepare_run_dir,
+    training_source,
+)
+from cpia_assets.definitions import build_definitions
+from cpia_assets.defs.instance import GPU_POOL, POOL_LIMITS
+from cpia_assets_tests.support.ssl_data import (
+    labelled_task,
+    tiny_settings,
+    write_folder_tree,
+    write_shards,
+)
+
+MAE_MINI = dg.MultiPartitionKey({"method": "mae", "data": "cpia-mini"})
+
+
+@pytest.fixture
+def defs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dg.Definitions:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the training child: the cores are shared
+    write_folder_tree(DataLayout(tmp_path).mini_dir, per_scale=4)
+    return build_definitions(load_catalog("demo"), tmp_path)
+
+
+def materialize(
+    defs: dg.Definitions, asset: str, config: dict, partition_key: str | None = None
+) -> dg.ExecuteInProcessResult:
+    return defs.resolve_implicit_global_asset_job_def().execute_in_process(
+        asset_selection=[dg.AssetKey(asset)],
+        partition_key=partition_key,
+        run_config={"ops": {asset: {"config": config}}},
+    )
+
+
+def test_checkpoint_and_evaluation_materialize(defs: dg.Definitions, tmp_path: Path) -> None:
+    layout = DataLayout(tmp_path)
+    pretrain = asdict(tiny_settings(steps=4, checkpoint_every=2))
+    result = materialize(defs, "ssl_checkpoint", pretrain, partition_key=MAE_MINI)
+    assert result.success
+    metadata = result.asset_materializations_for_node("ssl_checkpoint")[0].metadata
+    out = layout.ssl_checkpoint_dir("mae", "cpia-mini")
+    assert metadata["steps"].value == 4
+    assert metadata["final_loss"].value > 0
+    assert metadata["encoder"].value == str(out / "encoder.pth")
+    assert "data:image/jpeg;base64," in metadata["loss_curve"].value
+    job = PretrainJob.load(out / JOB_FILE)  # the resolved config beside the outputs
+    assert (job.source, job.settings.steps) == (str(layout.mini_dir), 4)
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+
+    tasks = {"cells": str(labelled_task(tmp_path / "cells", {"train": 4, "val": 1, "test": 2})),
+             "missing": str(tmp_path / "missing")}  # fmt: skip
+    finetune = {"tasks": tasks, "epochs": 1, "batch_size": 4, "image_size": 32, "workers": 0,
+                "baseline_model": "vit_tiny_patch16_224"}  # fmt: skip
+    evaluation = materialize(defs, "downstream_eval", finetune)
+    metadata = evaluation.asset_materializations_for_node("downstream_eval")[0].metadata
+    table = metadata["table_ii"].value
+    assert "| ours | random | MAE | CPIA-Mini |" in table
+    assert "| ours | random | none | none |" in table
+    assert "| paper | ImageNet | MAE | CPIA-S |" in table
+    assert metadata["evaluated"].value == 2
+    assert "missing is not a folder" in metadata["failures"].value  # the other task still ran
+    assert "true \\ predicted | lymphocyte | neutrophil" in metadata["confusion_matrices"].value
+    results = sorted(p.name for p in (layout.ssl_eval_dir / "cells").iterdir())
+    assert results == ["random__MAE__CPIA-Mini.json", "random__none__none.json"]
+
+    again = materialize(defs, "downstream_eval", finetune)
+    metadata = again.asset_materializations_for_node("downstream_eval")[0].metadata
+    assert (metadata["evaluated"].value, metadata["reused_from_earlier_runs"].value) == (0, 2)
+
+
+def test_checkpoint_fails_clearly_without_training_data(tmp_path: Path) -> None:
+    defs = build_definitions(load_catalog("demo"), tmp_path)
+    partition = dg.MultiPartitionKey({"method": "dino", "data": "cpia-s"})
+    with pytest.raises(FileNotFoundError, match=r"cpia: no training images for cpia-s"):
+        materialize(defs, "ssl_checkpoint", asdict(tiny_settings(steps=1)), partition_key=partition)
+
+
+def test_training_source_prefers_shards_then_folders(tmp_path: Path) -> None:
+    layout = DataLayout(tmp_path)
+    write_folder_tree(layout.mini_dir, per_scale=1)
+    write_folder_tree(layout.cpia_dir, per_scale=1)
+    assert training_source(layout, "cpia-mini") == (layout.mini_dir, ("L", "M", "S"))
+    assert training_source(layout, "cpia-m") == (layout.cpia_dir, ("M",))
+    write_shards(layout.cpia_dir, layout.shards_dir("cpia-m"), shard_size=2)
+    assert training_source(layout, "cpia-m") == (layout.shards_dir("cpia-m"), ("M",))
+    with pytest.raises(ValueError, match="unknown data variant 'cpia-xl'"):
+        training_source(layout, "cpia-xl")
+
+
+def test_a_rerun_resumes_only_the_same_job(tmp_path: Path) -> None:
+    job = PretrainJob(
+        "mae", "cpia", str(tmp_path), ("L",), str(tmp_path / "out"), PretrainSettings()
+    )
+    assert prepare_run_dir(job) == "fresh"
+    checkpoint = tmp_path / "out" / "checkpoints" / "last.ckpt"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"ckpt")
+    assert prepare_run_dir(job) == "resume"
+    assert checkpoint.exists()
+    changed = replace(job, settings=replace(job.settings, lr=1e-3))
+    assert prepare_run_dir(changed) == "fresh"
+    assert not checkpoint.exists()  # another training's state is never resumed
+    assert PretrainJob.load(tmp_path / "out" / JOB_FILE) == changed
+
+
+def test_launch_commands(tmp_path: Path) -> None:
+    job_file = tmp_path / JOB_FILE
+    one = launch_command(job_file, PretrainSettings(), python="py")
+    assert one == ["py", "-m", "cpia_assets.core.training.ssl.train", str(job_file)]
+    ddp = launch_command(
+        job_file, PretrainSettings(devices=4, nodes=2, rendezvous="n1:29400"), "py"
+    )
+    assert ddp[:4] == ["py", "-m", "torch.distributed.run", "--nproc-per-node=4"]
+    assert "--nnodes=2" in ddp and "--rdzv-endpoint=n1:29400" in ddp
+    assert ddp[-3:] == ["-m", "cpia_assets.core.training.ssl.train", str(job_file)]
+    with pytest.raises(ValueError, match="rendezvous"):
+        PretrainSettings(nodes=2)
+
+
+def test_partitions_and_pool(tmp_path: Path) -> None:
+    defs = build_definitions(load_catalog("demo"), tmp_path)
+    checkpoint = defs.resolve_assets_def("ssl_checkpoint")
+    keys = checkpoint.partitions_def.get_partition_keys()
+    assert len(keys) == 15 and "cpia-mini|mae" in keys and "cpia-s|dino" in keys  # dims sorted
+    assert checkpoint.op.pool == GPU_POOL and POOL_LIMITS[GPU_POOL] == 1
+    assert defs.resolve_assets_def("downstream_eval").op.pool == GPU_POOL
+
+
+def test_string_asset_selection_works_in_this_environment(tmp_path: Path) -> None:
+    # lightly would pull hydra-core, whose antlr 4.9 pin breaks Dagster's selection parser.
+    assert importlib.metadata.version("antlr4-python3-runtime").startswith("4.13")
+    env = {**os.environ, "CPIA_CATALOG": "demo", "CPIA_DATA_DIR": str(tmp_path)}
+    command = [sys.executable, "-m", "dagster", "asset", "list", "-m", "cpia_assets.definitions",
+               "--select", "ssl_checkpoint,downstream_eval"]  # fmt: skip
+    listed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.split() == ["downstream_eval", "ssl_checkpoint"]
+    graph = build_definitions(load_catalog("demo"), tmp_path).resolve_asset_graph()
+    selected = dg.AssetSelection.from_string("group:ssl and kind:pytorch").resolve(graph)
+    assert {key.to_user_string() for key in selected} == {"ssl_checkpoint", "downstream_eval"}

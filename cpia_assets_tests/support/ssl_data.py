@@ -1,0 +1,109 @@
+"""Small training sets for the SSL tests: a CPIA-style folder tree of real-looking 384 px JPEGs
+(crops of a real slide) and WebDataset shards of it written as the contract specifies."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+
+import openslide
+import webdataset as wds
+from PIL import Image
+
+from cpia_assets.core.layout import SCALE_FOLDER_OF
+from cpia_assets.core.synthetic import generate_source
+from cpia_assets.core.training.ssl.config import (
+    DINOSettings,
+    MAESettings,
+    MoCoSettings,
+    PretrainSettings,
+)
+from cpia_assets_tests.support.paths import TESTDATA
+
+SLIDE = TESTDATA / "CMU-1-Small-Region.svs"
+SCALES = ("XL", "L", "M", "S")
+
+
+def write_folder_tree(root: Path, per_scale: int = 4, size: int = 384, seed: int = 0) -> list[Path]:
+    """`root/{L,M,S}/<sub-dataset>/*.jpg`: `per_scale` crops of the test slide for each scale
+    (XL and L under L), two sub-datasets."""
+    rng = random.Random(seed)
+    written = []
+    with openslide.OpenSlide(SLIDE) as slide:
+        width, height = slide.dimensions
+        for scale in SCALES:
+            for number in range(per_scale):
+                key = f"demo-{number % 2}"
+                x, y = rng.randrange(width - size), rng.randrange(height - size)
+                crop = slide.read_region((x, y), 0, (size, size)).convert("RGB")
+                path = root / SCALE_FOLDER_OF[scale] / key / f"tile-{scale}-{number:03d}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                crop.save(path, quality=85)
+                written.append(path)
+    return written
+
+
+def write_shards(root: Path, shards: Path, *, shard_size: int, seed: int = 0) -> dict:
+    """Shards of a folder tree written by `write_folder_tree`, with the contract's index.json."""
+    images = sorted(root.glob("*/*/*.jpg"))
+    random.Random(seed).shuffle(images)
+    shards.mkdir(parents=True, exist_ok=True)
+    index: dict = {"variant": "test", "seed": seed, "shard_size": shard_size, "images": 0,
+                   "per_scale": dict.fromkeys(SCALES, 0), "per_folder": dict.fromkeys("LMS", 0),
+                   "shards": []}  # fmt: skip
+    for number in range(0, len(images), shard_size):
+        name = f"shard-{number // shard_size:06d}.tar"
+        per_scale = dict.fromkeys(SCALES, 0)
+        with wds.TarWriter(str(shards / name)) as writer:
+            for path in images[number : number + shard_size]:
+                scale = path.stem.split("-")[1]
+                meta = {"image_name": path.stem, "subdataset": path.parent.name, "organ": "breast",
+                        "scale": scale, "folder": SCALE_FOLDER_OF[scale], "label": None,
+                        "split": "none", "source_tile": None,
+                        "path": path.relative_to(root.parent).as_posix()}  # fmt: skip
+                key = f"{path.parent.name}__{scale}__{path.stem}".replace(".", "_")
+                writer.write({"__key__": key, "jpg": path.read_bytes(), "json": meta})
+                per_scale[scale] += 1
+                index["per_scale"][scale] += 1
+                index["per_folder"][SCALE_FOLDER_OF[scale]] += 1
+                index["images"] += 1
+        index["shards"].append(
+            {"file": name, "images": sum(per_scale.values()), "per_scale": per_scale}
+        )
+    (shards / "index.json").write_text(json.dumps(index))
+    return index
+
+
+def corrupt_jpeg(path: Path) -> None:
+    """Keep the JPEG header, cut the data: decoding fails."""
+    data = path.read_bytes()
+    path.write_bytes(data[:200])
+
+
+def image_bytes(colour: tuple[int, int, int], size: int = 64) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def tiny_settings(**overrides: object) -> PretrainSettings:
+    """vit_tiny at 64 px with small heads: a few seconds per dozen steps on one CPU core."""
+    values: dict = {
+        "model": "vit_tiny_patch16_224", "image_size": 64, "batch_size": 8, "steps": 12,
+        "lr": 1e-3, "warmup_steps": 2, "workers": 0, "checkpoint_every": 6,
+        "mae": MAESettings(decoder_dim=64, decoder_depth=1, decoder_heads=2),
+        "dino": DINOSettings(hidden_dim=128, bottleneck_dim=32, out_dim=256, local_crops=2,
+                             momentum=0.9),
+        "mocov3": MoCoSettings(hidden_dim=128, out_dim=32, momentum=0.9),
+    }  # fmt: skip
+    return PretrainSettings(**(values | overrides))
+
+
+def labelled_task(dest: Path, per_split: dict[str, int], seed: int = 31) -> Path:
+    """A labelled ROI set like the demo's: `<split>/<class>/` images, assorted sizes and formats."""
+    spec = {"recipe": "roi", "layout": "folders", "classes": ["lymphocyte", "neutrophil"],
+            "per_split": per_split, "seed": seed}  # fmt: skip
+    generate_source(spec, dest)
+    return dest
