@@ -23,7 +23,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadscope
 
 ui: $(STAMP)
 	DAGSTER_HOME=$(DEMO_HOME) $(BIN)/python -m cpia_assets.defs.instance

@@ -28,10 +28,10 @@ def small_catalog_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def small_build(small_catalog_path: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The small catalog built once per test run, in process, like `make demo`: every partition
-    through cpia_mini (`mini_run_config`), then tile_manifest with its checks and the cpia-mini
-    and cpia-s shards. Tests that read it share it; a test that changes it works on a copy
-    (`copy_of_small_build`) or puts back what it changed."""
+    """The small catalog built once per test process (pytest-xdist worker), in process, like
+    `make demo`: every partition through cpia_mini (`mini_run_config`), then tile_manifest
+    with its checks and the cpia-mini and cpia-s shards. Tests that read it share it; a test
+    that changes it works on a copy (`copy_of_small_build`) or puts back what it changed."""
     data = tmp_path_factory.mktemp("data")
     catalog = load_catalog(small_catalog_path)
     defs = build_definitions(catalog, data, workers=2)
