@@ -58,7 +58,8 @@ from cpia_assets.core.wsi.tiling import (  # noqa: E402
     TilingSettings,
     sample_cells,
 )
-from cpia_assets_tests.support.slide_factory import TESTDATA, build_slide, tissue_only  # noqa: E402
+from cpia_assets_tests.support.paths import TESTDATA  # noqa: E402
+from cpia_assets_tests.support.slide_factory import build_slide, tissue_only  # noqa: E402
 
 KEY = "bench"
 REAL_SVS = TESTDATA / "CMU-1-Small-Region.svs"

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 
 from cpia_assets.definitions import PARTITIONED_ASSETS
+from cpia_assets.defs.automation import SENSOR_NAME
 from cpia_assets_tests.defs.test_orchestration import (
     KEYS,
     MODULE,
-    SENSOR_NAME,
     _dagster,
     platform_env,
 )

@@ -26,13 +26,9 @@ from cpia_assets.core.fsutil import OutputWriteError, atomic_path, sha256_file
 from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.parallel import map_unordered
 from cpia_assets.core.stage import StageResult, failure
+from cpia_assets.core.wsi.settings import StandardizeSettings
 from cpia_assets.core.wsi.slides import SlideError, slide_stem
-from cpia_assets.core.wsi.standardize import (
-    STAGE,
-    StandardizeSettings,
-    StripConsumer,
-    standardize_slide,
-)
+from cpia_assets.core.wsi.standardize import STAGE, StripConsumer, standardize_slide
 
 _RESUME_VERSION = 2
 """Bump when the output of the same inputs and settings changes, to redo finished slides."""

@@ -28,12 +28,12 @@ from cpia_assets.core.downloads import (
 )
 from cpia_assets.core.downloads.paths import PARTIAL_DIR, STATE_FILE
 from cpia_assets_tests.support.http_server import (
-    TESTDATA,
     FakeServer,
     png_bytes,
     write_server_catalog,
     zip_bytes,
 )
+from cpia_assets_tests.support.paths import TESTDATA
 
 FAST = DownloadSettings(
     concurrency=2, timeout_s=5, retries=3, backoff_s=0.01, max_backoff_s=0.02, chunk_bytes=4096

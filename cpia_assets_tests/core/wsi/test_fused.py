@@ -30,7 +30,8 @@ from cpia_assets.core.wsi.tiling import TilingSettings
 from cpia_assets.definitions import build_definitions
 from cpia_assets.defs.pools import pool_reporting_executor
 from cpia_assets.defs.resources import WorkerPool
-from cpia_assets_tests.support.slide_factory import TESTDATA, build_slide, tissue_only
+from cpia_assets_tests.support.paths import TESTDATA
+from cpia_assets_tests.support.slide_factory import build_slide, tissue_only
 from cpia_assets_tests.support.small_disk import resize, tmpfs
 
 KEY = "wsi-fused"

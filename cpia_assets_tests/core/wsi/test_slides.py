@@ -17,7 +17,8 @@ from cpia_assets.core.wsi.slides import (
     select_slides,
     slide_stem,
 )
-from cpia_assets_tests.support.slide_factory import TESTDATA, build_slide, mirrored
+from cpia_assets_tests.support.paths import TESTDATA
+from cpia_assets_tests.support.slide_factory import build_slide, mirrored
 
 CMU = TESTDATA / "CMU-1-Small-Region.svs"
 TCGA = TESTDATA / "TCGA-CR-7395-01A-01-TS1.svs"

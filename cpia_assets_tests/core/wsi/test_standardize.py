@@ -21,7 +21,8 @@ from cpia_assets.core.wsi.resample import ResamplePlan, plan_resample, resample_
 from cpia_assets.core.wsi.settings import StandardizeSettings
 from cpia_assets.core.wsi.slide_jobs import standardize_partition
 from cpia_assets.core.wsi.slides import Mpp, SlideInfo
-from cpia_assets_tests.support.slide_factory import TESTDATA, build_40x_slide, real_pixels
+from cpia_assets_tests.support.paths import TESTDATA
+from cpia_assets_tests.support.slide_factory import build_40x_slide, real_pixels
 
 KEY = "wsi-test"
 BAD = ["openslide-boxes.tiff", "openslide-unopenable.tiff", "openslide-unreadable.svs"]

@@ -18,7 +18,8 @@ from cpia_assets.core.wsi.slide_jobs import standardize_partition
 from cpia_assets.core.wsi.tile_jobs import tile_partition
 from cpia_assets.core.wsi.tiling import TilingSettings, sample_cells, tile_name
 from cpia_assets.core.wsi.tissue import TissueThresholds, grid_metrics, saturation_map
-from cpia_assets_tests.support.slide_factory import TESTDATA, build_slide, tissue_only
+from cpia_assets_tests.support.paths import TESTDATA
+from cpia_assets_tests.support.slide_factory import build_slide, tissue_only
 
 KEY = "wsi-test"
 STEM = "TS-0001"
