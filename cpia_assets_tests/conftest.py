@@ -78,7 +78,6 @@ def copy_of_small_build(small_build, tmp_path: Path):
     with dg.instance_for_test() as instance:
         yield {
             "layout": layout,
-            "catalog": small_build["catalog"],
             "job": defs.resolve_implicit_global_asset_job_def(),
             "instance": instance,
         }
