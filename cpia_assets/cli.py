@@ -1,5 +1,5 @@
 """`cpia` / `python -m cpia_assets`: query the manifest (Table I, images, lineage, failures,
-built vs published counts).
+built vs published counts), and print Table II from the evaluation's results.
 
 Reads `manifest.duckdb` under --data-dir (default: $CPIA_DATA_DIR or ./data) read-only and
 prints Polars frames; `tiles --output FILE` writes the selection as Parquet or CSV instead
@@ -10,6 +10,7 @@ one line on stderr with exit code 2.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +35,8 @@ from cpia_assets.core.manifest.queries import (
     table_i,
     trace_image,
 )
+from cpia_assets.core.perceptual import NEAR_DUPLICATE_BITS
+from cpia_assets.core.training.ssl.table import table_ii_markdown
 
 TILE_SUMMARY_COLUMNS = ("subdataset", "organ", "image_name", "kind", "scale", "size_px", "label",
                         "split", "in_mini", "path")  # fmt: skip
@@ -54,6 +57,13 @@ class CliError(Exception):
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     layout = DataLayout(Path(args.data_dir).resolve() if args.data_dir else default_data_dir())
+    if args.command is _table2:
+        try:
+            print(_table2(layout))
+        except (CliError, OSError, ValueError) as exc:
+            print(f"cpia: {exc}", file=sys.stderr)
+            return 2
+        return 0
     try:
         export = None if args.output is None else _export_path(args.output, layout, args.force)
         with open_manifest(layout) as con:
@@ -99,6 +109,14 @@ def _export_path(output: str, layout: DataLayout, force: bool) -> Path:
 def _table1(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> pl.DataFrame:
     built = table_i(con, mini_only=args.mini)
     return beside_paper(built) if args.paper else built
+
+
+def _table2(layout: DataLayout) -> str:
+    """Table II from downstream_eval's results (`ssl/eval/<task>/*.json`), labelled."""
+    rows = [json.loads(path.read_text()) for path in sorted(layout.ssl_eval_dir.glob("*/*.json"))]
+    if not rows:
+        raise CliError(f"{layout.ssl_eval_dir}: no evaluation results; materialize downstream_eval")
+    return table_ii_markdown(rows, NEAR_DUPLICATE_BITS)
 
 
 def _compare(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> pl.DataFrame:
@@ -220,6 +238,13 @@ def _parser() -> argparse.ArgumentParser:
     failed.add_argument("--subdataset", action="append", default=[], help="repeatable")
     failed.add_argument("--stage", action="append", default=[], help="repeatable")
     failed.set_defaults(command=_failures)
+
+    table2 = commands.add_parser(
+        "table2", parents=[common],
+        help="Table II from downstream_eval's results: test accuracy %% (macro F1 %%), test "
+        "images and the leak audit per task, beside the paper's rows (markdown)",
+    )  # fmt: skip
+    table2.set_defaults(command=_table2)
 
     compare = commands.add_parser(
         "compare", parents=[common],

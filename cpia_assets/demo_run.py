@@ -23,7 +23,6 @@ import polars as pl
 from cpia_assets.core.catalog.fields import ALL_SCALES
 from cpia_assets.core.catalog.loading import load_catalog
 from cpia_assets.core.catalog.model import Catalog
-from cpia_assets.core.catalog.rules import ParentFolderRule
 from cpia_assets.core.layout import DataLayout, default_data_dir
 from cpia_assets.core.manifest.database import open_manifest
 from cpia_assets.core.manifest.queries import count_tiles, markdown_table, table_i
@@ -126,10 +125,10 @@ def _materialize(
 
 
 def _evaluation_task(catalog: Catalog) -> str | None:
-    """The first labelled ROI set whose split comes from its folders: an ImageFolder task with
-    train/val/test folders (the demo's blood cells); None when the catalog has none."""
+    """The first labelled ROI set with a split rule (the demo's blood cells), evaluated through
+    its records' split, the one Mini and the shards hold out; None when the catalog has none."""
     for entry in catalog.subdatasets:
-        if entry.kind == "roi" and isinstance(entry.splits, ParentFolderRule):
+        if entry.kind == "roi" and entry.labelled and entry.splits is not None:
             return entry.key
     return None
 
@@ -148,15 +147,19 @@ def _pretrain_and_evaluate(
         return
     step = "downstream_eval: fine-tuning on the labelled demo cells"
     if _announce(step, to_rebuild(["downstream_eval"])):
-        tasks = {task: str(layout.raw_dir(task))}
+        tasks = {task: task}
         _materialize(
             "downstream_eval", logs / "downstream_eval.log", config=DEMO_EVAL | {"tasks": tasks}
         )
-    print(f"\n{'encoder':<28}{'test accuracy':>14}{'macro F1':>10}")
+    print(f"\n{task}: test split, best epoch on validation; leaks = val/test images with a "
+          "near-duplicate in the encoder's pre-training data")  # fmt: skip
+    print(f"{'encoder':<28}{'accuracy %':>11}{'macro F1 %':>11}{'n test':>8}{'leaks':>7}")
     for result in sorted((layout.ssl_eval_dir / task).glob("*.json")):
         row = json.loads(result.read_text())
         name = f"{row['init']} / {row['method']} / {row['data']}"
-        print(f"{name:<28}{row['accuracy']:>14.2f}{row['macro_f1']:>10.2f}")
+        leaks = "n/a" if row["leaks"] is None else row["leaks"]
+        print(f"{name:<28}{100 * row['accuracy']:>11.2f}{100 * row['macro_f1']:>11.2f}"
+              f"{row['images']['test']:>8}{leaks:>7}")  # fmt: skip
 
 
 def _print_summary(layout: DataLayout) -> None:

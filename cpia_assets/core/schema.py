@@ -27,6 +27,7 @@ TILES = {
     "label": pl.String,
     "split": pl.String,  # train | val | test | none
     "bytes": pl.Int64,
+    "phash": pl.Int64,  # pHash of the saved image, signed 64 bits (`perceptual`); null: rejected
     "cut_from": pl.String,  # WSI pixels: resampled (fused, one JPEG generation) | standardized_tiff
     "upscaled": pl.Boolean,  # ROI smaller than the output size
     "mean_r": pl.Float32,
@@ -56,6 +57,7 @@ MINI_IMAGES = {
     "label": pl.String,
     "split": pl.String,
     "bytes": pl.Int64,
+    "phash": pl.Int64,  # pHash of the Mini image (linked: its source tile's; `perceptual`)
     "resample": pl.String,  # area | lanczos | none (linked unchanged)
 }
 

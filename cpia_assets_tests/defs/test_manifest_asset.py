@@ -116,7 +116,7 @@ def test_lineage_of_a_real_tile_reaches_its_source_sha256(pipeline: PipelineRun)
     assert steps["item"][0] == source
     assert steps["sha256"][0] == sha256_file(layout.root / source)
     assert set(steps["run_id"]) == {pipeline.partition_runs["wsi-20x"]}
-    assert steps["code_version"].to_list() == ["1", "2", "2", "2", "2"]  # raw_download, then ours
+    assert steps["code_version"].to_list() == ["1", "3", "3", "3", "3"]  # raw_download, then ours
 
 
 def test_a_rematerialized_partition_is_reloaded_alone(pipeline: PipelineRun) -> None:

@@ -36,7 +36,7 @@ def test_every_partition_succeeds_and_records_run_ids(pipeline) -> None:
         assert result.success, key
         tiles = _tiles(layout, key)
         assert tiles["run_id"].unique().to_list() == [result.run_id]
-        assert tiles["code_version"].unique().to_list() == ["2"]
+        assert tiles["code_version"].unique().to_list() == ["3"]
         assert tiles["cut_from"].unique().to_list() == (["resampled"] if "wsi" in key else [None])
         assert tiles["subdataset"].unique().to_list() == [key]
 

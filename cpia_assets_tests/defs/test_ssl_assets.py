@@ -1,10 +1,14 @@
-"""The SSL assets in real Dagster runs: a small MAE pre-training through Pipes, its evaluation,
-the training source per data variant, resume bookkeeping, launch commands, asset selection."""
+"""The SSL assets in real Dagster runs: a small MAE pre-training through Pipes, its evaluation and
+leak audit, the training source per data variant, resume bookkeeping (settings and data), launch
+commands, asset selection."""
 
 from __future__ import annotations
 
+import csv
 import importlib.metadata
+import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict, replace
@@ -13,10 +17,13 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from cpia_assets.cli import main as cli
 from cpia_assets.core.catalog.loading import load_catalog
 from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.training.ssl.config import (
+    ENCODER_JOB_FILE,
     JOB_FILE,
+    RUN_OUTPUTS,
     PretrainJob,
     PretrainSettings,
     launch_command,
@@ -38,7 +45,9 @@ MAE_MINI = dg.MultiPartitionKey({"method": "mae", "data": "cpia-mini"})
 @pytest.fixture
 def defs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dg.Definitions:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the training child: the cores are shared
-    write_folder_tree(DataLayout(tmp_path).mini_dir, per_scale=4)
+    layout = DataLayout(tmp_path)
+    write_folder_tree(layout.mini_dir, per_scale=4)
+    write_shards(layout.mini_dir, layout.shards_dir("cpia-mini"), shard_size=4)
     return build_definitions(load_catalog("demo"), tmp_path)
 
 
@@ -52,7 +61,9 @@ def materialize(
     )
 
 
-def test_checkpoint_and_evaluation_materialize(defs: dg.Definitions, tmp_path: Path) -> None:
+def test_checkpoint_and_evaluation_materialize(
+    defs: dg.Definitions, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     layout = DataLayout(tmp_path)
     pretrain = asdict(tiny_settings(steps=4, checkpoint_every=2))
     result = materialize(defs, "ssl_checkpoint", pretrain, partition_key=MAE_MINI)
@@ -64,11 +75,14 @@ def test_checkpoint_and_evaluation_materialize(defs: dg.Definitions, tmp_path: P
     assert metadata["encoder"].value == str(out / "encoder.pth")
     assert "data:image/jpeg;base64," in metadata["loss_curve"].value
     job = PretrainJob.load(out / JOB_FILE)  # the resolved config beside the outputs
-    assert (job.source, job.settings.steps) == (str(layout.mini_dir), 4)
+    index = json.loads((layout.shards_dir("cpia-mini") / "index.json").read_text())
+    assert (job.source, job.settings.steps) == (str(layout.shards_dir("cpia-mini")), 4)
+    assert (job.data_fingerprint, job.held_out) == (index["fingerprint"], index["held_out"])
+    assert PretrainJob.load(out / ENCODER_JOB_FILE) == job  # the encoder's own label
     assert (out / "checkpoints" / "last.ckpt").is_file()
 
-    tasks = {"cells": str(labelled_task(tmp_path / "cells", {"train": 4, "val": 1, "test": 2})),
-             "missing": str(tmp_path / "missing")}  # fmt: skip
+    cells = labelled_task(tmp_path / "cells", {"train": 4, "val": 1, "test": 2})
+    tasks = {"cells": str(cells), "missing": str(tmp_path / "missing")}
     finetune = {"tasks": tasks, "epochs": 1, "batch_size": 4, "image_size": 32, "workers": 0,
                 "baseline_model": "vit_tiny_patch16_224"}  # fmt: skip
     evaluation = materialize(defs, "downstream_eval", finetune)
@@ -80,27 +94,47 @@ def test_checkpoint_and_evaluation_materialize(defs: dg.Definitions, tmp_path: P
     assert metadata["evaluated"].value == 2
     assert "missing is not a folder" in metadata["failures"].value  # the other task still ran
     assert "true \\ predicted | lymphocyte | neutrophil" in metadata["confusion_matrices"].value
+    assert "Cells: test accuracy % (macro F1 %)" in table and "· n=4 · leaks 0 |" in table
+    [check] = evaluation.get_asset_check_evaluations()
+    assert (check.check_name, check.passed) == ("leak_audit", True)
     results = sorted(p.name for p in (layout.ssl_eval_dir / "cells").iterdir())
-    assert results == ["random__MAE__CPIA-Mini.json", "random__none__none.json"]
+    assert results == ["random__MAE__CPIA-Mini.json", "random__none__none.json", "splits.csv"]
+    with (layout.ssl_eval_dir / "cells" / "splits.csv").open() as handle:
+        used = list(csv.DictReader(handle))
+    assert {row["split"] for row in used} == {"train", "val", "test"}
+    on_disk = {p.relative_to(tmp_path).as_posix() for p in cells.rglob("*") if p.is_file()}
+    assert {row["image"] for row in used} == on_disk  # every image, inside the data folder
+
+    assert cli(["table2", "--data-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("Cells: test accuracy % (macro F1 %) of the epoch with the best")
+    assert any(line.startswith("| ours | random | MAE | CPIA-Mini |") for line in printed)
 
     again = materialize(defs, "downstream_eval", finetune)
     metadata = again.asset_materializations_for_node("downstream_eval")[0].metadata
     assert (metadata["evaluated"].value, metadata["reused_from_earlier_runs"].value) == (0, 2)
 
+    # A test image that is also a pre-training sample fails the leak audit.
+    planted = next((cells / "test" / "neutrophil").iterdir())
+    shutil.copyfile(next(layout.mini_dir.glob("M/*/*.jpg")), planted)
+    leaked = materialize(defs, "downstream_eval", finetune)
+    [check] = leaked.get_asset_check_evaluations()
+    assert not check.passed
+    assert "| cells | random / MAE / CPIA-Mini | 1 |" in check.metadata["rows_failing"].value
+
 
 def test_checkpoint_fails_clearly_without_training_data(tmp_path: Path) -> None:
     defs = build_definitions(load_catalog("demo"), tmp_path)
     partition = dg.MultiPartitionKey({"method": "dino", "data": "cpia-s"})
-    with pytest.raises(FileNotFoundError, match=r"cpia: no training images for cpia-s"):
+    with pytest.raises(dg.Failure, match=r"index.json is missing: materialize training_shards"):
         materialize(defs, "ssl_checkpoint", asdict(tiny_settings(steps=1)), partition_key=partition)
 
 
-def test_training_source_prefers_shards_then_folders(tmp_path: Path) -> None:
+def test_training_reads_only_exports_which_hold_out_evaluation_data(tmp_path: Path) -> None:
     layout = DataLayout(tmp_path)
-    write_folder_tree(layout.mini_dir, per_scale=1)
-    write_folder_tree(layout.cpia_dir, per_scale=1)
-    assert training_source(layout, "cpia-mini") == (layout.mini_dir, ("L", "M", "S"))
-    assert training_source(layout, "cpia-m") == (layout.cpia_dir, ("M",))
+    write_folder_tree(layout.cpia_dir, per_scale=1)  # images alone are not trained on
+    with pytest.raises(FileNotFoundError, match="materialize training_shards for cpia-m first"):
+        training_source(layout, "cpia-m")
     write_shards(layout.cpia_dir, layout.shards_dir("cpia-m"), shard_size=2)
     assert training_source(layout, "cpia-m") == (layout.shards_dir("cpia-m"), ("M",))
     with pytest.raises(ValueError, match="unknown data variant 'cpia-xl'"):
@@ -121,6 +155,20 @@ def test_a_rerun_resumes_only_the_same_job(tmp_path: Path) -> None:
     assert prepare_run_dir(changed) == "fresh"
     assert not checkpoint.exists()  # another training's state is never resumed
     assert PretrainJob.load(tmp_path / "out" / JOB_FILE) == changed
+
+
+def test_changed_data_starts_afresh_and_replaces_every_output(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    job = PretrainJob("mae", "cpia", str(tmp_path), ("L",), str(out), PretrainSettings(),
+                      "fingerprint-1", {"applied": True, "rules": [], "images": {}})  # fmt: skip
+    prepare_run_dir(job)
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "last.ckpt").write_bytes(b"ckpt")
+    for name in RUN_OUTPUTS[:-1]:  # encoder.pth, encoder.json, summary.json, ...
+        (out / name).write_bytes(b"of the earlier run")
+    assert prepare_run_dir(job) == "resume"
+    assert prepare_run_dir(replace(job, data_fingerprint="fingerprint-2")) == "fresh"
+    assert sorted(p.name for p in out.iterdir()) == [JOB_FILE]  # no stale encoder is published
 
 
 def test_launch_commands(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from cpia_assets.core import schema
 from cpia_assets.core.catalog.model import Catalog, SubDataset
 from cpia_assets.core.fsutil import sha256_file, write_parquet_atomic
 from cpia_assets.core.layout import DataLayout
+from cpia_assets.core.perceptual import phash
 from cpia_assets_tests.support.paths import TESTDATA
 
 SLIDE = TESTDATA / "CMU-1-Small-Region.svs"  # Aperio, 2220x2967, MPP 0.499
@@ -85,7 +86,7 @@ def tile_row(
         "standardized_file": f"standardized/{key}/{stem}.tiff", "path": layout.relative(path),
         "parent_image": parent, "split": "none", "bytes": path.stat().st_size, "upscaled": False,
         "mean_r": means[0], "mean_g": means[1], "mean_b": means[2], "tissue_fraction": 0.8,
-        "saturation": 0.3, "blur": 12.0, "in_mini": in_mini,
+        "saturation": 0.3, "blur": 12.0, "in_mini": in_mini, "phash": phash(region),
     }  # fmt: skip
 
 
@@ -148,12 +149,14 @@ def write_roi_partition(layout: DataLayout, key: str, count: int) -> None:
             url = f"https://example.org/{relative}"
             raw_rows.append({"rel_path": relative, "bytes": source.stat().st_size,
                              "sha256": sha256, "source": url})  # fmt: skip
-            path = save_image(layout, key, "S", f"cell_{index}", crop.resize((32, 32)))
+            small = crop.resize((32, 32))
+            path = save_image(layout, key, "S", f"cell_{index}", small)
             images.append({
                 "image_name": f"cell_{index}", "subdataset": key, "kind": "roi", "scale": "S",
                 "size_px": 32, "source_file": layout.relative(source), "source_sha256": sha256,
                 "path": layout.relative(path), "label": label, "split": split,
                 "bytes": path.stat().st_size, "upscaled": True, "in_mini": split == "train",
+                "phash": phash(small),
             })  # fmt: skip
     write_records(layout, key, "raw_files", raw_rows, schema.RAW_FILES, "raw_download")
     write_records(layout, key, "roi_images", images, schema.TILES, "standardized_wsi")

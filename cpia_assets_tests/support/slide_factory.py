@@ -16,6 +16,7 @@ import openslide
 import pyvips
 
 from cpia_assets.core.synthetic import mirror_tile, write_slide
+from cpia_assets.core.wsi.tissue import TissueThresholds, grid_metrics
 from cpia_assets_tests.support.paths import TESTDATA
 
 REAL_SVS = TESTDATA / "CMU-1-Small-Region.svs"
@@ -48,3 +49,21 @@ def build_slide(path: Path, image: pyvips.Image, *, mpp: float, quality: int = 9
 def build_40x_slide(path: Path, size: int, *, mpp: float = 0.25) -> Path:
     """A size x size mirror-tiled slide from the real SVS, declared at `mpp` (40x by default)."""
     return build_slide(path, mirrored(size, size), mpp=mpp)
+
+
+@cache
+def tissue_tiles(size: int = 384, min_tissue: float = 0.5) -> tuple[np.ndarray, ...]:
+    """Distinct real tissue: the non-overlapping size x size tiles of the two real SVS test
+    slides with at least `min_tissue` tissue (78 tiles of 384 px)."""
+    tiles = []
+    for name in (REAL_SVS.name, "TCGA-CR-7395-01A-01-TS1.svs"):
+        pixels = real_pixels(name)
+        for y in range(0, pixels.shape[0] - size + 1, size):
+            for x in range(0, pixels.shape[1] - size + 1, size):
+                tile = pixels[y : y + size, x : x + size]
+                if (
+                    grid_metrics(tile, 1, 1, TissueThresholds())["tissue_fraction"][0, 0]
+                    >= min_tissue
+                ):
+                    tiles.append(tile)
+    return tuple(tiles)

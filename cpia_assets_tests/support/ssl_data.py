@@ -3,17 +3,23 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
+import tarfile
 from pathlib import Path
 
 import openslide
+import polars as pl
 import webdataset as wds
 from PIL import Image
 
 from cpia_assets.core.layout import SCALE_FOLDER_OF
+from cpia_assets.core.perceptual import phash_file
 from cpia_assets.core.synthetic import generate_source
+from cpia_assets.core.training.exclusions import DEFAULT_EXCLUSIONS
+from cpia_assets.core.training.shards import SAMPLES_FILE
 from cpia_assets.core.training.ssl.config import (
     DINOSettings,
     MAESettings,
@@ -46,13 +52,16 @@ def write_folder_tree(root: Path, per_scale: int = 4, size: int = 384, seed: int
 
 
 def write_shards(root: Path, shards: Path, *, shard_size: int, seed: int = 0) -> dict:
-    """Shards of a folder tree written by `write_folder_tree`, with the contract's index.json."""
+    """Shards of a folder tree written by `write_folder_tree`, with the contract's index.json
+    (held out: nothing, by the default rules) and samples.parquet (real perceptual hashes)."""
     images = sorted(root.glob("*/*/*.jpg"))
     random.Random(seed).shuffle(images)
     shards.mkdir(parents=True, exist_ok=True)
     index: dict = {"variant": "test", "seed": seed, "shard_size": shard_size, "images": 0,
                    "per_scale": dict.fromkeys(SCALES, 0), "per_folder": dict.fromkeys("LMS", 0),
-                   "shards": []}  # fmt: skip
+                   "shards": [], "held_out": {"applied": True, "rules": list(DEFAULT_EXCLUSIONS),
+                   "images": {}}}  # fmt: skip
+    samples = []
     for number in range(0, len(images), shard_size):
         name = f"shard-{number // shard_size:06d}.tar"
         per_scale = dict.fromkeys(SCALES, 0)
@@ -65,6 +74,8 @@ def write_shards(root: Path, shards: Path, *, shard_size: int, seed: int = 0) ->
                         "path": path.relative_to(root.parent).as_posix()}  # fmt: skip
                 key = f"{path.parent.name}__{scale}__{path.stem}".replace(".", "_")
                 writer.write({"__key__": key, "jpg": path.read_bytes(), "json": meta})
+                samples.append({"key": key, "subdataset": meta["subdataset"], "scale": scale,
+                                "path": meta["path"], "phash": phash_file(path)})  # fmt: skip
                 per_scale[scale] += 1
                 index["per_scale"][scale] += 1
                 index["per_folder"][SCALE_FOLDER_OF[scale]] += 1
@@ -72,8 +83,20 @@ def write_shards(root: Path, shards: Path, *, shard_size: int, seed: int = 0) ->
         index["shards"].append(
             {"file": name, "images": sum(per_scale.values()), "per_scale": per_scale}
         )
+    pl.DataFrame(samples).write_parquet(shards / SAMPLES_FILE)
+    index["fingerprint"] = hashlib.sha256(json.dumps(index, sort_keys=True).encode()).hexdigest()
     (shards / "index.json").write_text(json.dumps(index))
     return index
+
+
+def corrupt_shard_sample(shard: Path, name_part: str = "") -> None:
+    """Overwrite, in place, the JPEG of the shard's first sample whose name holds `name_part` with
+    zeros: not an image."""
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar if m.name.endswith(".jpg") and name_part in m.name)
+    with shard.open("r+b") as file:
+        file.seek(member.offset_data)
+        file.write(bytes(member.size))
 
 
 def corrupt_jpeg(path: Path) -> None:

@@ -6,6 +6,10 @@ test: 2}, seed: 0}`. Within each label the images are ordered by a seeded hash o
 (so the order, and the split, depends only on the seed and the set of paths, not on listing
 order or on the other images) and cut into train, val and test runs sized by the ratios,
 rounded to whole images by largest remainder (ties go to train, then test, then val).
+
+A labelled set whose split gives train and test but no validation part (Raabin-WBC: Train and
+Test-A) gets one carved from train with the same function (`carve_validation`), recorded in its
+records' split, so that Mini, every export and the evaluation hold out the same images.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from collections.abc import Iterable, Mapping
 STRATIFIED = "stratified"
 """The `from` of a catalog split rule that declares this split."""
 DEFAULT_RATIOS: Mapping[str, int] = {"train": 7, "val": 1, "test": 2}
+CARVED_VALIDATION: Mapping[str, int] = {"train": 10, "val": 2}
+"""train:val of a carved validation part: the paper's WBC split, 10:2:5 with the official test."""
 _FILL_ORDER = ("train", "test", "val")
 """Tie order for leftover images: training data first, then the test set."""
 
@@ -65,3 +71,17 @@ def _cut(ordered: list[str], ratios: Mapping[str, int], total: int) -> dict[str,
         runs[split] = ordered[start : start + sizes[split]]
         start += sizes[split]
     return runs
+
+
+def carve_validation(
+    annotated: Iterable[tuple[str, str | None, str]], *, seed: int = 0
+) -> dict[str, str]:
+    """The split of each (path, label, split): as given, except that when train and test are
+    given and val is not, a stratified `CARVED_VALIDATION` part of train becomes val."""
+    annotated = list(annotated)
+    given = {split for _, _, split in annotated}
+    splits = {path: split for path, _, split in annotated}
+    if {"train", "test"} <= given and "val" not in given:
+        train = [(path, label) for path, label, split in annotated if split == "train"]
+        splits |= stratified_split(train, ratios=CARVED_VALIDATION, seed=seed)
+    return splits

@@ -15,13 +15,16 @@ unpacked first into `unpacked/<key>/` (`patch_arrays`), whose relative paths the
 see as if they sat in the source folder (`<array file stem>/<label>/<index>.png`).
 
 Labels and splits come from the entry's rules (`labels`); an entry whose split rule is
-`{from: stratified}` gets the declared seeded stratified split over all its images (`splits`).
+`{from: stratified}` gets the declared seeded stratified split over all its images, and a labelled
+set with train and test but no val gets a validation part carved from train (`splits`).
 
 Resume: each JPEG carries in its comment a JSON stamp with the source's SHA-256, the settings
-that made it and its colour metrics. A rerun finds images whose stamp matches their source bytes
-and settings and re-encodes none of them (`StageResult.reused`); outputs no longer expected
-(source gone, renamed, moved to another scale or now failing) and stale temporary files left by
-an interrupted run are removed. Every JPEG is written atomically.
+that made it, its colour metrics and the perceptual hash of its pixels (`perceptual.phash`, taken
+before encoding). A rerun finds images whose stamp matches their source bytes and settings and
+re-encodes none of them (`StageResult.reused`); a stamp that lacks a field (written before the
+field existed) does not match. Outputs no longer expected (source gone, renamed, moved to
+another scale or now failing) and stale temporary files left by an interrupted run are removed.
+Every JPEG is written atomically.
 """
 
 from __future__ import annotations
@@ -44,10 +47,11 @@ from cpia_assets.core.catalog.fields import ROI_SCALES
 from cpia_assets.core.catalog.labels import AnnotationError, Annotator
 from cpia_assets.core.catalog.model import SubDataset
 from cpia_assets.core.catalog.rules import CsvRule, ListedRule, StratifiedSplit
-from cpia_assets.core.catalog.splits import stratified_split
+from cpia_assets.core.catalog.splits import carve_validation, stratified_split
 from cpia_assets.core.fsutil import atomic_path, sha256_file, walk_visible
 from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.parallel import map_unordered
+from cpia_assets.core.perceptual import phash
 from cpia_assets.core.roi.images import RoiImageError, RoiSettings, load_square
 from cpia_assets.core.roi.patch_arrays import array_stem, unpack_patch_arrays
 from cpia_assets.core.stage import RawSelection, StageResult, failure
@@ -224,16 +228,16 @@ def _plan_jobs(
                 )
             )
     if stratified:
-        jobs = _with_stratified_splits(jobs, entry.splits)
-    return jobs, planned
-
-
-def _with_stratified_splits(jobs: list[_ImageJob], rule: StratifiedSplit) -> list[_ImageJob]:
-    """The jobs with the entry's declared seeded stratified split (`splits` module)."""
-    splits = stratified_split(
-        ((job.relative, job.label) for job in jobs), ratios=rule.ratios, seed=rule.seed
-    )
-    return [replace(job, split=splits[job.relative]) for job in jobs]
+        splits = stratified_split(
+            ((job.relative, job.label) for job in jobs),
+            ratios=entry.splits.ratios,
+            seed=entry.splits.seed,
+        )
+    elif entry.labelled:
+        splits = carve_validation((job.relative, job.label, job.split) for job in jobs)
+    else:
+        return jobs, planned
+    return [replace(job, split=splits[job.relative]) for job in jobs], planned
 
 
 def _add_by_scale(
@@ -298,6 +302,7 @@ class _Stamp:
     mean_g: float
     mean_b: float
     saturation: float
+    phash: int
 
     @classmethod
     def read(cls, path: Path) -> _Stamp | None:
@@ -370,6 +375,7 @@ def _encode(job: _ImageJob, chunk: _Chunk, *, source_sha256: str, fingerprint: s
         mean_g=round(float(pixels[..., 1].mean()), 3),
         mean_b=round(float(pixels[..., 2].mean()), 3),
         saturation=round(float(saturation.mean()) / 255, 5),
+        phash=phash(square),
     )
     with atomic_path(job.output) as tmp:
         square.save(
@@ -404,4 +410,5 @@ def _record(job: _ImageJob, chunk: _Chunk, stamp: _Stamp) -> dict[str, Any]:
         "mean_g": stamp.mean_g,
         "mean_b": stamp.mean_b,
         "saturation": stamp.saturation,
+        "phash": stamp.phash,
     }

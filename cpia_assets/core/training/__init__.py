@@ -1,5 +1,6 @@
-"""Stage 4, training data: takes the tiles and their records and gives CPIA-Mini (`mini`, keeping
-evaluation images out by `exclusions`), the data variants of Table II (`variants`) as WebDataset
-shards (`shards`), the training stream over either layout (`datasets`), and pre-training and
-evaluation (`ssl`). `datasets` and `ssl` import torch; the Dagster definitions never load them.
+"""Stage 4, training data: takes the tiles and their records and gives CPIA-Mini (`mini`), the data
+variants of Table II (`variants`) as WebDataset shards (`shards`), both holding evaluation data
+out by one rule (`exclusions`), the training stream over either layout (`datasets`), and
+pre-training and evaluation (`ssl`). `datasets` and the training in `ssl` import torch; the
+Dagster definitions never load them.
 """

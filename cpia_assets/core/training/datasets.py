@@ -12,7 +12,15 @@ global stream is image p mod n of the seeded permutation of epoch p // n. Shards
 permutes the shard list and deals the shards out to the (rank, worker) slots; a slot reads its
 shards in order.
 
-An image that cannot be decoded is skipped with a warning naming it; its batch is one smaller.
+Every batch has exactly `batch_size` samples, on every rank: DDP needs equal batches (MoCo-v3
+gathers the keys of all ranks, DINO averages its centre over them). An image that cannot be read
+or decoded still counts as its position (shard skips stay valid; so does the rest of an unreadable
+shard, up to the index's count) and is stood in for by a seeded choice of its batch's decodable
+images, augmented with the failed position's own seed. Should a whole batch fail, the stand-ins
+come from the latest batch of this loader worker that had a decodable image (before any such
+batch, from the next one: the broken batch is held back until then). So only an all-failed batch
+right after the resume point can differ from an uninterrupted run (and, for folders, under another
+number of workers). The first few failures are named in a warning, then a count every 1000.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import io
 import json
 import logging
 import tarfile
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +51,8 @@ Batch = tuple[list[torch.Tensor], torch.Tensor]
 """The views of a batch, each stacked to (B, 3, H, W), and every sample's augmentation seed."""
 
 SHARD_INDEX = "index.json"
-_ORDER, _FOLDER_SAMPLE, _SHARD_SAMPLE = 1, 2, 3  # keep the seeds of different uses apart
+_ORDER, _FOLDER_SAMPLE, _SHARD_SAMPLE, _STAND_IN = 1, 2, 3, 4  # keep seeds of different uses apart
+FAILURES_NAMED, FAILURES_LOGGED_EVERY = 10, 1000
 
 
 @dataclass(frozen=True)
@@ -107,22 +117,16 @@ def read_shard_index(folder: Path) -> dict[str, Any]:
     return index
 
 
-def decode_rgb(data: bytes, name: str) -> Image.Image | None:
-    """The image as RGB, or None (with a warning naming it) when it cannot be decoded."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        log.warning("skipping %s: not a decodable image (%s)", name, exc)
-        return None
-
-
 def sample_seed(*parts: int) -> int:
     """A 63-bit seed from integers (run seed, stream coordinates), well mixed."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
 
 
-class _Stream(IterableDataset):
+_Sample = tuple[Image.Image | None, int]
+"""A position of the stream as read: its image (None when unreadable or undecodable), its seed."""
+
+
+class _Stream(IterableDataset, ABC):
     def __init__(
         self, *, transform: Transform, batch_size: int, seed: int, stream_slice: StreamSlice
     ) -> None:
@@ -133,19 +137,51 @@ class _Stream(IterableDataset):
         self.batch_size = batch_size
         self.seed = seed
         self.slice = stream_slice
+        self.failures = 0  # failed samples this process has replaced
 
-    def _views(self, data: bytes, name: str, seed: int) -> list[torch.Tensor] | None:
-        image = decode_rgb(data, name)
-        if image is None:
-            return None
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.transform(image)
+    @abstractmethod
+    def _batches(self) -> Iterator[list[_Sample]]:
+        """This worker's batches of the stream, `batch_size` positions each, in order."""
 
-    @staticmethod
-    def _collate(samples: list[tuple[list[torch.Tensor], int]]) -> Batch:
-        views = [torch.stack(group) for group in zip(*(s[0] for s in samples), strict=True)]
-        return views, torch.tensor([s[1] for s in samples], dtype=torch.int64)
+    def __iter__(self) -> Iterator[Batch]:
+        recent: list[Image.Image] = []  # the decodable images of the latest batch that had any
+        waiting: list[list[_Sample]] = []  # batches read before any decodable image
+        for batch in self._batches():
+            recent = [image for image, _ in batch if image is not None] or recent
+            waiting.append(batch)
+            if recent:
+                for pending in waiting:
+                    yield self._augment(pending, recent)
+                waiting = []
+
+    def _augment(self, batch: list[_Sample], recent: list[Image.Image]) -> Batch:
+        """Every sample's views under its seed; a failed one takes a seeded choice of `recent`."""
+        views = []
+        for image, seed in batch:
+            if image is None:
+                image = recent[sample_seed(seed, _STAND_IN) % len(recent)]
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                views.append(self.transform(image))
+        stacked = [torch.stack(group) for group in zip(*views, strict=True)]
+        return stacked, torch.tensor([seed for _, seed in batch], dtype=torch.int64)
+
+    def _decode(self, data: bytes | None, name: str) -> Image.Image | None:
+        """The image as RGB, or None when it is unreadable (`data` None) or undecodable: named in
+        a warning for the first few failures, then counted every `FAILURES_LOGGED_EVERY`."""
+        reason = "unreadable"
+        if data is not None:
+            try:
+                with Image.open(io.BytesIO(data)) as image:
+                    return image.convert("RGB")
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                reason = f"not a decodable image ({exc})"
+        self.failures += 1
+        if self.failures <= FAILURES_NAMED:
+            log.warning("replacing %s in its batch: %s", name, reason)
+        elif self.failures % FAILURES_LOGGED_EVERY == 0:
+            log.warning("%d unreadable or undecodable images replaced so far", self.failures)
+        return None
 
     @staticmethod
     def _worker() -> tuple[int, int]:
@@ -160,30 +196,27 @@ class FolderStream(_Stream):
         super().__init__(**kwargs)
         self.images = list(images)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def _batches(self) -> Iterator[list[_Sample]]:
         worker, workers = self._worker()
         # The DataLoader takes batches from its workers in turn, starting with worker 0: its i-th
         # batch is batch start + i of this rank's stream and comes from worker i mod workers.
         order, epoch, size = torch.empty(0, dtype=torch.int64), -1, self.batch_size
         for local_batch in range(self.slice.start_batch + worker, 2**62, workers):
             global_batch = local_batch * self.slice.world_size + self.slice.rank
-            samples = []
+            batch = []
             for position in range(global_batch * size, (global_batch + 1) * size):
                 if position // len(self.images) != epoch:
                     epoch = position // len(self.images)
                     generator = torch.Generator().manual_seed(sample_seed(self.seed, _ORDER, epoch))
                     order = torch.randperm(len(self.images), generator=generator)
                 path = self.images[int(order[position % len(self.images)])]
-                seed = sample_seed(self.seed, _FOLDER_SAMPLE, position)
                 try:
-                    views = self._views(path.read_bytes(), str(path), seed)
-                except OSError as exc:
-                    log.warning("skipping %s: unreadable (%s)", path, exc)
-                    continue
-                if views is not None:
-                    samples.append((views, seed))
-            if samples:
-                yield self._collate(samples)
+                    data: bytes | None = path.read_bytes()
+                except OSError:
+                    data = None
+                seed = sample_seed(self.seed, _FOLDER_SAMPLE, position)
+                batch.append((self._decode(data, str(path)), seed))
+            yield batch
 
 
 class ShardStream(_Stream):
@@ -207,7 +240,7 @@ class ShardStream(_Stream):
         if sum(self.counts) == 0:
             raise ValueError(f"{folder}: no images in folders {', '.join(folders)}")
 
-    def __iter__(self) -> Iterator[Batch]:
+    def _batches(self) -> Iterator[list[_Sample]]:
         worker, workers = self._worker()
         # Batch b of this rank comes from role b mod workers: the shards of slot (rank, role), read
         # in order. The DataLoader's i-th batch (batch start + i) comes from worker i mod workers,
@@ -217,8 +250,7 @@ class ShardStream(_Stream):
         slot = self.slice.rank * workers + first % workers
         slots = self.slice.world_size * workers
         skip = (first // workers) * self.batch_size  # samples of this slot before its first batch
-        samples: list[tuple[list[torch.Tensor], int]] = []
-        taken = 0  # samples of the current batch read so far, decodable or not
+        batch: list[_Sample] = []
         for epoch in range(2**62):
             generator = torch.Generator().manual_seed(sample_seed(self.seed, _ORDER, epoch))
             mine = torch.randperm(len(self.shards), generator=generator).tolist()[slot::slots]
@@ -231,18 +263,17 @@ class ShardStream(_Stream):
                 if skip >= self.counts[shard]:
                     skip -= self.counts[shard]
                     continue
-                for number, (key, data) in enumerate(self._read(shard)):
+                samples = self._read(shard)
+                for number in range(self.counts[shard]):  # the index's count: skips stay valid
+                    key, data = next(samples, (f"#{number}", None))
                     if number < skip:
                         continue
                     seed = sample_seed(self.seed, _SHARD_SAMPLE, epoch, shard, number)
-                    views = self._views(data, f"{self.folder / self.shards[shard]}:{key}", seed)
-                    if views is not None:
-                        samples.append((views, seed))
-                    taken += 1
-                    if taken == self.batch_size:
-                        if samples:
-                            yield self._collate(samples)
-                        samples, taken = [], 0
+                    name = f"{self.folder / self.shards[shard]}:{key}"
+                    batch.append((self._decode(data, name), seed))
+                    if len(batch) == self.batch_size:
+                        yield batch
+                        batch = []
                 skip = 0
 
     def _read(self, shard: int) -> Iterator[tuple[str, bytes]]:
@@ -262,7 +293,7 @@ class ShardStream(_Stream):
                         if json.loads(sample["json"])["folder"] in self.folders:
                             yield key, sample["jpg"]
         except (OSError, tarfile.TarError, ValueError, KeyError) as exc:
-            log.warning("skipping the rest of %s: unreadable shard (%s)", path, exc)
+            log.warning("%s: unreadable from here on, the rest are failed samples (%s)", path, exc)
 
 
 def count_training_images(source: Path, folders: Sequence[str]) -> int:

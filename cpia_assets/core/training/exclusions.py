@@ -1,23 +1,41 @@
-"""Evaluation hygiene: images that must never enter pre-training data (CPIA-Mini).
+"""Evaluation hygiene: which images never enter pre-training data, for Mini and every export.
 
-The paper evaluates on Camelyon16, Raabin-WBC and pRCC, whose sources are also CPIA
-sub-datasets, so their test images are excluded by default (`DEFAULT_EXCLUSIONS`).
+Two rules hold images out (`held_out`), and every pre-training variant applies both:
+- **Evaluation splits.** The val and test images of a labelled ROI set (its split in the records,
+  which also holds any validation part carved from train, `catalog/splits.py`).
+- **Exclusion rules.** Everything an evaluation task's images come from (`PAPER_TASK_SOURCES`
+  for the paper's three tasks, the defaults), and any rule a user adds.
+
+A task declares where its images come from as exclusion rules (FinetuneSettings.task_sources);
+the evaluation checks that every checkpoint's data held those out (`covers`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
 
-DEFAULT_EXCLUSIONS = (
-    "cam16:*test_*",  # Camelyon16 test slides (the CAM16 evaluation)
-    "wbc:*TestA/*",  # Raabin-WBC Test-A (the WBC evaluation), under both spellings
-    "wbc:*Test-A/*",
-    "prcc",  # pRCC itself (the pRCC evaluation) ...
-    "tcga-kirp",  # ... and its source: no case list ships, so every TCGA-KIRP slide
-)
+from cpia_assets.core.catalog.model import SubDataset
+from cpia_assets.core.schema import MiniReason
+
+PAPER_TASK_SOURCES: Mapping[str, tuple[str, ...]] = {
+    # The CAM16 ROIs are cut from Camelyon16 slides and the paper does not say which, so every
+    # Camelyon16 slide is a possible source; PCam's patches are cut from the same slides.
+    "CAM16": ("cam16", "pcam"),
+    # Raabin-WBC's official Test-A is the test set (its validation part is carved from Train
+    # and held out by the split); Test-A under both spellings in case a split map misses it.
+    "WBC": ("wbc:*TestA/*", "wbc:*Test-A/*"),
+    # pRCC's ROIs are cut from TCGA-KIRP slides and no case list ships: all of both.
+    "pRCC": ("prcc", "tcga-kirp"),
+}
+"""Where the images of the paper's evaluation tasks come from, as exclusion rules."""
+
+DEFAULT_EXCLUSIONS = tuple(rule for rules in PAPER_TASK_SOURCES.values() for rule in rules)
+EVALUATION_SPLITS = frozenset({"val", "test"})
+"""Splits of a labelled ROI set that never enter pre-training."""
 
 
 class ExclusionError(ValueError):
@@ -26,10 +44,10 @@ class ExclusionError(ValueError):
 
 @dataclass(frozen=True)
 class ExclusionSettings:
-    """Images that never enter Mini. A rule is `<sub-dataset glob>` (the whole sub-dataset) or
-    `<sub-dataset glob>:<name glob>`, the name glob matched against the source path below
-    raw/<key>/, the source file's name and stem, and the image name (slides, patients by name
-    prefix, single images). `lists` are files of such rules, one per line (# comments)."""
+    """Images that never enter pre-training data. A rule is `<sub-dataset glob>` (the whole
+    sub-dataset) or `<sub-dataset glob>:<name glob>`, the name glob matched against the source
+    path below raw/<key>/, the source file's name and stem, and the image name (slides, patients
+    by name prefix, single images). `lists` are files of such rules, one per line (# comments)."""
 
     rules: tuple[str, ...] = DEFAULT_EXCLUSIONS
     lists: tuple[str, ...] = ()
@@ -48,6 +66,9 @@ class ExclusionRule:
                 f"{where}: exclusion rule {text!r} is not '<key glob>[:<name glob>]'"
             )
         return cls(key, names or None)
+
+    def __str__(self) -> str:
+        return self.subdatasets if self.names is None else f"{self.subdatasets}:{self.names}"
 
 
 @dataclass(frozen=True)
@@ -69,6 +90,10 @@ class Exclusions:
                     rules.append(ExclusionRule.parse(line, f"{listed}:{number}"))
         return cls(tuple(rules))
 
+    @property
+    def texts(self) -> list[str]:
+        return [str(rule) for rule in self.rules]
+
     def whole(self, key: str) -> bool:
         """Is the sub-dataset `key` excluded entirely?"""
         return any(r.names is None and fnmatchcase(key, r.subdatasets) for r in self.rules)
@@ -77,3 +102,49 @@ class Exclusions:
         """A test of an image's names against the name rules that apply to `key`."""
         patterns = [r.names for r in self.rules if r.names and fnmatchcase(key, r.subdatasets)]
         return lambda names: any(fnmatchcase(n, p) for p in patterns for n in names)
+
+
+def covers(applied: Sequence[str], declared: Sequence[str]) -> list[str]:
+    """The `declared` source rules that the `applied` exclusion rules do not hold out (a rule is
+    held out by the same rule or by a whole-sub-dataset rule matching its sub-dataset glob)."""
+    rules = [ExclusionRule.parse(text, "applied exclusions") for text in applied]
+    missing = []
+    for text in declared:
+        wanted = ExclusionRule.parse(text, "task sources")
+        if not any(
+            rule == wanted
+            or (rule.names is None and fnmatchcase(wanted.subdatasets, rule.subdatasets))
+            for rule in rules
+        ):
+            missing.append(text)
+    return missing
+
+
+def source_names(key: str, row: Mapping[str, Any]) -> list[str]:
+    """What exclusion name globs are matched against (see ExclusionSettings)."""
+    source = str(row.get("source_file") or "")
+    relative = source.split(f"raw/{key}/", 1)[-1]
+    pure = PurePosixPath(relative)
+    return [relative, pure.name, pure.name.split(".", 1)[0], row["image_name"]]
+
+
+def identity(row: Mapping[str, Any]) -> tuple[str, str]:
+    """(scale, name): names are unique per scale folder only."""
+    return row["scale"], row["image_name"]
+
+
+def held_out(
+    entry: SubDataset, rows: Iterable[Mapping[str, Any]], exclusions: Exclusions
+) -> dict[tuple[str, str], str]:
+    """The identities of `entry`'s image rows (TILES or MINI_IMAGES) that never enter
+    pre-training, each with its MiniReason (excluded for evaluation, or val/test split)."""
+    whole = exclusions.whole(entry.key)
+    excludes = exclusions.for_key(entry.key)
+    evaluated = entry.kind == "roi" and entry.labelled
+    reasons = {}
+    for row in rows:
+        if whole or excludes(source_names(entry.key, row)):
+            reasons[identity(row)] = MiniReason.EXCLUDED
+        elif evaluated and row.get("split") in EVALUATION_SPLITS:
+            reasons[identity(row)] = MiniReason.EVAL_SPLIT
+    return reasons

@@ -18,8 +18,8 @@ like ROI images, are hard-linked (copied across file systems), never re-encoded.
 ROI sub-datasets. Every image of an unlabelled set; of a labelled set the `train` split and
 images without any split (`none`: no evaluation set is defined for them).
 
-Evaluation hygiene. The exclusion rules (`exclusions.py`) keep the paper's downstream test data
-out of Mini.
+Evaluation hygiene. `exclusions.held_out` keeps evaluation data out of Mini (the same rule
+every export applies): labelled sets' val/test images and everything the exclusion rules name.
 
 Names. A Mini image keeps its source image's name; a Mini S image takes the full-CPIA S name
 of the 96 px cell it was cut from (`<slide>-96-<x>-<y>`), so every name leads back to its slide.
@@ -41,7 +41,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,9 +53,15 @@ from cpia_assets.core.catalog.model import Catalog, SubDataset
 from cpia_assets.core.fsutil import atomic_path, write_parquet_atomic
 from cpia_assets.core.layout import SCALE_FOLDER_OF, SCALE_FOLDERS, DataLayout
 from cpia_assets.core.parallel import map_unordered
+from cpia_assets.core.perceptual import phash
 from cpia_assets.core.schema import MiniReason
 from cpia_assets.core.stage import StageResult, failure
-from cpia_assets.core.training.exclusions import Exclusions, ExclusionSettings
+from cpia_assets.core.training.exclusions import (
+    Exclusions,
+    ExclusionSettings,
+    held_out,
+    identity,
+)
 from cpia_assets.core.wsi.resample import shrink_by
 from cpia_assets.core.wsi.tiling import tile_name
 from cpia_assets.core.wsi.tissue import TissueThresholds, grid_metrics
@@ -65,10 +71,7 @@ MINI_SIZE = 384
 S_CELLS_PER_M_EDGE = 4
 """An M tile (384 px) holds 4 x 4 S cells (96 px)."""
 
-MINI_SPLITS = ("train", "none")
-"""Splits of labelled ROI sets that enter Mini."""
-
-_RESUME_VERSION = 1
+_RESUME_VERSION = 2  # 2: MINI_IMAGES `phash`
 _STAGING_SUFFIX = ".mini.tmp"
 
 
@@ -178,10 +181,10 @@ def build_mini_partition(
     parts.marker.unlink(missing_ok=True)
     staging = {folder: _staging(layout, folder, key) for folder in SCALE_FOLDERS}
     _remove(staging.values())
-    excluded = _excluded_rows(entry, tiles, exclusions)
+    excluded = held_out(entry, tiles, exclusions)
     result = MiniResult(quota=quota)
     if entry.kind == "wsi":
-        wanted = [row for row in tiles if _identity(row) not in excluded]
+        wanted = [row for row in tiles if identity(row) not in excluded]
         jobs = _xl_jobs(key, wanted, quota, layout, staging, settings)
         for outcome in map_unordered(_run_xl_job, jobs, executor):
             result.records.extend(outcome.rows)
@@ -194,7 +197,7 @@ def build_mini_partition(
         if progress:
             progress(f"Mini: {len(result.records)} of {len(tiles)} ROI images")
     result.records.sort(key=lambda row: (row["scale"], row["image_name"]))
-    result.selection = _selection(entry, tiles, result.records, excluded)
+    result.selection = _selection(tiles, result.records, excluded)
     for folder, staged in staging.items():
         final = layout.mini_image_dir(folder, key)
         shutil.rmtree(final, ignore_errors=True)
@@ -213,44 +216,18 @@ def _remove(folders: Iterable[Path]) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _source_names(key: str, row: Mapping[str, Any]) -> list[str]:
-    """What exclusion name globs are matched against (see ExclusionSettings)."""
-    source = str(row.get("source_file") or "")
-    relative = source.split(f"raw/{key}/", 1)[-1]
-    pure = PurePosixPath(relative)
-    return [relative, pure.name, pure.name.split(".", 1)[0], row["image_name"]]
-
-
-def _identity(row: Mapping[str, Any]) -> tuple[str, str]:
-    """(scale, name): names are unique per scale folder only."""
-    return row["scale"], row["image_name"]
-
-
-def _excluded_rows(
-    entry: SubDataset, tiles: Sequence[Mapping[str, Any]], exclusions: Exclusions
-) -> set[tuple[str, str]]:
-    """Identities of the tiles excluded for evaluation (all of a wholly excluded set)."""
-    if exclusions.whole(entry.key):
-        return {_identity(row) for row in tiles}
-    excludes = exclusions.for_key(entry.key)
-    return {_identity(row) for row in tiles if excludes(_source_names(entry.key, row))}
-
-
 def _selection(
-    entry: SubDataset,
     tiles: Sequence[Mapping[str, Any]],
     images: Sequence[Mapping[str, Any]],
-    excluded: set[tuple[str, str]],
+    excluded: Mapping[tuple[str, str], str],
 ) -> list[dict[str, Any]]:
-    chosen = {_identity(row) for row in images}
+    chosen = {identity(row) for row in images}
     rows = []
     for tile in tiles:
         name, scale = tile["image_name"], tile["scale"]
-        if _identity(tile) in excluded:
-            reason = MiniReason.EXCLUDED
-        elif _evaluation_split(entry, tile):
-            reason = MiniReason.EVAL_SPLIT
-        elif _identity(tile) in chosen:
+        if identity(tile) in excluded:
+            reason = excluded[identity(tile)]
+        elif identity(tile) in chosen:
             reason = MiniReason.SELECTED
         else:
             reason = MiniReason.NOT_SELECTED
@@ -283,6 +260,7 @@ def _mini_row(
         "label": tile["label"],
         "split": tile["split"],
         "bytes": path.stat().st_size,
+        "phash": tile.get("phash"),  # the source tile's: right for linked images
         "resample": "none",
     } | values
 
@@ -296,22 +274,17 @@ def _link(source: Path, destination: Path) -> None:
         shutil.copyfile(source, destination)
 
 
-def _evaluation_split(entry: SubDataset, tile: Mapping[str, Any]) -> bool:
-    """A val/test image of a labelled ROI set (kept out of Mini)."""
-    return entry.kind == "roi" and entry.labelled and tile["split"] not in MINI_SPLITS
-
-
 def _link_rois(
     entry: SubDataset,
     tiles: Sequence[Mapping[str, Any]],
-    excluded: set[tuple[str, str]],
+    excluded: Mapping[tuple[str, str], str],
     layout: DataLayout,
     staging: Mapping[str, Path],
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Mini rows of the ROI images that enter Mini, linked; failures name unreadable ones."""
     rows, failures = [], []
     for tile in tiles:
-        if _identity(tile) in excluded or _evaluation_split(entry, tile):
+        if identity(tile) in excluded:
             continue
         source = layout.root / tile["path"]
         destination = staging[SCALE_FOLDER_OF[tile["scale"]]] / source.name
@@ -405,9 +378,10 @@ def _resized(
     """An XL or L tile shrunk to 384 px with the area filter."""
     image = pyvips.Image.new_from_file(str(job.layout.root / tile["path"]), access="sequential")
     factors = (image.width / MINI_SIZE, image.height / MINI_SIZE)
-    small = shrink_by(image, factors).crop(0, 0, MINI_SIZE, MINI_SIZE)
+    small = shrink_by(image, factors).crop(0, 0, MINI_SIZE, MINI_SIZE).copy_memory()
     path = _save(small, job, tile["scale"], tile["image_name"], written)
-    return _mini_row(job.key, tile, path, job.layout, parent_image=parent, resample="area")
+    values = {"parent_image": parent, "resample": "area", "phash": phash(small.numpy())}
+    return _mini_row(job.key, tile, path, job.layout, **values)
 
 
 def _m_and_s(job: _XlJob, m_tile: Mapping[str, Any], written: list[Path]) -> list[dict[str, Any]]:
@@ -427,14 +401,14 @@ def _m_and_s(job: _XlJob, m_tile: Mapping[str, Any], written: list[Path]) -> lis
     )
     edge = image.width // cells
     crop = image.crop(column * edge, row * edge, edge, edge)
-    enlarged = crop.resize(MINI_SIZE / edge, kernel="lanczos3")
+    enlarged = crop.resize(MINI_SIZE / edge, kernel="lanczos3").copy_memory()
     x, y = m_tile["x"] * cells + column, m_tile["y"] * cells + row
     slide_stem = m_tile["image_name"].rsplit("-", 3)[0]  # `<stem>-<size>-<x>-<y>`
     name = tile_name(slide_stem, edge, x, y)
     path = _save(enlarged, job, "S", name, written)
     s_row = _mini_row(
         job.key, m_tile, path, layout, image_name=name, scale="S", source_size_px=edge, x=x, y=y,
-        parent_image=m_tile["image_name"], resample="lanczos",
+        parent_image=m_tile["image_name"], resample="lanczos", phash=phash(enlarged.numpy()),
     )  # fmt: skip
     return [m_row, s_row]
 

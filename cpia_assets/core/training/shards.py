@@ -1,11 +1,17 @@
 """training_shards: a data variant (`variants.py`) as WebDataset tar shards plus an index.
 
-Layout: `shards/<variant>/shard-000000.tar, ...` and `index.json` (variant, seed, shard size,
-images in total, per scale and per top folder, and per shard). Each sample is two members,
+Layout: `shards/<variant>/shard-000000.tar, ...`, `index.json` (variant, seed, shard size,
+images in total, per scale and per top folder, and per shard; what was held out for evaluation;
+the export's fingerprint) and `samples.parquet` (every sample's key, path and perceptual hash:
+the leak audit's view of what a model trained on this export saw). Each sample is two members,
 `<key>.jpg` (the image file's bytes, never re-encoded) and `<key>.json` (`SIDECAR_FIELDS`),
 with `<key>` = `<subdataset>__<scale>__<image_name>` and every "." replaced by "_" (webdataset
 splits keys at the first dot). Samples are sorted by key, then shuffled with the seed, so
 sub-datasets mix in every shard.
+
+Every variant holds out evaluation data as Mini does (`exclusions.held_out`: labelled sets'
+val/test images and the exclusion rules), unless `apply_exclusions` is false; the index records
+which, and the rules.
 
 Re-exports are byte-identical: members have a fixed mtime, uid/gid 0 and no user names. A
 fingerprint of the samples (sidecars, file sizes and mtimes) and settings is kept beside the
@@ -34,6 +40,7 @@ from cpia_assets.core.fsutil import atomic_path
 from cpia_assets.core.layout import SCALE_FOLDER_OF, SCALE_FOLDERS, DataLayout
 from cpia_assets.core.parallel import map_unordered
 from cpia_assets.core.stage import failure
+from cpia_assets.core.training.exclusions import Exclusions, ExclusionSettings, held_out
 from cpia_assets.core.training.variants import VARIANT_FOLDERS
 
 STAGE = "training_shards"
@@ -41,12 +48,13 @@ MINI_VARIANT = "cpia-mini"
 SCALES = ("XL", "L", "M", "S")
 SIDECAR_FIELDS = (
     "image_name", "subdataset", "organ", "scale", "folder", "label", "split", "source_tile",
-    "path", "licence", "redistributable",
+    "path", "licence", "redistributable", "phash",
 )  # fmt: skip
 INDEX_FILE = "index.json"
+SAMPLES_FILE = "samples.parquet"
 FINGERPRINT_FILE = ".fingerprint"
 MEMBER_MTIME = 0
-_EXPORT_VERSION = 1
+_EXPORT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,10 @@ class ShardSettings:
     shard_size: int = 10_000
     """Samples per shard (the last shard holds the rest)."""
     seed: int = 0
+    exclusions: ExclusionSettings = field(default_factory=ExclusionSettings)
+    apply_exclusions: bool = True
+    """False also exports the held-out evaluation data: the index, every checkpoint trained on
+    the export and its Table II rows say so."""
 
     def __post_init__(self) -> None:
         if self.shard_size < 1:
@@ -80,28 +92,44 @@ def sidecar(row: Mapping[str, Any], entry: SubDataset) -> dict[str, Any]:
         "path": row["path"],
         "licence": entry.about.licence,
         "redistributable": entry.redistributable,
+        "phash": row.get("phash"),
     }
 
 
+@dataclass
+class VariantImages:
+    """The images of a variant: `sidecars` to export, `held_out` counts per reason, and the
+    catalog keys whose records are missing (partition not built yet)."""
+
+    sidecars: list[dict[str, Any]]
+    held_out: Counter[str]
+    missing: list[str]
+
+
 def variant_sidecars(
-    layout: DataLayout, catalog: Catalog, variant: str
-) -> tuple[list[dict[str, Any]], list[str]]:
+    layout: DataLayout, catalog: Catalog, variant: str, exclusions: Exclusions | None
+) -> VariantImages:
     """The sidecars of every image of `variant`, read from the per-partition records (Mini:
-    `mini_images`, else the kept `tiles` of the variant's folders), and the catalog keys
-    whose records are missing (partition not built yet)."""
+    `mini_images`, else the kept `tiles` of the variant's folders), less those `held_out` for
+    evaluation (none when `exclusions` is None)."""
     table = "mini_images" if variant == MINI_VARIANT else "tiles"
     scales = [scale for scale in SCALES if SCALE_FOLDER_OF[scale] in VARIANT_FOLDERS[variant]]
-    sidecars, missing = [], []
+    images = VariantImages([], Counter(), [])
     for entry in catalog.subdatasets:
         path = layout.manifest_file(entry.key, table)
         if not path.is_file():
-            missing.append(entry.key)
+            images.missing.append(entry.key)
             continue
         rows = pl.read_parquet(path).filter(
             pl.col("path").is_not_null() & pl.col("scale").is_in(scales)
         )
-        sidecars += [sidecar(row, entry) for row in rows.iter_rows(named=True)]
-    return sidecars, missing
+        rows = list(rows.iter_rows(named=True))
+        reasons = held_out(entry, rows, exclusions) if exclusions else {}
+        images.held_out.update(reasons.values())
+        images.sidecars += [
+            sidecar(row, entry) for row in rows if (row["scale"], row["image_name"]) not in reasons
+        ]
+    return images
 
 
 @dataclass
@@ -117,10 +145,12 @@ def export_shards(
     variant: str,
     layout: DataLayout,
     settings: ShardSettings,
+    held_out: Mapping[str, int] | None = None,
     executor: Executor | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ExportResult:
-    """Write `sidecars`' images (paths relative to the data folder) as the variant's shards."""
+    """Write `sidecars`' images (paths relative to the data folder) as the variant's shards;
+    `held_out` (images left out per reason) goes into the index."""
     samples = sorted(
         ((sample_key(s["subdataset"], s["scale"], s["image_name"]), dict(s)) for s in sidecars),
         key=lambda sample: sample[0],
@@ -129,7 +159,8 @@ def export_shards(
     if duplicates:
         raise ValueError(f"{variant}: sample keys used twice, e.g. {duplicates[:3]}")
     out_dir = layout.shards_dir(variant)
-    fingerprint = _fingerprint(samples, layout, variant, settings)
+    held = _held_out(settings, held_out or {})
+    fingerprint = _fingerprint(samples, layout, variant, settings, held)
     previous = out_dir / FINGERPRINT_FILE
     if previous.is_file() and previous.read_text() == fingerprint:
         if progress:
@@ -148,8 +179,12 @@ def export_shards(
         restricted = sorted(
             {m["subdataset"] for _, m in samples if m.get("redistributable") is not True}
         )
-        index = _index(variant, settings, written, restricted)
+        index = _index(variant, settings, written, restricted) | {
+            "held_out": held,
+            "fingerprint": fingerprint,
+        }
         (staging / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
+        _write_samples(staging / SAMPLES_FILE, samples)
         failures = [f for shard in written for f in shard.failures]
         # A failed image is retried next time: no fingerprint is kept then.
         if not failures:
@@ -157,6 +192,24 @@ def export_shards(
     if progress:
         progress(f"{variant}: {index['images']} images in {len(written)} shards")
     return ExportResult(index, written=True, failures=failures)
+
+
+def _held_out(settings: ShardSettings, counts: Mapping[str, int]) -> dict[str, Any]:
+    """The index's record of what the export held out for evaluation, and by which rules."""
+    rules = Exclusions.load(settings.exclusions).texts if settings.apply_exclusions else []
+    return {
+        "applied": settings.apply_exclusions,
+        "rules": rules,
+        "images": dict(sorted(counts.items())),
+    }
+
+
+def _write_samples(path: Path, samples: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+    """Every sample's key, sub-dataset, scale, path and perceptual hash (leak audit)."""
+    columns = {"key": pl.String, "subdataset": pl.String, "scale": pl.String, "path": pl.String,
+               "phash": pl.Int64}  # fmt: skip
+    rows = [{"key": key} | {c: meta.get(c) for c in columns if c != "key"} for key, meta in samples]
+    pl.DataFrame(rows, schema=columns).write_parquet(path)
 
 
 @dataclass(frozen=True)
@@ -231,9 +284,12 @@ def _fingerprint(
     layout: DataLayout,
     variant: str,
     settings: ShardSettings,
+    held: Mapping[str, Any],
 ) -> str:
-    """Hash of the sidecars, each image file's size and mtime, and the settings."""
-    digest = hashlib.sha256(json.dumps([_EXPORT_VERSION, variant, asdict(settings)]).encode())
+    """Hash of the sidecars, each image file's size and mtime, the settings and what was held
+    out."""
+    header = [_EXPORT_VERSION, variant, asdict(settings), held]
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
     for key, meta in samples:
         try:
             stat = (layout.root / meta["path"]).stat()

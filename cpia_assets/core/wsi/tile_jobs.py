@@ -39,7 +39,8 @@ from cpia_assets.core.wsi.tiling import (
     tile_slide,
 )
 
-_RESUME_VERSION = 2
+_RESUME_VERSION = 3
+"""Part of every fingerprint: bump it when the records change (3: TILES `phash`)."""
 
 
 _STAGING_SUFFIX = ".tiles.tmp"
@@ -248,6 +249,7 @@ def _tiles_row(
     if candidate.file is not None:
         row["path"] = f"{stored_folders[candidate.scale]}/{candidate.file.name}"
         row["bytes"] = candidate.file.stat().st_size
+        row["phash"] = candidate.phash
     return row
 
 

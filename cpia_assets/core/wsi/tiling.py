@@ -24,7 +24,8 @@ per-call overhead dominates in libvips; same libjpeg-turbo, quality and 4:2:0 ch
 subsampling). Two sources of pixels, recorded per row in `cut_from`:
 the stored standardized TIFF (`tile_slide`, `standardized_tiff`) or, when standardized_wsi runs
 in the same pass, the resampled pixels on their way into that TIFF (`StripTiler`, `resampled`,
-see `core/wsi/fused.py`); both take the same decisions and write the same records.
+see `core/wsi/fused.py`); both take the same decisions and write the same records. Each saved
+tile's perceptual hash (TILES `phash`) is taken from the pixels in memory that it encodes.
 
 A partition's slides are tiled as atomic, resumable jobs in `tile_jobs.py`.
 """
@@ -43,6 +44,7 @@ import pyvips
 from PIL import Image
 
 from cpia_assets.core.fsutil import OutputWriteError, writing
+from cpia_assets.core.perceptual import phash
 from cpia_assets.core.wsi.pyramid import trim_operation_cache
 from cpia_assets.core.wsi.tissue import (
     METRICS,
@@ -133,7 +135,8 @@ def sample_cells(name: str, *, grid: int, fraction: float) -> list[int]:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One candidate tile and its decision; `file` is where it was written (None: rejected)."""
+    """One candidate tile and its decision; `file` is where it was written (None: rejected)
+    and `phash` the perceptual hash of the pixels encoded into it."""
 
     scale: str
     name: str
@@ -143,6 +146,7 @@ class Candidate:
     parent: str | None
     metrics: Mapping[str, float | None]
     file: Path | None
+    phash: int | None = None
 
 
 def tile_slide(
@@ -295,7 +299,7 @@ def _cut_region(
         return
     writer = _TileWriter(region, pixels, out_dirs, settings.jpeg_quality)
     yield Candidate(
-        "XL", xl_name, xl, column, row, None, xl_metrics, writer.save("XL", xl_name, 0, 0, xl)
+        "XL", xl_name, xl, column, row, None, xl_metrics, *writer.save("XL", xl_name, 0, 0, xl)
     )
     kept_m: set[tuple[int, int]] = set()
     for scale in ("L", "M", "S"):
@@ -316,9 +320,9 @@ def _cut_region(
                 keep = keep and m_cell in kept_m
             elif scale == "M" and keep:
                 kept_m.add((i, j))
-            file = writer.save(scale, name, i * size, j * size, size) if keep else None
+            saved = writer.save(scale, name, i * size, j * size, size) if keep else (None, None)
             yield Candidate(
-                scale, name, size, column * cells + i, row * cells + j, parent, values, file
+                scale, name, size, column * cells + i, row * cells + j, parent, values, *saved
             )
 
 
@@ -350,7 +354,7 @@ def _global(cell: tuple[int, int], xl_position: tuple[int, int], cells: int) -> 
 
 
 class _TileWriter:
-    """JPEG-encodes crops of one decoded XL region into the scale folders."""
+    """JPEG-encodes crops of one decoded XL region into the scale folders, and hashes them."""
 
     def __init__(
         self,
@@ -361,15 +365,16 @@ class _TileWriter:
     ) -> None:
         self.region, self.pixels, self.out_dirs, self.quality = region, pixels, out_dirs, quality
 
-    def save(self, scale: str, name: str, left: int, top: int, size: int) -> Path:
+    def save(self, scale: str, name: str, left: int, top: int, size: int) -> tuple[Path, int]:
+        """The crop's file and the perceptual hash of its pixels (before JPEG encoding)."""
         path = self.out_dirs[scale] / f"{name}.jpg"
+        crop = Image.fromarray(self.pixels[top : top + size, left : left + size])
         with writing(path):
             if size <= PIL_ENCODE_MAX_PX:
-                crop = self.pixels[top : top + size, left : left + size]
-                Image.fromarray(crop).save(path, "JPEG", quality=self.quality)
+                crop.save(path, "JPEG", quality=self.quality)
             else:
                 self.region.crop(left, top, size, size).jpegsave(str(path), Q=self.quality)
-        return path
+        return path, phash(crop)
 
 
 def _cell(metrics: Mapping[str, np.ndarray], j: int, i: int) -> dict[str, float | None]:

@@ -17,6 +17,7 @@ from cpia_assets.core.training.ssl.config import (
     FinetuneSettings,
     PretrainJob,
     PretrainSettings,
+    export_identity,
     launch_command,
     prepare_run_dir,
     training_source,
@@ -37,6 +38,7 @@ SSL_PARTITIONS = dg.MultiPartitionsDefinition(
     }
 )
 SHARDS_ASSET = "training_shards"
+LEAK_CHECK = "leak_audit"
 TRAINING_CHILD = "cpia_assets.defs.ssl_child"
 """The training process this asset starts: the core's training, reporting through Pipes."""
 
@@ -47,7 +49,7 @@ def build_ssl_assets() -> list[dg.AssetsDefinition]:
         deps=[dg.AssetDep(SHARDS_ASSET, partition_mapping=_data_dimension_mapping())],
         pool=GPU_POOL,
         group_name="ssl",
-        code_version="1",
+        code_version="2",
         kinds={"pytorch"},
         description=(
             "Self-supervised pre-training of a timm ViT (MAE, MoCo-v3 or DINO) on one data variant "
@@ -65,10 +67,17 @@ def build_ssl_assets() -> list[dg.AssetsDefinition]:
         keys = context.partition_key.keys_by_dimension
         method, data = keys["method"], keys["data"]
         layout = store.layout
-        source, folders = training_source(layout, data)
+        try:
+            source, folders = training_source(layout, data)
+            fingerprint, held_out = export_identity(source)
+        except (OSError, ValueError) as exc:
+            raise dg.Failure(str(exc)) from exc
+        if not held_out["applied"]:
+            context.log.warning(f"{data}: exported without exclusions: its Table II rows say so")
         settings = settings_from(config, PretrainSettings)
         out = layout.ssl_checkpoint_dir(method, data, settings.init_label)
-        job = PretrainJob(method, data, str(source), folders, str(out), settings)
+        job = PretrainJob(method, data, str(source), folders, str(out), settings, fingerprint,
+                          held_out)  # fmt: skip
         start = prepare_run_dir(job)
         context.log.info(
             f"[{context.partition_key}] {start} run on {source} ({', '.join(folders)})"
@@ -89,6 +98,8 @@ def build_ssl_assets() -> list[dg.AssetsDefinition]:
                 "device": summary["device"],
                 "precision": summary["precision"],
                 "training_data": dg.MetadataValue.path(str(source)),
+                "data_fingerprint": fingerprint,
+                "held_out_for_evaluation": dg.MetadataValue.json(held_out),
                 "encoder": dg.MetadataValue.path(summary["encoder"]),
                 "config": dg.MetadataValue.path(str(out / JOB_FILE)),
             },
@@ -97,38 +108,64 @@ def build_ssl_assets() -> list[dg.AssetsDefinition]:
 
     @dg.asset(
         deps=[dg.AssetDep(ssl_checkpoint, partition_mapping=dg.AllPartitionMapping())],
+        check_specs=[
+            dg.AssetCheckSpec(
+                LEAK_CHECK,
+                asset="downstream_eval",
+                description=(
+                    "No evaluation image leaked into pre-training: every row's leak audit found "
+                    "no val/test image with a near-duplicate in its encoder's pre-training data, "
+                    "and that data held out the task's sources."
+                ),
+            )
+        ],
         pool=GPU_POOL,
         group_name="ssl",
-        code_version="1",
+        code_version="2",
         kinds={"pytorch"},
         description=(
             "Fine-tunes every pre-trained encoder (plus random-init and optional ImageNet rows) on "
-            "the configured labelled ImageFolder tasks; best epoch on validation, test accuracy, "
-            "macro F1 and confusion matrix; Table II beside the paper's numbers."
+            "the configured labelled tasks (a catalog key: its records' split, the one Mini and "
+            "the exports hold out; or an ImageFolder); best epoch on validation, test accuracy, "
+            "macro F1 and confusion matrix, a leak audit per row; Table II beside the paper's "
+            "numbers. `ssl/eval/<task>/splits.csv` lists the images of each split."
         ),
     )
     def downstream_eval(
         context: dg.AssetExecutionContext, config: FinetuneConfig, store: CpiaStore
     ) -> dg.MaterializeResult:
-        from cpia_assets.core.training.ssl.evaluate import (
-            confusion_markdown,
-            evaluate_all,
-            table_ii_markdown,
-        )
+        from cpia_assets.core.perceptual import NEAR_DUPLICATE_BITS
+        from cpia_assets.core.training.ssl.evaluate import evaluate_all
+        from cpia_assets.core.training.ssl.table import confusion_markdown, table_ii_markdown
 
         settings = settings_from(config, FinetuneSettings)
         if not settings.tasks:
-            raise dg.Failure("no downstream tasks configured: set tasks: {name: /path/to/folder}")
-        evaluation = evaluate_all(store.layout, settings, progress=context.log.info)
+            raise dg.Failure(
+                "no downstream tasks configured: set tasks: {name: <catalog key or folder>}"
+            )
+        evaluation = evaluate_all(
+            store.layout, store.catalog(), settings, progress=context.log.info
+        )
         rows, failures = evaluation.rows, evaluation.failures
         if not rows:
             raise dg.Failure(
                 "no task could be evaluated",
                 metadata={"failures": dg.MetadataValue.md(failures_markdown(failures))},
             )
-        return dg.MaterializeResult(
+        leaked = [row for row in rows if _leaked(row)]
+        leak_check = dg.AssetCheckResult(
+            check_name=LEAK_CHECK,
+            passed=not leaked,
             metadata={
-                "table_ii": dg.MetadataValue.md(table_ii_markdown(rows)),
+                "rows": len(rows),
+                "rows_failing": dg.MetadataValue.md(_leak_table(leaked)),
+                "max_hamming_bits": NEAR_DUPLICATE_BITS,
+            },
+        )
+        return dg.MaterializeResult(
+            check_results=[leak_check],
+            metadata={
+                "table_ii": dg.MetadataValue.md(table_ii_markdown(rows, NEAR_DUPLICATE_BITS)),
                 "confusion_matrices": dg.MetadataValue.md(confusion_markdown(rows)),
                 "evaluated": len(rows) - evaluation.reused,
                 "reused_from_earlier_runs": evaluation.reused,
@@ -138,6 +175,30 @@ def build_ssl_assets() -> list[dg.AssetsDefinition]:
         )
 
     return [ssl_checkpoint, downstream_eval]
+
+
+def _leaked(row: dict) -> bool:
+    """A row whose encoder may have seen its task's evaluation images."""
+    pretrained = row["method"] != "none"
+    unaudited = pretrained and row["leaks"] is None
+    return (
+        bool(row["leaks"])
+        or unaudited
+        or bool(row["sources_not_held_out"])
+        or (pretrained and not row["exclusions_applied"])
+    )
+
+
+def _leak_table(rows: list[dict]) -> str:
+    lines = ["| task | init / method / data | leaks | sources not held out | exclusions |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for row in rows:
+        applied = "applied" if row["exclusions_applied"] else "off"
+        lines.append(
+            f"| {row['task']} | {row['init']} / {row['method']} / {row['data']} | "
+            f"{row['leaks']} | {', '.join(row['sources_not_held_out']) or '-'} | {applied} |"
+        )
+    return "\n".join(lines) if rows else "No leak found."
 
 
 def _data_dimension_mapping() -> dg.PartitionMapping:

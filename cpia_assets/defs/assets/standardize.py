@@ -48,7 +48,7 @@ STANDARDIZED_WSI = dg.AssetSpec(
     "standardized_wsi",
     deps=["raw_download"],
     group_name="standardize",
-    code_version="2",
+    code_version="3",  # 3: ROI images' `phash`
     kinds={"python", "openslide", "libvips"},
     skippable=True,
     description=(

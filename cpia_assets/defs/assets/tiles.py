@@ -35,7 +35,7 @@ SCALE_TILES = dg.AssetSpec(
     "scale_tiles",
     deps=["standardized_wsi"],
     group_name="standardize",
-    code_version="2",
+    code_version="3",  # 3: TILES `phash`
     kinds={"python", "libvips", "parquet"},
     skippable=True,
     description=(

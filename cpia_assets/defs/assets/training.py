@@ -38,7 +38,7 @@ def build_cpia_mini(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         partitions_def=partitions,
         deps=["scale_tiles"],
         group_name="mini",
-        code_version="1",
+        code_version="2",
         kinds={"python", "libvips", "parquet"},
         description=(
             "CPIA-Mini of one sub-dataset under `cpia-mini/{L,M,S}/<key>/`, every image 384 px. "
@@ -135,13 +135,15 @@ def build_training_shards() -> dg.AssetsDefinition:
             dg.AssetDep("scale_tiles", partition_mapping=all_partitions),
         ],
         group_name="mini",
-        code_version="1",
+        code_version="2",
         kinds={"python", "webdataset"},
         description=(
             "One data variant (cpia-mini, cpia, cpia-l, cpia-m, cpia-s) as WebDataset tar "
             "shards under `shards/<variant>/`: `<key>.jpg` (original bytes) + `<key>.json` "
             "(sub-dataset, organ, scale, label, split, source tile), shuffled across "
-            "sub-datasets with a fixed seed, plus `index.json`. Unchanged inputs write nothing."
+            "sub-datasets with a fixed seed, plus `index.json` and `samples.parquet`. Evaluation "
+            "data (labelled val/test images, the exclusion rules) is held out as in Mini unless "
+            "`apply_exclusions` is off, recorded in the index. Unchanged inputs write nothing."
         ),
     )
     def training_shards(
@@ -152,18 +154,28 @@ def build_training_shards() -> dg.AssetsDefinition:
     ) -> dg.MaterializeResult:
         variant = context.partition_key
         layout = store.layout
-        sidecars, missing = variant_sidecars(layout, store.catalog(), variant)
+        settings = settings_from(config, ShardSettings)
+        try:
+            exclusions = Exclusions.load(settings.exclusions)
+        except ExclusionError as exc:
+            raise dg.Failure(str(exc)) from exc
+        if not settings.apply_exclusions:
+            context.log.warning(f"{variant}: exclusions off: evaluation images are exported too")
+        images = variant_sidecars(
+            layout, store.catalog(), variant, exclusions if settings.apply_exclusions else None
+        )
+        missing = images.missing
         if missing:
             context.log.warning(f"{variant}: no records yet for {', '.join(missing)}")
-        if not sidecars:
+        if not images.sidecars:
             raise dg.Failure(f"{variant}: no images to export (partitions not built: {missing})")
-        settings = settings_from(config, ShardSettings)
         with workers.executor() as executor:
             result = export_shards(
-                sidecars,
+                images.sidecars,
                 variant=variant,
                 layout=layout,
                 settings=settings,
+                held_out=images.held_out,
                 executor=executor,
                 progress=progress_logger(context),
             )
@@ -176,6 +188,7 @@ def build_training_shards() -> dg.AssetsDefinition:
                 "images": index["images"],
                 "shards": len(index["shards"]),
                 "per_scale": dg.MetadataValue.json(index["per_scale"]),
+                "held_out_for_evaluation": dg.MetadataValue.json(index["held_out"]),
                 "written": result.written,
                 "partitions_without_records": dg.MetadataValue.json(missing),
                 "failures": dg.MetadataValue.md(failures_markdown(result.failures)),

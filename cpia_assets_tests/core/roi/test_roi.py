@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -19,6 +20,7 @@ from cpia_assets.core.catalog.model import SubDataset
 from cpia_assets.core.downloads.state import DownloadState, verified_digests
 from cpia_assets.core.fsutil import sha256_file
 from cpia_assets.core.layout import DataLayout
+from cpia_assets.core.perceptual import NEAR_DUPLICATE_BITS, hamming, phash, phash_file
 from cpia_assets.core.roi import standardize as roi_standardize
 from cpia_assets.core.roi.images import (
     RoiSettings,
@@ -649,6 +651,35 @@ def test_rerun_reuses_updates_and_cleans_up(tmp_path: Path, tissue: np.ndarray) 
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
 
 
+def test_records_hold_the_hash_of_the_pixels_and_older_outputs_are_redone(
+    tmp_path: Path, tissue: np.ndarray
+) -> None:
+    """The pHash of the square before encoding (near the saved JPEG's), read back from the
+    stamp on a rerun; an output stamped before hashes existed is encoded again."""
+    layout = DataLayout(tmp_path)
+    source = layout.raw_dir(KEY)
+    save(source / "shrunk.png", tissue[:640, :640])
+    save(source / "enlarged.png", tissue[:200, 300:600])
+    first = run(roi_entry(), layout)
+    records = by_name(first.records)
+    square, _ = load_square(source / "shrunk.png", size=384, max_pixels=RoiSettings().max_pixels)
+    assert records["shrunk"]["phash"] == phash(square)
+    for record in first.records:
+        written = phash_file(tmp_path / record["path"])
+        assert hamming(record["phash"], written) <= NEAR_DUPLICATE_BITS, record["image_name"]
+    assert hamming(records["shrunk"]["phash"], records["enlarged"]["phash"]) > NEAR_DUPLICATE_BITS
+    again = run(roi_entry(), layout)
+    assert again.reused == 2 and again.records == first.records
+
+    output = tmp_path / records["enlarged"]["path"]
+    with Image.open(output) as image:
+        stamp = json.loads(image.info["comment"])
+        del stamp["phash"]
+        image.save(output, quality=90, comment=json.dumps(stamp))
+    redone = run(roi_entry(), layout)
+    assert redone.reused == 1 and redone.records == first.records
+
+
 def test_process_pool_gives_the_same_records(tmp_path: Path, tissue: np.ndarray) -> None:
     settings = RoiSettings(size=64, chunk_size=2)
     results = []
@@ -671,3 +702,43 @@ def test_process_pool_gives_the_same_records(tmp_path: Path, tissue: np.ndarray)
     assert pooled.records == serial.records
     assert len(messages) == 3
     assert messages[-1] == f"{KEY}: 6/6 images, 0 reused, 0 failed"
+
+
+WBC_LIKE = """\
+subdatasets:
+- key: wbc-like
+  name: WBC-like
+  kind: roi
+  organ: blood
+  scale: S
+  labelled: true
+  labels: {from: parent_folder, level: 1}
+  splits: {from: parent_folder, level: 2, map: {Train: train, TestA: test}}
+  source: {type: manual, landing_page: 'https://example.org/raabin-wbc'}
+"""
+
+
+def test_an_official_split_without_val_gets_one_carved_from_train_in_the_records(
+    tmp_path: Path, tissue: np.ndarray
+) -> None:
+    catalog_path = tmp_path / "catalog.yaml"
+    catalog_path.write_text(WBC_LIKE)
+    entry = load_catalog(catalog_path).get("wbc-like")
+    layout = DataLayout(tmp_path / "data")
+    for label in ("Basophil", "Monocyte"):
+        for split, count in (("Train", 12), ("TestA", 3)):
+            for number in range(count):
+                crop = tissue[number * 40 : number * 40 + 64, :64]
+                save(layout.raw_dir(entry.key) / split / label / f"{number}.png", crop)
+    records = run(entry, layout, RoiSettings(size=32)).records
+    placed = {(r["label"], r["source_file"].split("/")[2], r["split"]) for r in records}
+    assert placed == {
+        (label, folder, split)
+        for label in ("Basophil", "Monocyte")
+        for folder, split in (("Train", "train"), ("Train", "val"), ("TestA", "test"))
+    }
+    carved = [r for r in records if r["split"] == "val"]
+    assert sorted(r["label"] for r in carved) == ["Basophil"] * 2 + ["Monocyte"] * 2  # 10:2
+    assert [r["split"] for r in run(entry, layout, RoiSettings(size=32)).records] == [
+        r["split"] for r in records
+    ]  # the same images every time

@@ -11,13 +11,19 @@ import pytest
 import torch
 from PIL import Image
 
+from cpia_assets.core.training import datasets
 from cpia_assets.core.training.datasets import (
     StreamSlice,
     count_training_images,
     list_folder_images,
     training_loader,
 )
-from cpia_assets_tests.support.ssl_data import corrupt_jpeg, write_folder_tree, write_shards
+from cpia_assets_tests.support.ssl_data import (
+    corrupt_jpeg,
+    corrupt_shard_sample,
+    write_folder_tree,
+    write_shards,
+)
 
 torch.set_num_threads(1)  # the test machine's cores are shared
 
@@ -107,22 +113,81 @@ def test_ranks_read_disjoint_batches(layouts: tuple[Path, Path]) -> None:
     assert sorted(both) == file_colours(list_folder_images(layouts[0], "LMS"))
 
 
+def colour_and_noise(image: Image.Image) -> list[torch.Tensor]:
+    """Two 'views': the image's mean RGB, and noise from the sample's seeded augmentation."""
+    return [*mean_colour(image), torch.rand(4)]
+
+
+def full_batches(
+    source: Path, start: int, count: int, batch_size: int = 4, seed: int = 0
+) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+    loader = training_loader(
+        source, transform=colour_and_noise, batch_size=batch_size, seed=seed,
+        stream_slice=StreamSlice(start_batch=start),
+    )  # fmt: skip
+    iterator = iter(loader)
+    batches = [next(iterator) for _ in range(count)]
+    sizes = {len(part) for views, seeds in batches for part in (*views, seeds)}
+    assert sizes == {batch_size}, sizes  # every view and the seeds: full batches only
+    return batches
+
+
 @pytest.mark.parametrize("layout", ["folders", "shards"])
-def test_an_undecodable_image_is_skipped_and_named(
+def test_an_undecodable_image_is_stood_in_for_and_the_stream_still_resumes(
     tmp_path: Path, layout: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    paths = write_folder_tree(tmp_path / "cpia", per_scale=2)
+    paths = write_folder_tree(tmp_path / "cpia", per_scale=2)  # eight images
     bad = paths[3]
-    corrupt_jpeg(bad)
+    good = file_colours([path for path in paths if path != bad])
     source = tmp_path / "cpia"
     if layout == "shards":
         write_shards(source, tmp_path / "shards", shard_size=3)
         source = tmp_path / "shards"
+        shard = next(p for p in source.glob("*.tar") if bad.stem.encode() in p.read_bytes())
+        corrupt_shard_sample(shard, bad.stem)
+    else:
+        corrupt_jpeg(bad)
     with caplog.at_level(logging.WARNING, logger="cpia_assets.core.training.datasets"):
-        batch = next(iter(training_loader(source, transform=mean_colour, batch_size=8, seed=0)))
-    assert len(batch[1]) == 7  # the other seven images of the batch are there
+        straight = full_batches(source, 0, 6)  # three epochs of two full batches
     assert bad.stem in caplog.text
     assert "not a decodable image" in caplog.text
+    hit = []  # the batches holding the broken image's position: one per epoch
+    for number, (views, _) in enumerate(straight):
+        colours = [_key(row) for row in views[0]]
+        assert set(colours) <= set(good)
+        if len(set(colours)) < len(colours):
+            hit.append(number)  # the stand-in: another image of the batch, augmented anew
+            twins = [row for row, colour in enumerate(colours) if colours.count(colour) == 2]
+            assert len(twins) == 2 and not torch.equal(views[1][twins[0]], views[1][twins[1]])
+    assert [number // 2 for number in hit] == [0, 1, 2]
+    seeds = torch.cat([batch[1] for batch in straight]).tolist()
+    assert len(set(seeds)) == 24  # every position keeps its own seed, the broken ones too
+    resumed = full_batches(source, hit[0] + 1, 5 - hit[0])  # after the first broken batch
+    for ours, theirs in zip(straight[hit[0] + 1 :], resumed, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(ours[0], theirs[0], strict=True))
+        assert torch.equal(ours[1], theirs[1])
+
+
+def test_an_all_failed_batch_borrows_from_its_neighbours(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = write_folder_tree(tmp_path / "cpia", per_scale=2)
+    for path in paths[1:]:
+        corrupt_jpeg(path)  # one decodable image of eight: every other batch fails whole
+    monkeypatch.setattr(datasets, "FAILURES_LOGGED_EVERY", 10)
+    with caplog.at_level(logging.WARNING, logger="cpia_assets.core.training.datasets"):
+        iterator = iter(training_loader(tmp_path / "cpia", transform=colour_and_noise,
+                                        batch_size=4, seed=1))  # fmt: skip
+        batches = [next(iterator)]
+        # Seed 1: batch 0 failed whole (4 warnings), so it waited for batch 1's image (3 more).
+        assert caplog.text.count("replacing") == 7
+        batches += [next(iterator) for _ in range(5)]
+    only = file_colours(paths[:1])
+    for views, seeds in batches:
+        assert [_key(row) for row in views[0]] == only * 4 and len(seeds) == 4
+        assert len({tuple(row.tolist()) for row in views[1]}) == 4  # four augmentations
+    assert caplog.text.count("replacing") == 10  # then a count: 21 failures in 24 positions
+    assert "20 unreadable or undecodable images replaced so far" in caplog.text
 
 
 def test_bad_sources_fail_naming_the_path(tmp_path: Path, layouts: tuple[Path, Path]) -> None:

@@ -21,6 +21,7 @@ from PIL import Image
 
 from cpia_assets.core.catalog.loading import load_catalog
 from cpia_assets.core.layout import DataLayout
+from cpia_assets.core.perceptual import NEAR_DUPLICATE_BITS, hamming, phash_file
 from cpia_assets.core.schema import MiniReason
 from cpia_assets.core.training.exclusions import ExclusionError, Exclusions, ExclusionSettings
 from cpia_assets.core.training.mini import (
@@ -166,6 +167,31 @@ def test_mini_s_crop_is_the_recorded_cell_enlarged(small_build) -> None:
     error = np.abs(shrunk - cell_pixels(*cell)).mean()
     assert error < 6  # the same pixels, up to JPEG and resampling
     assert np.abs(shrunk - cell_pixels((cell[0] + 2) % 4, cell[1])).mean() > error
+
+
+def test_mini_images_hold_the_hash_of_their_pixels_and_the_manifest_too(small_build) -> None:
+    """Linked images (M tiles, ROI images) keep their source tile's hash; shrunk XL and L
+    images and enlarged S crops hash the pixels they were encoded from, near their JPEG's."""
+    from cpia_assets.core.manifest.database import open_manifest
+
+    layout = small_build["layout"]
+    with open_manifest(layout) as con:
+        for key in small_build["catalog"].keys:
+            mini = _frame(layout, key, "mini_images")
+            tiles = _frame(layout, key, "tiles")
+            source_hash = dict(zip(tiles["path"], tiles["phash"], strict=True))
+            assert mini.height and mini["phash"].null_count() == 0
+            for row in mini.iter_rows(named=True):
+                if row["resample"] == "none":
+                    assert row["phash"] == source_hash[row["source_path"]], row["path"]
+                written = phash_file(layout.root / row["path"])
+                assert hamming(row["phash"], written) <= NEAR_DUPLICATE_BITS, row["path"]
+            for table, frame in (("tiles", tiles), ("mini_images", mini)):
+                loaded = con.sql(
+                    f"SELECT path, phash FROM {table} WHERE subdataset = ? ORDER BY path",
+                    params=[key],
+                ).pl()
+                assert loaded.equals(frame.select("path", "phash").sort("path")), (key, table)
 
 
 def test_excluded_slide_never_enters_mini(small_build) -> None:

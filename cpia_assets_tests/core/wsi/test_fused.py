@@ -21,6 +21,7 @@ from cpia_assets.core.catalog.model import WsiOptions
 from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.manifest.database import open_manifest
 from cpia_assets.core.manifest.loading import load_manifest
+from cpia_assets.core.perceptual import NEAR_DUPLICATE_BITS, hamming, phash_file
 from cpia_assets.core.wsi import standardize, tiling
 from cpia_assets.core.wsi.fused import standardize_and_tile_partition
 from cpia_assets.core.wsi.settings import StandardizeSettings
@@ -118,6 +119,25 @@ def test_fused_tiles_match_the_two_step_tiles_within_jpeg_tolerance(both_paths) 
         ):
             difference = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16))
         assert difference.mean() < 3, row["image_name"]
+
+
+def test_both_paths_record_the_hash_of_the_pixels_each_encodes(both_paths) -> None:
+    """The fused path hashes the resampled pixels, the two-step path those of the TIFF: each
+    is near its own file's hash and the other's; rejected candidates have none. Not the XL
+    tiles: mirror-tiled tissue is periodic at their size, its low DCT coefficients nearly
+    cancel and JPEG noise flips their bits (`test_tiling` checks an XL tile with structure)."""
+    (two_layout, _, two_tiles), (fused_layout, _, tiles) = both_paths
+    fused, two_step = _rows(tiles), _rows(two_tiles)
+    for layout, rows in ((fused_layout, fused), (two_layout, two_step)):
+        rejected = rows.filter(pl.col("path").is_null())
+        assert rejected["phash"].null_count() == rejected.height > 0
+        kept = rows.filter(pl.col("path").is_not_null() & (pl.col("scale") != "XL"))
+        for row in kept.iter_rows(named=True):
+            written = phash_file(layout.root / row["path"])
+            assert hamming(row["phash"], written) <= NEAR_DUPLICATE_BITS, row["image_name"]
+    pairs = zip(fused["scale"], fused["phash"], two_step["phash"], strict=True)
+    distances = [hamming(a, b) for scale, a, b in pairs if a is not None and scale != "XL"]
+    assert max(distances) <= NEAR_DUPLICATE_BITS
 
 
 def test_fused_tiff_holds_the_same_pixels_as_the_two_step_tiff(both_paths) -> None:
@@ -240,7 +260,7 @@ def test_the_multi_asset_fuses_both_and_runs_either_alone(catalog: Path, tmp_pat
         tiles = pl.read_parquet(tiles_file)
         assert tiles["cut_from"].unique().to_list() == ["resampled"]
         assert both["scale_tiles"].metadata["images"].value == tiles.height > 0
-        assert tiles["code_version"].unique().to_list() == ["2"]
+        assert tiles["code_version"].unique().to_list() == ["3"]
 
         again = _run(defs, instance, "standardized_wsi", "scale_tiles")
         for asset in ("standardized_wsi", "scale_tiles"):

@@ -4,12 +4,14 @@ from pathlib import Path
 
 import numpy as np
 import openslide
+import polars as pl
 import pytest
 import pyvips
 from PIL import Image
 
 from cpia_assets.core.catalog.model import WsiOptions
 from cpia_assets.core.layout import DataLayout
+from cpia_assets.core.perceptual import NEAR_DUPLICATE_BITS, hamming, phash, phash_file
 from cpia_assets.core.stage import StageResult
 from cpia_assets.core.synthetic import he_texture
 from cpia_assets.core.wsi import tiling
@@ -170,6 +172,24 @@ def test_blank_cells_of_a_kept_xl_are_dropped_and_s_tiles_follow_their_m(patchy)
         elif parent in m_kept and row["tissue_fraction"] >= 0.5:
             raise AssertionError(f"{row['image_name']}: tissue under a kept M, yet dropped")
     assert _files(layout) == sorted(row["path"] for row in result.records)
+
+
+def test_saved_tiles_carry_the_hash_of_their_pixels_and_rejected_ones_none(patchy):
+    """Exactly the hash of the standardized slide's pixels that were encoded; near that of
+    the saved JPEG."""
+    layout, result = patchy
+    slide = pyvips.Image.tiffload(str(layout.standardized_dir(KEY) / f"{STEM}.tiff"))
+    for row in result.records:
+        size = row["size_px"]
+        pixels = slide.crop(size * row["x"], size * row["y"], size, size).numpy()
+        assert row["phash"] == phash(pixels), row["image_name"]
+        written = phash_file(layout.root / row["path"])
+        assert hamming(row["phash"], written) <= NEAR_DUPLICATE_BITS, row["image_name"]
+    assert [row["phash"] for row in result.rejected] == [None] * len(result.rejected)
+    part = layout.manifest_dir(KEY) / "parts" / "tiles" / f"{STEM}.parquet"
+    stored = pl.read_parquet(part).filter(pl.col("path").is_not_null())
+    assert stored["phash"].dtype == pl.Int64
+    assert sorted(stored["phash"]) == sorted(row["phash"] for row in result.records)
 
 
 def test_tile_pixels_equal_the_standardized_slide_at_their_position(standardized):

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from cpia_assets.core.fsutil import atomic_path
 from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.training.variants import VARIANT_FOLDERS
 
@@ -119,7 +120,8 @@ class PretrainSettings:
 
 @dataclass(frozen=True)
 class PretrainJob:
-    """Everything one training process needs: method, data and where to write."""
+    """Everything one training process needs: method, data and where to write. Its identity
+    (config.json) includes the data's fingerprint, so changed data starts a fresh run."""
 
     method: str
     data: str  # data variant (partition), e.g. cpia-mini
@@ -127,13 +129,16 @@ class PretrainJob:
     folders: tuple[str, ...]
     out_dir: str
     settings: PretrainSettings
+    data_fingerprint: str = ""  # the export's fingerprint (index.json)
+    held_out: dict[str, Any] = field(default_factory=dict)  # the export's held_out record
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown SSL method {self.method!r}; expected one of {METHODS}")
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2))
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, path: Path) -> PretrainJob:
@@ -145,12 +150,17 @@ class PretrainJob:
 
 @dataclass(frozen=True)
 class FinetuneSettings:
-    """Fine-tuning knobs. `tasks` maps a task name to a local ImageFolder: `<split>/<class>/*`
-    with splits train/test (and val, else 1/8 of train per class), or `<class>/*`, split 7:1:2
-    per class with `seed`. `imagenet_init` is a local timm checkpoint for the ImageNet baseline
-    row (empty: no such row)."""
+    """Fine-tuning knobs. `tasks` maps a task name to a catalog key (the sub-dataset's
+    standardized images, labels and split from its records: the split Mini and the exports hold
+    out) or to a local ImageFolder: `<split>/<class>/*` with splits train/test (and val, else
+    carved from train 10:2 per class), or `<class>/*`, split 7:1:2 per class with `seed`.
+    `task_sources` declares, per task, the exclusion rules naming what its images come from
+    (default for WBC, pRCC and CAM16: the paper's, `exclusions.PAPER_TASK_SOURCES`); a
+    checkpoint whose data did not hold them out is flagged. `imagenet_init` is a local timm
+    checkpoint for the ImageNet baseline row (empty: no such row)."""
 
     tasks: dict[str, str] = field(default_factory=dict)
+    task_sources: dict[str, list[str]] = field(default_factory=dict)
     epochs: int = 50
     batch_size: int = 32
     lr: float = 1e-4
@@ -186,44 +196,61 @@ def from_dict(cls: type, values: dict[str, Any]) -> Any:
 
 JOB_FILE = "config.json"  # the resolved job, beside the outputs of its training
 ENCODER_FILE = "encoder.pth"
+ENCODER_JOB_FILE = "encoder.json"  # the job that trained encoder.pth, written with it
 SUMMARY_FILE = "summary.json"
 LOSS_CURVE_FILE = "loss_curve.png"
 LAST_CHECKPOINT = "checkpoints/last.ckpt"
+RUN_OUTPUTS = (ENCODER_FILE, ENCODER_JOB_FILE, SUMMARY_FILE, LOSS_CURVE_FILE, "metrics.jsonl",
+               "checkpoints")  # fmt: skip
+"""A run's outputs, replaced as one unit when its job changes."""
 
 
 def training_source(layout: DataLayout, variant: str) -> tuple[Path, tuple[str, ...]]:
-    """Where a data variant's images are read from: its shards when their index.json exists,
-    else the folder layout (`cpia-mini/`, or `cpia/` restricted to the variant's folders)."""
+    """A data variant's shard export and top folders. Only exports are trained on: they hold out
+    the evaluation data and record how (index.json), which every checkpoint then carries."""
     if variant not in VARIANT_FOLDERS:
         raise ValueError(
             f"unknown data variant {variant!r}; expected one of {sorted(VARIANT_FOLDERS)}"
         )
-    folders = VARIANT_FOLDERS[variant]
     shards = layout.shards_dir(variant)
-    if (shards / "index.json").is_file():
-        return shards, folders
-    root = layout.mini_dir if variant == "cpia-mini" else layout.cpia_dir
-    if not root.is_dir():
+    if not (shards / "index.json").is_file():
         raise FileNotFoundError(
-            f"{root}: no training images for {variant} (neither this folder nor "
-            f"{shards}/index.json exists); build the images or the shards first"
+            f"{shards}/index.json is missing: materialize training_shards for {variant} first"
         )
-    return root, folders
+    return shards, VARIANT_FOLDERS[variant]
+
+
+def export_identity(shards: Path) -> tuple[str, dict[str, Any]]:
+    """The fingerprint and held_out record of a shard export (its index.json)."""
+    path = shards / "index.json"
+    try:
+        index = json.loads(path.read_text())
+        return index["fingerprint"], index["held_out"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(
+            f"{path}: no fingerprint or held_out record ({exc}); re-materialize training_shards"
+        ) from exc
 
 
 def prepare_run_dir(job: PretrainJob) -> str:
-    """Write the job file into its output folder; returns `resume` when an earlier run with the
-    same job left a checkpoint, else `fresh` (checkpoints of a different job are removed first:
-    resuming them would mix two trainings)."""
+    """Write the job file into its output folder; returns `resume` when an earlier run of the
+    same job (same settings and data) left a checkpoint, else `fresh`. The outputs of a different
+    job are all removed first (`RUN_OUTPUTS`): resuming them would mix two trainings, and keeping
+    its encoder would publish it under the new job's name."""
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path, checkpoints = out / JOB_FILE, out / "checkpoints"
+    path = out / JOB_FILE
     previous = path.read_text() if path.exists() else None
     job.save(path)
-    if checkpoints.is_dir() and any(checkpoints.iterdir()):
-        if previous == path.read_text():
-            return "resume"
-        shutil.rmtree(checkpoints)
+    if previous == path.read_text():
+        checkpoints = out / "checkpoints"
+        return "resume" if checkpoints.is_dir() and any(checkpoints.iterdir()) else "fresh"
+    for name in RUN_OUTPUTS:
+        output = out / name
+        if output.is_dir():
+            shutil.rmtree(output)
+        else:
+            output.unlink(missing_ok=True)
     return "fresh"
 
 

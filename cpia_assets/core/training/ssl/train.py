@@ -3,7 +3,8 @@
 
 Under several devices or nodes launch it with `torchrun --nproc_per_node N [--nnodes ...]`:
 Lightning's DDP then joins the processes torchrun started. Outputs in the job's `out_dir`:
-`encoder.pth` (timm ViT state dict, no classifier), `checkpoints/last.ckpt` (and one every
+`encoder.pth` (timm ViT state dict, no classifier) and `encoder.json` (the job that trained it),
+`checkpoints/last.ckpt` (and one every
 `checkpoint_every` steps; a rerun resumes from last.ckpt), `metrics.jsonl` (loss and learning
 rate per step), `loss_curve.png` and `summary.json` (what the asset reports). Under Dagster Pipes,
 rank 0 sends its progress lines to the asset's log.
@@ -25,6 +26,7 @@ from cpia_assets.core.fsutil import atomic_path
 from cpia_assets.core.training.datasets import count_training_images
 from cpia_assets.core.training.ssl.config import (
     ENCODER_FILE,
+    ENCODER_JOB_FILE,
     LAST_CHECKPOINT,
     LOSS_CURVE_FILE,
     SUMMARY_FILE,
@@ -108,6 +110,7 @@ def _write_outputs(
     encoder = {k: v.detach().cpu() for k, v in module.method.export_encoder().state_dict().items()}
     with atomic_path(out / ENCODER_FILE) as tmp:
         torch.save(encoder, tmp)
+    job.save(out / ENCODER_JOB_FILE)  # the evaluation labels the encoder from its own job
     history = recorder.history
     with atomic_path(out / "metrics.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in history))

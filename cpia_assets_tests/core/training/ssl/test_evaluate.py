@@ -1,28 +1,34 @@
-"""Downstream evaluation: splits, metrics, a short fine-tune on a labelled ROI set, Table II."""
+"""Downstream evaluation: folder tasks' splits, metrics, a short fine-tune on a labelled ROI set,
+the best epoch chosen on validation, result reuse, encoder labels, Table II."""
 
 from __future__ import annotations
 
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from cpia_assets.core.layout import DataLayout
+from cpia_assets.core.training.ssl import evaluate
 from cpia_assets.core.training.ssl.config import (
     ENCODER_FILE,
+    ENCODER_JOB_FILE,
     FinetuneSettings,
     PretrainJob,
     PretrainSettings,
     prepare_run_dir,
 )
 from cpia_assets.core.training.ssl.evaluate import (
+    Candidate,
     accuracy_and_macro_f1,
     candidates,
     confusion_matrix,
     finetune,
-    load_task,
-    table_ii_markdown,
+    result_fingerprint,
 )
+from cpia_assets.core.training.ssl.table import table_ii_markdown
+from cpia_assets.core.training.ssl.tasks import load_folder_task as load_task
 from cpia_assets_tests.support.ssl_data import corrupt_jpeg, labelled_task, write_folder_tree
 
 torch.set_num_threads(1)  # the test machine's cores are shared
@@ -92,15 +98,80 @@ def test_short_finetune_reports_accuracy_f1_and_confusion(tmp_path: Path) -> Non
     assert len(result["unreadable"]) == 1
 
 
-def test_table_ii_lists_our_rows_beside_the_paper() -> None:
-    rows = [{"init": "random", "method": "MAE", "data": "CPIA-Mini", "task": "cells",
-             "accuracy": 0.75, "macro_f1": 0.5}]  # fmt: skip
-    table = table_ii_markdown(rows).splitlines()
-    assert table[0] == "| source | init | method | data | cells | WBC | pRCC | CAM16 |"
-    assert "| ours | random | MAE | CPIA-Mini | 75.00 (50.00) |  |  |  |" in table
+def test_given_splits_without_val_carve_it_from_train_the_same_way_every_time(
+    tmp_path: Path,
+) -> None:
+    root = labelled_task(tmp_path / "cells", {"train": 12, "test": 3})
+    task = load_task("cells", root)
+    counts = {split: len(items) for split, items in task.splits.items()}
+    assert counts == {"train": 20, "val": 4, "test": 6}  # 10:2 of each class's 12
+    assert all(path.parts[-3] == "train" for path, _ in task.splits["val"])
+    assert load_task("cells", root).splits == task.splits
+
+
+def _spy_on_splits(monkeypatch: pytest.MonkeyPatch, accuracies: dict[str, list[float]]) -> list:
+    """Replace the per-split evaluation by one returning the given accuracies in turn (a
+    2-class confusion matrix of 100 images), and record which split each call read."""
+    read: list[str] = []
+
+    def confusion(network: object, task: object, split: str, settings: object) -> list:
+        read.append(split)
+        correct = round(100 * accuracies[split][len([s for s in read if s == split]) - 1])
+        return [[correct, 0], [100 - correct, 0]]
+
+    monkeypatch.setattr(evaluate, "_confusion", confusion)
+    return read
+
+
+def test_the_best_epoch_is_chosen_on_validation_and_test_is_read_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task = load_task("cells", labelled_task(tmp_path / "cells", {"train": 2, "val": 1, "test": 1}))
+    read = _spy_on_splits(monkeypatch, {"val": [0.2, 0.9, 0.5], "test": [0.7]})
+    settings = FinetuneSettings(epochs=3, batch_size=4, image_size=32, workers=0)
+    result = finetune(task, model="vit_tiny_patch16_224", weights=None, settings=settings,
+                      progress=lambda line: None)  # fmt: skip
+    assert read == ["val", "val", "val", "test"]
+    assert (result["best_epoch"], result["val_accuracy"], result["accuracy"]) == (2, 0.9, 0.7)
+
+
+def test_results_are_reused_only_when_nothing_they_depend_on_changed(tmp_path: Path) -> None:
+    task = load_task("cells", labelled_task(tmp_path / "cells", {"train": 2, "val": 1, "test": 1}))
+    settings = FinetuneSettings(tasks={"cells": "x"})
+    candidate = Candidate("random", "none", "none", "vit_tiny_patch16_224", None)
+    base = result_fingerprint(settings, task, candidate, "random")
+    changed = {"epochs": 3, "batch_size": 4, "lr": 0.5, "weight_decay": 0.1, "image_size": 32,
+               "seed": 9, "workers": 1, "random_init_baseline": False, "imagenet_init": "w.pth",
+               "baseline_model": "vit_small_patch16_224"}  # fmt: skip
+    assert set(changed) == {f.name for f in fields(FinetuneSettings)} - {"tasks", "task_sources"}
+    for name, value in changed.items():
+        other = replace(settings, **{name: value})
+        assert result_fingerprint(other, task, candidate, "random") != base, name
+    assert result_fingerprint(settings, task, candidate, "other bytes") != base
+    moved = replace(task, splits=task.splits | {"test": task.splits["val"]})
+    assert result_fingerprint(settings, moved, candidate, "random") != base
+    other_task = replace(settings, tasks={"cells": "x", "more": "y"})
+    assert result_fingerprint(other_task, task, candidate, "random") == base
+
+
+def test_table_ii_labels_its_cells_and_flags_leaks_and_missing_exclusions() -> None:
+    row = {"init": "random", "method": "MAE", "data": "CPIA-Mini", "task": "cells",
+           "accuracy": 0.75, "macro_f1": 0.5, "images": {"test": 4}, "leaks": 0,
+           "sources_not_held_out": [], "exclusions_applied": True}  # fmt: skip
+    leaky = row | {"data": "CPIA", "leaks": 2, "exclusions_applied": False,
+                   "sources_not_held_out": ["cam16"]}  # fmt: skip
+    table = table_ii_markdown([row, leaky], 4).splitlines()
+    assert table[0].startswith("Cells: test accuracy % (macro F1 %) of the epoch with the best")
+    assert "within 4 bits" in table[0] and "n: test images" in table[0]
+    assert table[2] == "| source | init | method | data | cells | WBC | pRCC | CAM16 |"
+    assert "| ours | random | MAE | CPIA-Mini | 75.00 (50.00) · n=4 · leaks 0 |  |  |  |" in table
+    no_exclusions = (
+        "| ours | random | MAE | CPIA (no exclusions) | 75.00 (50.00) · n=4 · leaks 2 ! |"
+    )
+    assert any(line.startswith(no_exclusions) for line in table)
     paper_row = "| paper | random | MAE | CPIA |  | 97.58 (95.83) | 92.58 (91.94) | 93.98 (93.98) |"
     assert paper_row in table
-    assert len(table) == 2 + 1 + 9
+    assert len(table) == 2 + 2 + 2 + 9
 
 
 def test_candidates_are_every_encoder_plus_the_baseline_rows(tmp_path: Path) -> None:
@@ -110,15 +181,37 @@ def test_candidates_are_every_encoder_plus_the_baseline_rows(tmp_path: Path) -> 
     for method, data, init in (("mae", "cpia-s", str(imagenet)), ("dino", "cpia", "random")):
         settings = PretrainSettings(init=init)
         out = layout.ssl_checkpoint_dir(method, data, settings.init_label)
-        prepare_run_dir(PretrainJob(method, data, str(tmp_path), ("S",), str(out), settings))
+        job = PretrainJob(method, data, str(tmp_path), ("S",), str(out), settings)
+        prepare_run_dir(job)
         (out / ENCODER_FILE).write_bytes(b"encoder")
+        job.save(out / ENCODER_JOB_FILE)
     unfinished = layout.ssl_checkpoint_dir("mocov3", "cpia-l")
     prepare_run_dir(PretrainJob("mocov3", "cpia-l", str(tmp_path), ("L",), str(unfinished),
                                 PretrainSettings()))  # fmt: skip
-    rows = candidates(layout, FinetuneSettings(imagenet_init=str(imagenet)))
+    rows, failures = candidates(layout, FinetuneSettings(imagenet_init=str(imagenet)))
     assert [(c.init, c.method, c.data, c.weights is not None) for c in rows] == [
         ("random", "DINO", "CPIA", True),
         ("ImageNet", "MAE", "CPIA-S", True),  # its own folder: mae__cpia-s__imagenet
         ("random", "none", "none", False),
         ("ImageNet", "none", "none", True),
     ]
+    assert failures == []
+
+
+def test_an_encoder_is_labelled_by_the_job_that_trained_it(tmp_path: Path) -> None:
+    layout = DataLayout(tmp_path)
+    out = layout.ssl_checkpoint_dir("mae", "cpia-s")
+    trained = PretrainJob("mae", "cpia-s", str(tmp_path), ("S",), str(out),
+                          PretrainSettings(model="vit_tiny_patch16_224"))  # fmt: skip
+    prepare_run_dir(trained)
+    (out / ENCODER_FILE).write_bytes(b"encoder")
+    trained.save(out / ENCODER_JOB_FILE)
+    # A newer job in the same folder (e.g. mid-run) must not relabel the finished encoder.
+    newer = replace(trained, method="dino", settings=replace(trained.settings, model="vit_small"))
+    newer.save(out / "config.json")
+    [row, _], _ = candidates(layout, FinetuneSettings())
+    assert (row.method, row.model, row.job) == ("MAE", "vit_tiny_patch16_224", trained)
+    (out / ENCODER_JOB_FILE).unlink()
+    rows, failures = candidates(layout, FinetuneSettings())
+    assert [c.method for c in rows] == ["none"]
+    assert "cannot label the encoder" in failures[0]["reason"]

@@ -1,0 +1,43 @@
+"""Perceptual hashes of real tissue: imagehash's pHash as a signed 64-bit integer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import imagehash
+import numpy as np
+import polars as pl
+from PIL import Image
+
+from cpia_assets.core.perceptual import NEAR_DUPLICATE_BITS, hamming, phash, phash_file
+from cpia_assets_tests.support.slide_factory import tissue_only, tissue_tiles
+
+
+def _imagehash(pixels: np.ndarray) -> int:
+    """imagehash's pHash as an unsigned integer, first coefficient in the top bit."""
+    return int(str(imagehash.phash(Image.fromarray(pixels))), 16)
+
+
+def test_phash_is_imagehash_as_a_signed_64_bit_integer() -> None:
+    tile = tissue_tiles()[0]
+    value = phash(tile)
+    assert value % (1 << 64) == _imagehash(tile)  # the same bits, two's complement
+    assert value < 0  # the first coefficient (the mean) is above the median: the top bit
+    assert phash(Image.fromarray(tile)) == value
+    assert pl.Series([value, None], dtype=pl.Int64).to_list() == [value, None]
+    assert hamming(value, value) == 0
+    assert hamming(value, ~value) == 64  # every bit flipped
+    assert hamming(value, value ^ 0b1011) == 3
+
+
+def test_phash_file_of_a_lossless_file_is_the_hash_of_its_pixels(tmp_path: Path) -> None:
+    tile = tissue_tiles()[1]
+    Image.fromarray(tile).save(tmp_path / "tile.png")
+    assert phash_file(tmp_path / "tile.png") == phash(tile)
+
+
+def test_large_tiles_are_reduced_first_and_hash_within_the_near_duplicate_bits() -> None:
+    """An XL tile is box-reduced before imagehash's Lanczos: its hash barely moves."""
+    xl = np.ascontiguousarray(tissue_only(3840, 3840).numpy())
+    assert hamming(phash(xl), _imagehash(xl)) <= NEAR_DUPLICATE_BITS
+    assert phash(xl[:511, :511]) % (1 << 64) == _imagehash(xl[:511, :511])  # not reduced
