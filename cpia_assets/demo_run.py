@@ -153,13 +153,15 @@ def _pretrain_and_evaluate(
         )
     print(f"\n{task}: test split, best epoch on validation; leaks = val/test images with a "
           "near-duplicate in the encoder's pre-training data")  # fmt: skip
-    print(f"{'encoder':<28}{'accuracy %':>11}{'macro F1 %':>11}{'n test':>8}{'leaks':>7}")
+    print("accuracy % (macro F1 %): fine-tuned, then kNN and linear probe of the frozen encoder")
+    print(f"{'encoder':<26}{'fine-tuned':>15}{'kNN':>15}{'linear':>15}{'n test':>8}{'leaks':>6}")
     for result in sorted((layout.ssl_eval_dir / task).glob("*.json")):
         row = json.loads(result.read_text())
         name = f"{row['init']} / {row['method']} / {row['data']}"
         leaks = "n/a" if row["leaks"] is None else row["leaks"]
-        print(f"{name:<28}{100 * row['accuracy']:>11.2f}{100 * row['macro_f1']:>11.2f}"
-              f"{row['images']['test']:>8}{leaks:>7}")  # fmt: skip
+        scores = [row, row["knn"], row["linear_probe"]]
+        cells = "".join(f"{100 * s['accuracy']:>8.2f} ({100 * s['macro_f1']:5.2f})" for s in scores)
+        print(f"{name:<26}{cells}{row['images']['test']:>8}{leaks:>6}")
 
 
 def _print_summary(layout: DataLayout) -> None:

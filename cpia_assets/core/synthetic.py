@@ -7,6 +7,10 @@ near-white glass background, so slides also hold blank areas that the tissue tes
 
 Slides are pyramidal tiled TIFFs (JPEG) whose resolution tags carry the MPP, so OpenSlide reads
 them as generic TIFF slides with `openslide.mpp-x/y`.
+
+Labelled ROI images carry their class in their pixels: class k of a source's `classes` is the
+same real tissue magnified `CLASS_ZOOM`**k times, so the classes differ in texture scale, as
+a learnable evaluation task needs, while every image stays real H&E.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from cpia_assets.core.fsutil import atomic_path
 BACKGROUND = (243, 242, 245)
 HE_SAMPLE_MPP = 0.499
 """Microns per pixel of the shipped crop (CMU-1-Small-Region's level 0)."""
+CLASS_ZOOM = 4.0
+"""Magnification between consecutive classes of a synthetic labelled ROI source."""
 _PIL_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".bmp": "BMP", ".tif": "TIFF"}
 
 
@@ -34,6 +40,15 @@ def he_sample() -> pyvips.Image:
     """The shipped real H&E crop (RGB uint8, at `HE_SAMPLE_MPP`)."""
     data = (resources.files("cpia_assets") / "data" / "cmu1_he_crop.jpg").read_bytes()
     return pyvips.Image.new_from_buffer(data, "").copy_memory()
+
+
+@cache
+def _sample_at(mpp: float) -> pyvips.Image:
+    """The shipped crop resampled to `mpp` um/px, once per resolution."""
+    sample = he_sample()
+    if mpp == HE_SAMPLE_MPP:
+        return sample
+    return sample.resize(HE_SAMPLE_MPP / mpp, kernel="lanczos3").copy_memory()
 
 
 def mirror_tile(
@@ -55,9 +70,7 @@ def he_texture(
     """An RGB uint8 image at `mpp` um/px: real H&E tissue over islands covering about
     `tissue_fraction` of it, near-white glass elsewhere. `seed` picks the islands and where the
     mirror-tiled tissue starts."""
-    sample = he_sample()
-    if mpp != HE_SAMPLE_MPP:
-        sample = sample.resize(HE_SAMPLE_MPP / mpp, kernel="lanczos3")
+    sample = _sample_at(mpp)
     # Different seeds start the mirror-tiled tissue at different places (arbitrary strides).
     tissue_rgb = mirror_tile(sample, width, height, left=seed * 389, top=seed * 241)
     cell = 256
@@ -137,7 +150,8 @@ def _generate_rois(spec: Mapping[str, Any], dest: Path) -> list[Path]:
     index = 0
     for magnification in spec.get("magnifications") or [None]:
         for split, count in spec["per_split"].items():
-            for label in spec["classes"]:
+            for number, label in enumerate(spec["classes"]):
+                mpp = HE_SAMPLE_MPP / CLASS_ZOOM**number
                 for _ in range(int(count)):
                     index += 1
                     width, height = 300 + (index * 37) % 260, 260 + (index * 53) % 220
@@ -150,7 +164,9 @@ def _generate_rois(spec: Mapping[str, Any], dest: Path) -> list[Path]:
                     path = dest / relative
                     if not path.exists():
                         path.parent.mkdir(parents=True, exist_ok=True)
-                        image = he_texture(width, height, seed + index, tissue_fraction=0.9)
+                        image = he_texture(
+                            width, height, seed + index, tissue_fraction=0.9, mpp=mpp
+                        )
                         with atomic_path(path) as tmp:
                             Image.fromarray(image.numpy()).save(tmp, format=_PIL_FORMATS[suffix])
                     rows.append({"image": relative.as_posix(), "label": label, "split": split})

@@ -9,13 +9,17 @@ import importlib.metadata
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import dagster as dg
 import pytest
+import timm
+import torch
 
 from cpia_assets.cli import main as cli
 from cpia_assets.core.catalog.loading import load_catalog
@@ -23,15 +27,19 @@ from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.training.ssl.config import (
     ENCODER_JOB_FILE,
     JOB_FILE,
+    PREVIOUS_RUN,
     RUN_OUTPUTS,
     PretrainJob,
     PretrainSettings,
+    finish_run,
     launch_command,
     prepare_run_dir,
     training_source,
 )
+from cpia_assets.core.training.ssl.runlock import start_time
 from cpia_assets.definitions import build_definitions
 from cpia_assets.defs.instance import GPU_POOL, POOL_LIMITS
+from cpia_assets_tests.support.processes import stop_process_group
 from cpia_assets_tests.support.ssl_data import (
     labelled_task,
     tiny_settings,
@@ -79,6 +87,9 @@ def test_checkpoint_and_evaluation_materialize(
     assert (job.source, job.settings.steps) == (str(layout.shards_dir("cpia-mini")), 4)
     assert (job.data_fingerprint, job.held_out) == (index["fingerprint"], index["held_out"])
     assert PretrainJob.load(out / ENCODER_JOB_FILE) == job  # the encoder's own label
+    shared = timm.create_model(f"local-dir:{out / 'timm'}", pretrained=True, num_classes=0)
+    encoder = torch.load(out / "encoder.pth", weights_only=True)
+    assert all(torch.equal(encoder[k], v) for k, v in shared.state_dict().items())
     assert (out / "checkpoints" / "last.ckpt").is_file()
 
     cells = labelled_task(tmp_path / "cells", {"train": 4, "val": 1, "test": 2})
@@ -105,9 +116,11 @@ def test_checkpoint_and_evaluation_materialize(
     on_disk = {p.relative_to(tmp_path).as_posix() for p in cells.rglob("*") if p.is_file()}
     assert {row["image"] for row in used} == on_disk  # every image, inside the data folder
 
+    card = (out / "timm" / "README.md").read_text()
+    assert "- cells: test accuracy" in card and "leak audit 0" in card
     assert cli(["table2", "--data-dir", str(tmp_path)]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0].startswith("Cells: test accuracy % (macro F1 %) of the epoch with the best")
+    assert printed[0].startswith("Cells: test accuracy % (macro F1 %) of fine-tuning at the epoch")
     assert any(line.startswith("| ours | random | MAE | CPIA-Mini |") for line in printed)
 
     again = materialize(defs, "downstream_eval", finetune)
@@ -167,8 +180,18 @@ def test_changed_data_starts_afresh_and_replaces_every_output(tmp_path: Path) ->
     for name in RUN_OUTPUTS[:-1]:  # encoder.pth, encoder.json, summary.json, ...
         (out / name).write_bytes(b"of the earlier run")
     assert prepare_run_dir(job) == "resume"
-    assert prepare_run_dir(replace(job, data_fingerprint="fingerprint-2")) == "fresh"
-    assert sorted(p.name for p in out.iterdir()) == [JOB_FILE]  # no stale encoder is published
+    changed = replace(job, data_fingerprint="fingerprint-2")
+    assert prepare_run_dir(changed) == "fresh"
+    # No stale encoder is published; the finished run waits aside until the new one has finished.
+    assert sorted(p.name for p in out.iterdir()) == [PREVIOUS_RUN, JOB_FILE]
+    assert sorted(p.name for p in (out / PREVIOUS_RUN).iterdir()) == sorted(
+        [*RUN_OUTPUTS, JOB_FILE]
+    )
+    finish_run(out, succeeded=False)  # the new run failed: the finished one is back
+    assert PretrainJob.load(out / JOB_FILE) == job and (out / "encoder.pth").is_file()
+    assert prepare_run_dir(changed) == "fresh"  # set aside again, and this time it succeeds
+    finish_run(out, succeeded=True)
+    assert sorted(p.name for p in out.iterdir()) == [JOB_FILE]
 
 
 def test_launch_commands(tmp_path: Path) -> None:
@@ -206,3 +229,77 @@ def test_string_asset_selection_works_in_this_environment(tmp_path: Path) -> Non
     graph = build_definitions(load_catalog("demo"), tmp_path).resolve_asset_graph()
     selected = dg.AssetSelection.from_string("group:ssl and kind:pytorch").resolve(graph)
     assert {key.to_user_string() for key in selected} == {"ssl_checkpoint", "downstream_eval"}
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+
+
+@pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_killed_run_takes_its_training_with_it_and_a_live_one_keeps_its_folder(
+    defs: dg.Definitions, tmp_path: Path, kill: signal.Signals
+) -> None:
+    endless = {
+        "execution": {"config": {"in_process": {}}},
+        "ops": {"ssl_checkpoint": {"config": asdict(tiny_settings(steps=100_000))}},
+    }
+    command = [sys.executable, "-m", "dagster", "asset", "materialize", "-m",
+               "cpia_assets.definitions", "--select", "ssl_checkpoint", "--partition",
+               "cpia-mini|mae", "--config-json", json.dumps(endless)]  # fmt: skip
+    home = tmp_path / "dagster-home"  # else a killed CLI leaves its temporary home in the cwd
+    home.mkdir()
+    env = {**os.environ, "CPIA_CATALOG": "demo", "CPIA_DATA_DIR": str(tmp_path),
+           "DAGSTER_HOME": str(home)}  # fmt: skip
+    out = DataLayout(tmp_path).ssl_checkpoint_dir("mae", "cpia-mini")
+    run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, start_new_session=True)  # fmt: skip
+    try:
+        for _ in range(600):  # the training process registers in its run folder
+            registered = list(out.glob(".lock.*[0-9]"))
+            if registered or run.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert registered, run.communicate()[0][-3000:]
+        training = int(registered[0].name.rsplit(".", 1)[1])
+        assert _parent(training) == run.pid  # the run's own process started it
+        job_file = (out / JOB_FILE).read_text()
+        with pytest.raises(dg.Failure, match=r"another training is running in this folder"):
+            materialize(defs, "ssl_checkpoint", asdict(tiny_settings(steps=2)), MAE_MINI)
+        assert (out / JOB_FILE).read_text() == job_file  # the refused run touched nothing
+
+        os.kill(run.pid, kill)
+        for _ in range(50):
+            if start_time(training) is None:
+                break
+            time.sleep(0.1)
+        assert start_time(training) is None, f"training pid {training} outlived its run"
+    finally:
+        if run.poll() is None or start_time(training) is not None:
+            stop_process_group(run)
+        run.communicate()
+    again = materialize(defs, "ssl_checkpoint", asdict(tiny_settings(steps=2)), MAE_MINI)
+    assert again.success  # the dead run's lock is taken over
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
+            if p.is_file() and PREVIOUS_RUN not in p.parts}  # fmt: skip
+
+
+def test_a_failed_relaunch_keeps_the_finished_run(defs: dg.Definitions, tmp_path: Path) -> None:
+    out = DataLayout(tmp_path).ssl_checkpoint_dir("mae", "cpia-mini")
+    finished = asdict(tiny_settings(steps=2, checkpoint_every=2))
+    assert materialize(defs, "ssl_checkpoint", finished, MAE_MINI).success
+    before = _files(out)
+    assert "encoder.pth" in before and "checkpoints/last.ckpt" in before
+    typo = {**finished, "model": "vit_tiny_patch16_22"}
+    with pytest.raises(dg.Failure, match="unknown timm model 'vit_tiny_patch16_22'"):
+        materialize(defs, "ssl_checkpoint", typo, MAE_MINI)
+    assert _files(out) == before and not (out / PREVIOUS_RUN).exists()  # untouched
+
+    exploding = {**finished, "lr": 1e30, "warmup_steps": 0, "steps": 4}
+    with pytest.raises(Exception, match="process failed"):  # its loss turns nan: training fails
+        materialize(defs, "ssl_checkpoint", exploding, MAE_MINI)
+    assert _files(out) == before  # the finished run is back in place, config.json included
+    unfinished = PretrainJob.load(out / PREVIOUS_RUN / JOB_FILE)  # kept for its relaunch
+    assert unfinished.settings.lr == 1e30

@@ -4,7 +4,10 @@ Everything is first written to a private staging folder, member by member, while
 checked: absolute paths, '..', device files and FIFOs are refused, symlinks must stay inside the
 archive's folder (checked again after all are created, which catches chains of links), hardlinks
 must name an earlier regular file, and the expanded size may not pass a bound (zip bombs). Only
-a fully clean archive is moved into place, so a rejected one leaves nothing behind.
+a fully clean archive is moved into place, so a rejected one leaves nothing behind. Before the
+move, every member's final path and every link's destination are resolved through the links
+already in the target folder (other archives of the source may have put them there): an archive
+that is harmless alone cannot chain through them to write outside the folder.
 macOS clutter (`__MACOSX/` folders, `._*` resource forks) is checked like the rest but not kept.
 """
 
@@ -17,9 +20,10 @@ import shutil
 import stat
 import tarfile
 import tempfile
+import threading
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +35,10 @@ from cpia_assets.core.fsutil import UnsafePathError, safe_relative
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar", ".zip")
 _MAX_LINK_TEXT = 4096
 _CHUNK = 1 << 20
+_MAX_LINK_HOPS = 40  # as the kernel's bound on links followed in one path
+_PLACING = threading.Lock()
+"""Held from checking an archive's final paths against the target to moving it in, so that an
+archive extracted in parallel cannot add links between the check and the move."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +85,9 @@ def extract_archive(
                 extracted = staged.finish()
         except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError) as exc:
             raise FileFetchError(label, f"not a readable archive: {exc}") from exc
-        _move_into(staging, target, extracted, staged.links)
+        with _PLACING:
+            _check_placement(target, extracted, staged)
+            _move_into(staging, target, extracted, staged.links)
         return extracted
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -229,12 +239,72 @@ def _size_and_hash(extracted: ExtractedFile) -> tuple[int, str]:
     return extracted.bytes, extracted.sha256
 
 
+def _move_order(names: set[str]) -> list[str]:
+    return sorted(names, key=lambda rel: (rel.count("/"), rel))
+
+
+def _check_placement(target: Path, extracted: list[ExtractedFile], staged: _Stager) -> None:
+    """Refuse the archive when a member would land outside `target` or a link would point out
+    of it, resolving paths through the links already on disk and the archive's own links, in
+    the order `_move_into` places them."""
+    members = {f.rel_path: f.member for f in extracted} | {rel: n for rel, _, n in staged.links}
+    texts = {rel: text for rel, text, _ in staged.links}
+    placed: dict[str, str | None] = {}  # final path under target -> link text (None: a file)
+    final_links: dict[str, str] = {}  # final path -> the link member's path in the archive
+    for rel in _move_order(set(members)):
+        parent = _resolve_inside(target, posixpath.dirname(rel), placed)
+        if parent is None:
+            reason = "would be written outside the folder through a link already there"
+            raise staged.refuse(_Member(members[rel], "file", 0), reason)
+        final = posixpath.join(parent, posixpath.basename(rel))
+        placed[final] = texts.get(rel)
+        if rel in texts:
+            final_links[final] = rel
+    for final, rel in final_links.items():
+        destination = posixpath.join(posixpath.dirname(final), texts[rel])
+        if _resolve_inside(target, destination, placed) is None:
+            reason = f"resolves outside via {texts[rel]!r} with the links already in the folder"
+            raise staged.refuse(_Member(members[rel], "symlink", 0), reason)
+
+
+def _resolve_inside(target: Path, rel: str, placed: Mapping[str, str | None]) -> str | None:
+    """`rel` (a path under `target`) with every link followed, the archive's about-to-be-placed
+    entries (`placed`) taking precedence over what is on disk; None when it leaves `target`,
+    goes through an absolute link or loops."""
+    pending = rel.split("/")[::-1]
+    resolved: list[str] = []
+    hops = 0
+    while pending:
+        part = pending.pop()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not resolved:
+                return None
+            resolved.pop()
+            continue
+        here = "/".join([*resolved, part])
+        text = placed[here] if here in placed else _link_on_disk(target / here)
+        if text is None:
+            resolved.append(part)
+            continue
+        hops += 1
+        if hops > _MAX_LINK_HOPS or text.startswith("/"):
+            return None
+        pending.extend(text.split("/")[::-1])
+    return "/".join(resolved)
+
+
+def _link_on_disk(path: Path) -> str | None:
+    return path.readlink().as_posix() if path.is_symlink() else None
+
+
 def _move_into(
     staging: Path, target: Path, extracted: list[ExtractedFile], links: list[tuple[str, str, str]]
 ) -> None:
     """Move staged files and links into `target`, replacing earlier copies of the same paths."""
     names = {f.rel_path for f in extracted} | {rel for rel, _, _ in links}
-    for rel in sorted(names, key=lambda r: (r.count("/"), r)):
+    for rel in _move_order(names):
         final = target / rel
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.is_dir() and not final.is_symlink():

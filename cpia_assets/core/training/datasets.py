@@ -20,7 +20,9 @@ images, augmented with the failed position's own seed. Should a whole batch fail
 come from the latest batch of this loader worker that had a decodable image (before any such
 batch, from the next one: the broken batch is held back until then). So only an all-failed batch
 right after the resume point can differ from an uninterrupted run (and, for folders, under another
-number of workers). The first few failures are named in a warning, then a count every 1000.
+number of workers). The first few failures are named in a warning, then a count every 1000. A
+full pass that decodes nothing (every distinct image failed before any succeeded) raises
+`NothingDecodableError` naming the source instead of looping for ever.
 """
 
 from __future__ import annotations
@@ -126,6 +128,10 @@ _Sample = tuple[Image.Image | None, int]
 """A position of the stream as read: its image (None when unreadable or undecodable), its seed."""
 
 
+class NothingDecodableError(ValueError):
+    """A full pass over the training source found no image that can be read and decoded."""
+
+
 class _Stream(IterableDataset, ABC):
     def __init__(
         self, *, transform: Transform, batch_size: int, seed: int, stream_slice: StreamSlice
@@ -138,6 +144,16 @@ class _Stream(IterableDataset, ABC):
         self.seed = seed
         self.slice = stream_slice
         self.failures = 0  # failed samples this process has replaced
+        self._failed_before_any_image: set[str] | None = set()  # None once one image decoded
+
+    @property
+    @abstractmethod
+    def total_images(self) -> int:
+        """Distinct images in one full pass over the source."""
+
+    @abstractmethod
+    def _describe(self) -> str:
+        """The source, for the error that it holds nothing decodable."""
 
     @abstractmethod
     def _batches(self) -> Iterator[list[_Sample]]:
@@ -173,7 +189,9 @@ class _Stream(IterableDataset, ABC):
         if data is not None:
             try:
                 with Image.open(io.BytesIO(data)) as image:
-                    return image.convert("RGB")
+                    decoded = image.convert("RGB")
+                self._failed_before_any_image = None
+                return decoded
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
                 reason = f"not a decodable image ({exc})"
         self.failures += 1
@@ -181,6 +199,14 @@ class _Stream(IterableDataset, ABC):
             log.warning("replacing %s in its batch: %s", name, reason)
         elif self.failures % FAILURES_LOGGED_EVERY == 0:
             log.warning("%d unreadable or undecodable images replaced so far", self.failures)
+        if self._failed_before_any_image is not None:
+            # Without this, a stream of nothing decodable would hold its batches back for ever.
+            self._failed_before_any_image.add(name)
+            if len(self._failed_before_any_image) >= self.total_images:
+                raise NothingDecodableError(
+                    f"{self._describe()}: none of its {self.total_images} images could be read "
+                    f"or decoded in a full pass (e.g. {name}: {reason})"
+                )
         return None
 
     @staticmethod
@@ -195,6 +221,14 @@ class FolderStream(_Stream):
     def __init__(self, images: Sequence[Path], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.images = list(images)
+
+    @property
+    def total_images(self) -> int:
+        return len(self.images)
+
+    def _describe(self) -> str:
+        folders = sorted({path.parent.parent for path in self.images})
+        return f"image folders {', '.join(map(str, folders))}"
 
     def _batches(self) -> Iterator[list[_Sample]]:
         worker, workers = self._worker()
@@ -239,6 +273,16 @@ class ShardStream(_Stream):
             )
         if sum(self.counts) == 0:
             raise ValueError(f"{folder}: no images in folders {', '.join(folders)}")
+        self._unreadable: set[int] = set()  # shards already named as unreadable
+
+    @property
+    def total_images(self) -> int:
+        return sum(self.counts)
+
+    def _describe(self) -> str:
+        used = [name for name, count in zip(self.shards, self.counts, strict=True) if count]
+        more = f" and {len(used) - 5} more" if len(used) > 5 else ""
+        return f"{self.folder}: shards {', '.join(used[:5])}{more}"
 
     def _batches(self) -> Iterator[list[_Sample]]:
         worker, workers = self._worker()
@@ -293,7 +337,10 @@ class ShardStream(_Stream):
                         if json.loads(sample["json"])["folder"] in self.folders:
                             yield key, sample["jpg"]
         except (OSError, tarfile.TarError, ValueError, KeyError) as exc:
-            log.warning("%s: unreadable from here on, the rest are failed samples (%s)", path, exc)
+            if shard not in self._unreadable:  # once, not on every pass
+                self._unreadable.add(shard)
+                log.warning("%s: unreadable from here on, the rest are failed samples (%s)", path,
+                            exc)  # fmt: skip
 
 
 def count_training_images(source: Path, folders: Sequence[str]) -> int:

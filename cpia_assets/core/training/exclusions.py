@@ -12,8 +12,9 @@ the evaluation checks that every checkpoint's data held those out (`covers`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -47,25 +48,44 @@ class ExclusionSettings:
     """Images that never enter pre-training data. A rule is `<sub-dataset glob>` (the whole
     sub-dataset) or `<sub-dataset glob>:<name glob>`, the name glob matched against the source
     path below raw/<key>/, the source file's name and stem, and the image name (slides, patients
-    by name prefix, single images). `lists` are files of such rules, one per line (# comments)."""
+    by name prefix, single images). `lists` are files of such rules, one per line (UTF-8, a
+    byte-order mark allowed; `#` starts a comment at the start of a line or after a space).
+    Spaces around a rule and its ':' are ignored; a rule that is not of this form, or whose
+    sub-dataset glob cannot match a catalog key (keys are lower-case letters, digits and '-'),
+    is refused naming its line."""
 
     rules: tuple[str, ...] = DEFAULT_EXCLUSIONS
     lists: tuple[str, ...] = ()
+
+
+_KEY_GLOB = re.compile(r"[a-z0-9\-*?\[\]!]+")
+"""What a sub-dataset glob may hold: catalog key characters and fnmatch's wildcards."""
+_COMMENT = re.compile(r"(^|\s)#.*$")
 
 
 @dataclass(frozen=True)
 class ExclusionRule:
     subdatasets: str
     names: str | None  # None: the whole sub-dataset
+    where: str = field(default="", compare=False)
+    """Where the rule was written (`exclusions.rules`, `<list file>:<line>`), for messages."""
 
     @classmethod
     def parse(cls, text: str, where: str) -> ExclusionRule:
-        key, separator, names = text.strip().partition(":")
+        """The rule written in `text` (spaces around it and its ':' ignored, the comment
+        after a space dropped), or an ExclusionError naming `where`."""
+        rule = _COMMENT.sub("", text.removeprefix("\ufeff")).strip()
+        key, separator, names = (part.strip() for part in rule.partition(":"))
         if not key or (separator and not names):
             raise ExclusionError(
                 f"{where}: exclusion rule {text!r} is not '<key glob>[:<name glob>]'"
             )
-        return cls(key, names or None)
+        if not _KEY_GLOB.fullmatch(key):
+            raise ExclusionError(
+                f"{where}: exclusion rule {text!r}: sub-dataset glob {key!r} can match no "
+                "catalog key (lower-case letters, digits and '-', with * ? [ ])"
+            )
+        return cls(key, names or None, where)
 
     def __str__(self) -> str:
         return self.subdatasets if self.names is None else f"{self.subdatasets}:{self.names}"
@@ -82,11 +102,11 @@ class Exclusions:
         rules = [ExclusionRule.parse(text, "exclusions.rules") for text in settings.rules]
         for listed in settings.lists:
             try:
-                lines = Path(listed).read_text().splitlines()
+                lines = Path(listed).read_text(encoding="utf-8-sig").splitlines()
             except (OSError, UnicodeDecodeError) as exc:
                 raise ExclusionError(f"{listed}: cannot read the exclusion list: {exc}") from exc
             for number, line in enumerate(lines, 1):
-                if line.strip() and not line.lstrip().startswith("#"):
+                if _COMMENT.sub("", line).strip():
                     rules.append(ExclusionRule.parse(line, f"{listed}:{number}"))
         return cls(tuple(rules))
 
@@ -148,3 +168,39 @@ def held_out(
         elif evaluated and row.get("split") in EVALUATION_SPLITS:
             reasons[identity(row)] = MiniReason.EVAL_SPLIT
     return reasons
+
+
+def matched_rules(
+    key: str, rows: Iterable[Mapping[str, Any]], exclusions: Exclusions
+) -> set[ExclusionRule]:
+    """The rules that hold out at least one of `rows` (image rows of sub-dataset `key`)."""
+    targeting = [rule for rule in exclusions.rules if fnmatchcase(key, rule.subdatasets)]
+    whole = {rule for rule in targeting if rule.names is None}
+    pending = set(targeting) - whole
+    matched: set[ExclusionRule] = set()
+    for row in rows:
+        matched |= whole
+        names = source_names(key, row)
+        found = {rule for rule in pending if any(fnmatchcase(n, rule.names) for n in names)}
+        matched |= found
+        pending -= found
+        if not pending:
+            break
+    return matched
+
+
+def unmatched_rules(
+    exclusions: Exclusions, matched: set[ExclusionRule], built: Iterable[str]
+) -> list[str]:
+    """One line per rule that held out no image of the `built` partitions it names (usually a
+    typo); a rule naming only partitions not built yet is not reported."""
+    built = list(built)
+    lines = []
+    for rule in exclusions.rules:
+        targets = [key for key in built if fnmatchcase(key, rule.subdatasets)]
+        if targets and rule not in matched:
+            lines.append(
+                f"{rule.where}: exclusion rule {str(rule)!r} matched no image of the built "
+                f"partitions {', '.join(targets)}"
+            )
+    return lines

@@ -27,8 +27,9 @@ of the 96 px cell it was cut from (`<slide>-96-<x>-<y>`), so every name leads ba
 Per partition the build is all-or-nothing and resumable: images are written to hidden staging
 folders (`cpia-mini/<L|M|S>/.<key>.mini.tmp/`) then moved into place, the records go to
 `manifests/<key>/parts/mini/`, and a marker records the fingerprint (tile records, quota,
-settings, exclusion rules). A rerun with the same fingerprint reuses everything; JPEGs are
-encoded deterministically, so a rebuild writes the same bytes.
+settings, exclusion rules). A rerun with the same fingerprint reuses everything while every
+recorded image is on disk with its recorded size (else it rebuilds); JPEGs are encoded
+deterministically, so a rebuild writes the same bytes.
 """
 
 from __future__ import annotations
@@ -417,16 +418,24 @@ class _Parts:
     """The core's own copy of a partition's Mini records, and the fingerprint marker."""
 
     def __init__(self, layout: DataLayout, key: str) -> None:
+        self.root = layout.root
         folder = layout.manifest_dir(key) / "parts" / "mini"
         self.images, self.selection = folder / "images.parquet", folder / "selection.parquet"
         self.marker = folder / "mini.json"
 
     def matches(self, fingerprint: str) -> bool:
+        """The marker holds `fingerprint` and every recorded image is on disk with its size."""
         try:
             found = json.loads(self.marker.read_text()).get("fingerprint")
         except (OSError, ValueError):
             return False
-        return found == fingerprint and self.images.is_file() and self.selection.is_file()
+        if found != fingerprint or not self.selection.is_file():
+            return False
+        try:
+            recorded = pl.read_parquet(self.images, columns=["path", "bytes"])
+        except (OSError, pl.exceptions.PolarsError):
+            return False
+        return all(_size(self.root / path) == size for path, size in recorded.iter_rows())
 
     def read(self, quota: int) -> MiniResult:
         return MiniResult(
@@ -445,6 +454,13 @@ class _Parts:
                 tmp.write_text(json.dumps({"fingerprint": fingerprint}))
 
 
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
 _FINGERPRINT_COLUMNS = (
     "image_name", "scale", "size_px", "x", "y", "path", "bytes", "parent_image", "source_file",
     "label", "split",
@@ -461,7 +477,9 @@ def _fingerprint(
     """What a partition's Mini depends on: its tiles, quota, the per-image settings and the
     exclusion rules (not the budget or cap themselves: only the quota they give)."""
     per_image = asdict(settings) | {"organ_xl_budget": None, "subdataset_xl_cap": None}
-    per_image["exclusions"] = [asdict(rule) for rule in exclusions.rules]
+    per_image["exclusions"] = [
+        {"subdatasets": rule.subdatasets, "names": rule.names} for rule in exclusions.rules
+    ]
     digest = hashlib.sha256()
     header = [_RESUME_VERSION, entry.key, entry.kind, entry.labelled, quota, per_image]
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())

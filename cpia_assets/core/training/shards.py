@@ -5,9 +5,9 @@ images in total, per scale and per top folder, and per shard; what was held out 
 the export's fingerprint) and `samples.parquet` (every sample's key, path and perceptual hash:
 the leak audit's view of what a model trained on this export saw). Each sample is two members,
 `<key>.jpg` (the image file's bytes, never re-encoded) and `<key>.json` (`SIDECAR_FIELDS`),
-with `<key>` = `<subdataset>__<scale>__<image_name>` and every "." replaced by "_" (webdataset
-splits keys at the first dot). Samples are sorted by key, then shuffled with the seed, so
-sub-datasets mix in every shard.
+with `<key>` = `<subdataset>__<scale>__<image_name>`, the name percent-encoded for "%" and "."
+only (webdataset splits keys at the first dot; `sample_key`). Samples are sorted by key, then
+shuffled with the seed, so sub-datasets mix in every shard.
 
 Every variant holds out evaluation data as Mini does (`exclusions.held_out`: labelled sets'
 val/test images and the exclusion rules), unless `apply_exclusions` is false; the index records
@@ -16,7 +16,14 @@ which, and the rules.
 Re-exports are byte-identical: members have a fixed mtime, uid/gid 0 and no user names. A
 fingerprint of the samples (sidecars, file sizes and mtimes) and settings is kept beside the
 index; an export whose fingerprint matches writes nothing. Otherwise the shards are written to
-a hidden sibling folder that replaces the variant's folder in one rename.
+a hidden staging folder and swapped in (`_swap_in`): the old export is renamed aside, the staging
+folder renamed into place, then the old one deleted, so at every moment a complete export exists
+under one of the two names, and the next export finishes or rolls back an interrupted swap.
+
+Every image must be in its shard: a missing file, or one whose bytes are not a whole JPEG
+(`jpeg_problem`: SOI and EOI markers and a header PIL can parse, about 50 us per 384 px image;
+a full decode costs 2.3 ms) is a failure naming it; the export is then not published (the
+previous one stays) and the asset fails.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -34,13 +42,21 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+from PIL import Image, UnidentifiedImageError
 
 from cpia_assets.core.catalog.model import Catalog, SubDataset
-from cpia_assets.core.fsutil import atomic_path
+from cpia_assets.core.fsutil import writing
 from cpia_assets.core.layout import SCALE_FOLDER_OF, SCALE_FOLDERS, DataLayout
 from cpia_assets.core.parallel import map_unordered
 from cpia_assets.core.stage import failure
-from cpia_assets.core.training.exclusions import Exclusions, ExclusionSettings, held_out
+from cpia_assets.core.training.exclusions import (
+    ExclusionRule,
+    Exclusions,
+    ExclusionSettings,
+    held_out,
+    matched_rules,
+    unmatched_rules,
+)
 from cpia_assets.core.training.variants import VARIANT_FOLDERS
 
 STAGE = "training_shards"
@@ -54,7 +70,7 @@ INDEX_FILE = "index.json"
 SAMPLES_FILE = "samples.parquet"
 FINGERPRINT_FILE = ".fingerprint"
 MEMBER_MTIME = 0
-_EXPORT_VERSION = 2
+_EXPORT_VERSION = 3  # 3: percent-encoded sample keys
 
 
 @dataclass(frozen=True)
@@ -73,7 +89,10 @@ class ShardSettings:
 
 
 def sample_key(subdataset: str, scale: str, image_name: str) -> str:
-    return f"{subdataset}__{scale}__{image_name}".replace(".", "_")
+    """`<subdataset>__<scale>__<image_name>` without dots, one key per name: "%" and "." of the
+    name are percent-encoded (`cell.1` -> `cell%2E1`); keys and scales hold neither, nor "_"."""
+    encoded = image_name.replace("%", "%25").replace(".", "%2E")
+    return f"{subdataset}__{scale}__{encoded}"
 
 
 def sidecar(row: Mapping[str, Any], entry: SubDataset) -> dict[str, Any]:
@@ -98,12 +117,14 @@ def sidecar(row: Mapping[str, Any], entry: SubDataset) -> dict[str, Any]:
 
 @dataclass
 class VariantImages:
-    """The images of a variant: `sidecars` to export, `held_out` counts per reason, and the
-    catalog keys whose records are missing (partition not built yet)."""
+    """The images of a variant: `sidecars` to export, `held_out` counts per reason, the
+    catalog keys whose records are missing (partition not built yet), and the exclusion rules
+    that matched no image of the built partitions (`unmatched_rules`)."""
 
     sidecars: list[dict[str, Any]]
     held_out: Counter[str]
     missing: list[str]
+    unmatched_rules: list[str] = field(default_factory=list)
 
 
 def variant_sidecars(
@@ -111,31 +132,44 @@ def variant_sidecars(
 ) -> VariantImages:
     """The sidecars of every image of `variant`, read from the per-partition records (Mini:
     `mini_images`, else the kept `tiles` of the variant's folders), less those `held_out` for
-    evaluation (none when `exclusions` is None)."""
+    evaluation (none when `exclusions` is None). Rules are checked for matches against every
+    built partition's tiles, whatever the variant's scales."""
     table = "mini_images" if variant == MINI_VARIANT else "tiles"
     scales = [scale for scale in SCALES if SCALE_FOLDER_OF[scale] in VARIANT_FOLDERS[variant]]
     images = VariantImages([], Counter(), [])
+    matched: set[ExclusionRule] = set()
     for entry in catalog.subdatasets:
         path = layout.manifest_file(entry.key, table)
         if not path.is_file():
             images.missing.append(entry.key)
             continue
-        rows = pl.read_parquet(path).filter(
-            pl.col("path").is_not_null() & pl.col("scale").is_in(scales)
-        )
+        frame = pl.read_parquet(path)
+        if exclusions:
+            tiles = frame if table == "tiles" else _rule_columns(layout, entry.key)
+            matched |= matched_rules(entry.key, tiles.iter_rows(named=True), exclusions)
+        rows = frame.filter(pl.col("path").is_not_null() & pl.col("scale").is_in(scales))
         rows = list(rows.iter_rows(named=True))
         reasons = held_out(entry, rows, exclusions) if exclusions else {}
         images.held_out.update(reasons.values())
         images.sidecars += [
             sidecar(row, entry) for row in rows if (row["scale"], row["image_name"]) not in reasons
         ]
+    if exclusions:
+        built = [entry.key for entry in catalog.subdatasets if entry.key not in images.missing]
+        images.unmatched_rules = unmatched_rules(exclusions, matched, built)
     return images
+
+
+def _rule_columns(layout: DataLayout, key: str) -> pl.DataFrame:
+    """The columns of a partition's tiles that exclusion rules are matched against."""
+    columns = ["scale", "image_name", "source_file"]
+    return pl.read_parquet(layout.manifest_file(key, "tiles"), columns=columns)
 
 
 @dataclass
 class ExportResult:
     index: dict[str, Any]
-    written: bool  # False: the fingerprint matched and nothing was written
+    written: bool  # False: the fingerprint matched, or an image failed, and nothing was written
     failures: list[dict[str, str]] = field(default_factory=list)
 
 
@@ -159,6 +193,8 @@ def export_shards(
     if duplicates:
         raise ValueError(f"{variant}: sample keys used twice, e.g. {duplicates[:3]}")
     out_dir = layout.shards_dir(variant)
+    staging, aside = _staging(out_dir), _aside(out_dir)
+    _recover(out_dir, staging, aside)
     held = _held_out(settings, held_out or {})
     fingerprint = _fingerprint(samples, layout, variant, settings, held)
     previous = out_dir / FINGERPRINT_FILE
@@ -169,29 +205,60 @@ def export_shards(
     order = np.random.default_rng(settings.seed).permutation(len(samples))
     shuffled = [samples[i] for i in order]
     size = settings.shard_size
-    with atomic_path(out_dir) as staging:
-        staging.mkdir()
-        jobs = [
-            _ShardJob(staging / f"shard-{n:06d}.tar", layout.root, shuffled[start : start + size])
-            for n, start in enumerate(range(0, len(shuffled), size))
-        ]
-        written = sorted(map_unordered(_write_shard, jobs, executor), key=lambda s: s.file)
-        restricted = sorted(
-            {m["subdataset"] for _, m in samples if m.get("redistributable") is not True}
-        )
-        index = _index(variant, settings, written, restricted) | {
-            "held_out": held,
-            "fingerprint": fingerprint,
-        }
-        (staging / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
-        _write_samples(staging / SAMPLES_FILE, samples)
-        failures = [f for shard in written for f in shard.failures]
-        # A failed image is retried next time: no fingerprint is kept then.
-        if not failures:
-            (staging / FINGERPRINT_FILE).write_text(fingerprint)
+    with writing(out_dir):
+        try:
+            staging.mkdir(parents=True)
+            jobs = [
+                _ShardJob(staging / f"shard-{n:06d}.tar", layout.root, shuffled[i : i + size])
+                for n, i in enumerate(range(0, len(shuffled), size))
+            ]
+            written = sorted(map_unordered(_write_shard, jobs, executor), key=lambda s: s.file)
+            failures = [f for shard in written for f in shard.failures]
+            restricted = sorted(
+                {m["subdataset"] for _, m in samples if m.get("redistributable") is not True}
+            )
+            index = _index(variant, settings, written, restricted) | {
+                "held_out": held,
+                "fingerprint": fingerprint,
+            }
+            if not failures:  # an export missing images is never published
+                (staging / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
+                _write_samples(staging / SAMPLES_FILE, samples)
+                (staging / FINGERPRINT_FILE).write_text(fingerprint)
+                _swap_in(staging, out_dir, aside)
+        finally:
+            _recover(out_dir, staging, aside)
     if progress:
-        progress(f"{variant}: {index['images']} images in {len(written)} shards")
-    return ExportResult(index, written=True, failures=failures)
+        done = "written" if not failures else f"not written: {len(failures)} images failed"
+        progress(f"{variant}: {index['images']} images in {len(written)} shards, {done}")
+    return ExportResult(index, written=not failures, failures=failures)
+
+
+def _staging(out_dir: Path) -> Path:
+    return out_dir.with_name(f".{out_dir.name}.staging")
+
+
+def _aside(out_dir: Path) -> Path:
+    return out_dir.with_name(f".{out_dir.name}.aside")
+
+
+def _swap_in(staging: Path, out_dir: Path, aside: Path) -> None:
+    """Replace `out_dir` by the complete `staging`: at every step one of `out_dir` and `aside`
+    is a complete export (`_recover` puts `aside` back if a kill leaves no `out_dir`)."""
+    if out_dir.exists():
+        out_dir.rename(aside)
+    staging.rename(out_dir)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _recover(out_dir: Path, staging: Path, aside: Path) -> None:
+    """Undo what a killed export left: the old export put back when the swap stopped with it
+    aside, a half-written staging folder and a finished swap's old export deleted (and the
+    random-named staging folders of exports before `_swap_in`)."""
+    if aside.is_dir() and not out_dir.exists():
+        aside.rename(out_dir)
+    for stale in (staging, aside, *out_dir.parent.glob(f".{out_dir.name}.*.tmp")):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _held_out(settings: ShardSettings, counts: Mapping[str, int]) -> dict[str, Any]:
@@ -227,7 +294,8 @@ class _Shard:
 
 
 def _write_shard(job: _ShardJob) -> _Shard:
-    """Worker: one tar; an unreadable image is left out with a failure naming it."""
+    """Worker: one tar; an image that cannot be read or is not a whole JPEG is left out with a
+    failure naming it."""
     per_scale = dict.fromkeys(SCALES, 0)
     failures = []
     with tarfile.open(job.file, "w") as tar:
@@ -235,13 +303,30 @@ def _write_shard(job: _ShardJob) -> _Shard:
             try:
                 image = (job.root / meta["path"]).read_bytes()
             except OSError as exc:
-                reason = f"{meta['path']}: cannot read the image: {exc}"
-                failures.append(failure(meta["path"], STAGE, reason))
+                problem: str | None = f"cannot read the image: {exc}"
+            else:
+                problem = jpeg_problem(image)
+            if problem:
+                failures.append(failure(meta["path"], STAGE, f"{meta['path']}: {problem}"))
                 continue
             _add(tar, f"{key}.jpg", image)
             _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
             per_scale[meta["scale"]] += 1
     return _Shard(job.file.name, per_scale, failures)
+
+
+def jpeg_problem(data: bytes) -> str | None:
+    """Why `data` is not a whole JPEG (None when it is): the SOI and EOI markers, then PIL's
+    parse of the header. Catches garbage, truncation and foreign files at ~50 us per 384 px
+    image; damage inside the entropy-coded data needs a full decode (~2.3 ms) and passes."""
+    if not (data.startswith(b"\xff\xd8\xff") and data.endswith(b"\xff\xd9")):
+        return "not a whole JPEG (start or end marker missing)"
+    try:
+        with Image.open(io.BytesIO(data), formats=["JPEG"]) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        return f"not a readable JPEG: {exc}"
+    return None
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -1,6 +1,7 @@
 """ssl_checkpoint (one pre-training per Table II cell, method x data) and downstream_eval
 (fine-tuning every checkpoint on the labelled tasks). Training runs as its own process through
-Dagster Pipes; torch is imported only there and inside downstream_eval's body."""
+Dagster Pipes; torch is imported only there and inside the asset bodies (ssl_checkpoint's checks
+of the job, downstream_eval)."""
 
 import json
 import warnings
@@ -18,6 +19,7 @@ from cpia_assets.core.training.ssl.config import (
     PretrainJob,
     PretrainSettings,
     export_identity,
+    finish_run,
     launch_command,
     prepare_run_dir,
     training_source,
@@ -78,14 +80,36 @@ def build_ssl_assets() -> list[dg.AssetsDefinition]:
         out = layout.ssl_checkpoint_dir(method, data, settings.init_label)
         job = PretrainJob(method, data, str(source), folders, str(out), settings, fingerprint,
                           held_out)  # fmt: skip
-        start = prepare_run_dir(job)
-        context.log.info(
-            f"[{context.partition_key}] {start} run on {source} ({', '.join(folders)})"
+        from cpia_assets.core.training.ssl.preflight import check_job  # imports torch
+        from cpia_assets.core.training.ssl.runlock import (
+            OWNER_ENV,
+            RunFolderBusy,
+            owner_token,
+            run_lock,
         )
-        pipes_subprocess_client.run(
-            context=context,
-            command=launch_command(out / JOB_FILE, settings, module=TRAINING_CHILD),
-        ).get_results()
+
+        try:
+            check_job(job)  # before the run folder is touched: a typo never costs a finished run
+        except ValueError as exc:
+            raise dg.Failure(str(exc)) from exc
+        try:
+            with run_lock(out):
+                start = prepare_run_dir(job)
+                context.log.info(
+                    f"[{context.partition_key}] {start} run on {source} ({', '.join(folders)})"
+                )
+                try:
+                    pipes_subprocess_client.run(
+                        context=context,
+                        command=launch_command(out / JOB_FILE, settings, module=TRAINING_CHILD),
+                        env={OWNER_ENV: owner_token()},  # the training dies with this process
+                    ).get_results()
+                except BaseException:
+                    finish_run(out, succeeded=False)  # a finished run set aside comes back
+                    raise
+                finish_run(out, succeeded=True)
+        except RunFolderBusy as exc:
+            raise dg.Failure(str(exc)) from exc
         summary = json.loads((out / SUMMARY_FILE).read_text())
         curve = preview_data_uri(out / LOSS_CURVE_FILE)
         return dg.MaterializeResult(
@@ -138,7 +162,10 @@ def build_ssl_assets() -> list[dg.AssetsDefinition]:
         from cpia_assets.core.training.ssl.evaluate import evaluate_all
         from cpia_assets.core.training.ssl.table import confusion_markdown, table_ii_markdown
 
-        settings = settings_from(config, FinetuneSettings)
+        try:
+            settings = settings_from(config, FinetuneSettings)
+        except ValueError as exc:  # e.g. a task name that is not a folder name
+            raise dg.Failure(str(exc)) from exc
         if not settings.tasks:
             raise dg.Failure(
                 "no downstream tasks configured: set tasks: {name: <catalog key or folder>}"

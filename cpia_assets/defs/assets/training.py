@@ -10,7 +10,12 @@ from cpia_assets.core import schema
 from cpia_assets.core.catalog.fields import ALL_SCALES
 from cpia_assets.core.manifest.mosaic import preview_grid_uri
 from cpia_assets.core.schema import MiniReason
-from cpia_assets.core.training.exclusions import ExclusionError, Exclusions
+from cpia_assets.core.training.exclusions import (
+    ExclusionError,
+    Exclusions,
+    matched_rules,
+    unmatched_rules,
+)
 from cpia_assets.core.training.mini import MiniResult, MiniSettings, build_mini_partition, xl_quota
 from cpia_assets.core.training.shards import ShardSettings, export_shards, variant_sidecars
 from cpia_assets.core.training.variants import DATA_VARIANTS
@@ -30,6 +35,8 @@ from cpia_assets.defs.versions import files_data_version, records_data_version
 MiniConfig = config_class(MiniSettings, "MiniConfig")
 ShardConfig = config_class(ShardSettings, "ShardConfig")
 PREVIEW_PER_SCALE = 6
+NAMED_FAILURES = 10
+"""Images a failed export names in its message (the metadata lists more)."""
 MINI_TABLES = ("mini_images", "mini_selection", "failures-cpia_mini")
 
 
@@ -63,10 +70,14 @@ def build_cpia_mini(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         except ExclusionError as exc:
             raise dg.Failure(str(exc)) from exc
         quota = xl_quota(store.catalog(), key, settings, exclusions)
+        tiles = read_records(layout, key, "tiles")
+        unmatched = unmatched_rules(exclusions, matched_rules(key, tiles, exclusions), [key])
+        for line in unmatched:
+            context.log.warning(line)
         with workers.executor() as executor:
             result = build_mini_partition(
                 store.entry(key),
-                read_records(layout, key, "tiles"),
+                tiles,
                 quota=quota,
                 exclusions=exclusions,
                 layout=layout,
@@ -83,7 +94,8 @@ def build_cpia_mini(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
                 metadata={"failures": dg.MetadataValue.md(failures_markdown(result.failures))},
             )
         return dg.MaterializeResult(
-            metadata=_mini_metadata(result, layout.root),
+            metadata=_mini_metadata(result, layout.root)
+            | {"exclusion_rules_without_match": dg.MetadataValue.json(unmatched)},
             data_version=records_data_version(
                 layout, key, MINI_TABLES, {"settings": settings, "quota": quota}
             ),
@@ -135,7 +147,7 @@ def build_training_shards() -> dg.AssetsDefinition:
             dg.AssetDep("scale_tiles", partition_mapping=all_partitions),
         ],
         group_name="mini",
-        code_version="2",
+        code_version="3",  # 3: percent-encoded sample keys
         kinds={"python", "webdataset"},
         description=(
             "One data variant (cpia-mini, cpia, cpia-l, cpia-m, cpia-s) as WebDataset tar "
@@ -167,6 +179,8 @@ def build_training_shards() -> dg.AssetsDefinition:
         missing = images.missing
         if missing:
             context.log.warning(f"{variant}: no records yet for {', '.join(missing)}")
+        for line in images.unmatched_rules:
+            context.log.warning(line)
         if not images.sidecars:
             raise dg.Failure(f"{variant}: no images to export (partitions not built: {missing})")
         with workers.executor() as executor:
@@ -179,8 +193,15 @@ def build_training_shards() -> dg.AssetsDefinition:
                 executor=executor,
                 progress=progress_logger(context),
             )
-        for problem in result.failures:
-            context.log.warning(problem["reason"])
+        if result.failures:
+            named = ", ".join(f["file"] for f in result.failures[:NAMED_FAILURES])
+            more = len(result.failures) - NAMED_FAILURES
+            raise dg.Failure(
+                f"{variant}: {len(result.failures)} of {len(images.sidecars)} selected images "
+                f"are missing or damaged, nothing published: {named}"
+                + (f" and {more} more" if more > 0 else ""),
+                metadata={"failures": dg.MetadataValue.md(failures_markdown(result.failures))},
+            )
         index = result.index
         index_path = layout.shards_dir(variant) / "index.json"
         return dg.MaterializeResult(
@@ -191,7 +212,7 @@ def build_training_shards() -> dg.AssetsDefinition:
                 "held_out_for_evaluation": dg.MetadataValue.json(index["held_out"]),
                 "written": result.written,
                 "partitions_without_records": dg.MetadataValue.json(missing),
-                "failures": dg.MetadataValue.md(failures_markdown(result.failures)),
+                "exclusion_rules_without_match": dg.MetadataValue.json(images.unmatched_rules),
                 "index": dg.MetadataValue.path(str(index_path)),
             },
             data_version=files_data_version([index_path], settings),

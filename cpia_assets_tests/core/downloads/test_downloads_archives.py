@@ -231,3 +231,49 @@ def test_the_expansion_bound_comes_from_the_settings(server: FakeServer, tmp_pat
     spec["files"][0]["extract"] = False
     rows = fetch_source(spec, tmp_path, settings=settings)
     assert [r["rel_path"] for r in rows] == ["b.zip"]
+
+
+def test_archives_of_one_source_cannot_chain_links_out_of_the_folder(
+    server: FakeServer, tmp_path: Path
+) -> None:
+    """Each archive is harmless alone; together, `sub/up` (the folder itself) then `sub/up/esc`
+    (`..` from there: the folder's parent) would let `sub/up/esc/evil.txt` land outside it."""
+    archives = {
+        "a.tar": tar_bytes((member("sub/up", tarfile.SYMTYPE, ".."), None), mode="w"),
+        "b.zip": zip_symlink("sub/up/esc", ".."),
+        "c.tar.gz": tar_bytes((member("sub/up/esc/evil.txt"), b"x")),
+    }
+    spec = {
+        "type": "http",
+        "files": [
+            {"url": server.serve(f"/{name}", data), "sha256": hashlib.sha256(data).hexdigest(),
+             "extract_to": "."}
+            for name, data in archives.items()
+        ],
+    }  # fmt: skip
+    settings = DownloadSettings(concurrency=1, retries=0, timeout_s=5)  # in the listed order
+    raw = tmp_path / "data" / "raw"
+    with pytest.raises(SourceIncomplete) as caught:
+        fetch_source(spec, raw, settings=settings)
+    (failed,) = caught.value.failures
+    assert failed["file"] == "b.zip"
+    assert (
+        "member 'sub/up/esc' resolves outside via '..' with the links already" in failed["reason"]
+    )
+    assert (raw / "sub" / "up").readlink().as_posix() == ".."  # a's link stays: it points inside
+    assert (raw / "esc" / "evil.txt").read_bytes() == b"x"  # c's file lands inside, through it
+    outside = [p for p in tmp_path.rglob("*") if not p.is_relative_to(raw) and p.is_file()]
+    assert outside == []
+
+
+def test_a_member_is_not_written_through_a_link_on_disk_that_leaves_the_folder(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "box" / "target"
+    target.mkdir(parents=True)
+    (target / "out").symlink_to("../..")  # left by an earlier extraction or by hand
+    with pytest.raises(UnsafeArchiveError) as caught:
+        extract(tmp_path, tar_bytes((member("out/evil.txt"), b"x")), name="c.tgz")
+    assert "member 'out/evil.txt' would be written outside the folder" in str(caught.value)
+    assert not (tmp_path / "evil.txt").exists()
+    assert [p.name for p in target.iterdir()] == ["out"]

@@ -207,3 +207,32 @@ def test_bad_sources_fail_naming_the_path(tmp_path: Path, layouts: tuple[Path, P
     (broken / "index.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"broken/index\.json: not a valid shard index"):
         training_loader(broken, transform=mean_colour, batch_size=2, seed=0)
+
+
+@pytest.mark.parametrize("broken", ["folders", "undecodable shards", "shards not tar"])
+def test_a_source_with_nothing_decodable_fails_after_one_pass(
+    tmp_path: Path, broken: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    paths = write_folder_tree(tmp_path / "cpia", per_scale=2)  # eight images
+    source = tmp_path / "cpia"
+    if broken == "folders":
+        for path in paths:
+            corrupt_jpeg(path)
+    else:
+        write_shards(source, tmp_path / "shards", shard_size=3)
+        source = tmp_path / "shards"
+        for shard in source.glob("*.tar"):
+            if broken == "shards not tar":
+                shard.write_bytes(b"not a tar archive" * 100)
+            else:
+                for path in paths:
+                    if path.stem.encode() in shard.read_bytes():
+                        corrupt_shard_sample(shard, path.stem)
+    named = "image folders" if broken == "folders" else "shard-000000.tar, shard-000001.tar"
+    with (
+        caplog.at_level(logging.WARNING, logger="cpia_assets.core.training.datasets"),
+        pytest.raises(datasets.NothingDecodableError, match=f"{named}.*none of its 8 images"),
+    ):
+        next(iter(training_loader(source, transform=mean_colour, batch_size=4, seed=0)))
+    assert caplog.text.count("replacing") == 8  # each image named once, one pass
+    assert caplog.text.count("unreadable from here on") == (3 if broken == "shards not tar" else 0)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-import pickle
+from collections.abc import Mapping
 from pathlib import Path
 
 import safetensors.torch
@@ -29,18 +29,35 @@ def create_encoder(
     return encoder
 
 
-def load_encoder_weights(encoder: nn.Module, path: Path) -> None:
-    """Load a timm ViT state dict (.pth/.bin/.safetensors), dropping its classifier and resampling
-    the position embedding to the encoder's grid; any other mismatch is an error naming the file."""
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in a weights file (.pth/.bin/.safetensors; a `state_dict` or `model`
+    wrapper is opened); anything else is a ValueError naming the file."""
     try:
         if path.suffix == ".safetensors":  # the format of timm's weights on the Hugging Face hub
             state = safetensors.torch.load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
-        raise ValueError(f"{path}: cannot read the weights file ({exc})") from exc
+    except Exception as exc:  # torch's unpickler fails on other bytes in many ways (KeyError: 101)
+        first_line = next(iter(str(exc).splitlines()), "")
+        raise ValueError(
+            f"{path}: cannot read the weights file ({type(exc).__name__}: {first_line})"
+        ) from exc
     for wrapper in ("state_dict", "model"):
-        state = state.get(wrapper, state)
+        if isinstance(state, Mapping):
+            state = state.get(wrapper, state)
+    if not (
+        isinstance(state, Mapping)
+        and state
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    ):
+        raise ValueError(f"{path}: not a weights file (a state dict of named tensors)")
+    return dict(state)
+
+
+def load_encoder_weights(encoder: nn.Module, path: Path) -> None:
+    """Load a timm ViT state dict (`read_weights`), dropping its classifier and resampling the
+    position embedding to the encoder's grid; any other mismatch is an error naming the file."""
+    state = read_weights(path)
     expected = encoder.state_dict()
     state = {key.removeprefix("module."): value for key, value in state.items()}
     state = {k: v for k, v in state.items() if k in expected or not k.startswith("head.")}

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from cpia_assets.core.catalog.fields import KEY_PATTERN
 from cpia_assets.core.fsutil import atomic_path
 from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.training.variants import VARIANT_FOLDERS
@@ -136,9 +137,12 @@ class PretrainJob:
         if self.method not in METHODS:
             raise ValueError(f"unknown SSL method {self.method!r}; expected one of {METHODS}")
 
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
     def save(self, path: Path) -> None:
         with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(asdict(self), indent=2))
+            tmp.write_text(self.to_json())
 
     @classmethod
     def load(cls, path: Path) -> PretrainJob:
@@ -150,10 +154,12 @@ class PretrainJob:
 
 @dataclass(frozen=True)
 class FinetuneSettings:
-    """Fine-tuning knobs. `tasks` maps a task name to a catalog key (the sub-dataset's
-    standardized images, labels and split from its records: the split Mini and the exports hold
-    out) or to a local ImageFolder: `<split>/<class>/*` with splits train/test (and val, else
-    carved from train 10:2 per class), or `<class>/*`, split 7:1:2 per class with `seed`.
+    """Fine-tuning knobs. `tasks` maps a task name (a partition key in any case: it names the
+    task's results folder) to a catalog key (the sub-dataset's standardized images, labels and
+    split from its records: the split Mini and the exports hold out) or to a local ImageFolder:
+    `<split>/<class>/*` with splits train/test (and val, else carved from train 10:2 per class;
+    split folders in any case and common spellings), or `<class>/*`, split 7:1:2 per class with
+    `seed`.
     `task_sources` declares, per task, the exclusion rules naming what its images come from
     (default for WBC, pRCC and CAM16: the paper's, `exclusions.PAPER_TASK_SOURCES`); a
     checkpoint whose data did not hold them out is flagged. `imagenet_init` is a local timm
@@ -175,6 +181,18 @@ class FinetuneSettings:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be at least 1")
+        seen: dict[str, str] = {}
+        for name in self.tasks:  # each names its results folder, ssl/eval/<task>/
+            if not (name.isascii() and KEY_PATTERN.fullmatch(name.lower())):
+                raise ValueError(
+                    f"task name {name!r} must be letters, digits and '-' (a partition key in any "
+                    "case): it names the task's results folder"
+                )
+            if name.lower() in seen:  # one folder on a case-insensitive file system
+                raise ValueError(
+                    f"task names {seen[name.lower()]!r} and {name!r} differ only in case"
+                )
+            seen[name.lower()] = name
 
 
 def from_dict(cls: type, values: dict[str, Any]) -> Any:
@@ -200,9 +218,11 @@ ENCODER_JOB_FILE = "encoder.json"  # the job that trained encoder.pth, written w
 SUMMARY_FILE = "summary.json"
 LOSS_CURVE_FILE = "loss_curve.png"
 LAST_CHECKPOINT = "checkpoints/last.ckpt"
-RUN_OUTPUTS = (ENCODER_FILE, ENCODER_JOB_FILE, SUMMARY_FILE, LOSS_CURVE_FILE, "metrics.jsonl",
-               "checkpoints")  # fmt: skip
+TIMM_FOLDER = "timm"  # the encoder as a timm model folder with its model card (export.py)
+RUN_OUTPUTS = (ENCODER_FILE, ENCODER_JOB_FILE, TIMM_FOLDER, SUMMARY_FILE, LOSS_CURVE_FILE,
+               "metrics.jsonl", "checkpoints")  # fmt: skip
 """A run's outputs, replaced as one unit when its job changes."""
+PREVIOUS_RUN = ".previous"  # the finished run a changed job's run replaces once it has finished
 
 
 def training_source(layout: DataLayout, variant: str) -> tuple[Path, tuple[str, ...]]:
@@ -233,25 +253,67 @@ def export_identity(shards: Path) -> tuple[str, dict[str, Any]]:
 
 
 def prepare_run_dir(job: PretrainJob) -> str:
-    """Write the job file into its output folder; returns `resume` when an earlier run of the
-    same job (same settings and data) left a checkpoint, else `fresh`. The outputs of a different
-    job are all removed first (`RUN_OUTPUTS`): resuming them would mix two trainings, and keeping
-    its encoder would publish it under the new job's name."""
+    """Make the run folder hold `job`'s run; returns `resume` when it holds a checkpoint of the
+    same job (same settings and data), else `fresh`. Check the job (`preflight`) first: this
+    touches the folder. Another job's outputs never stay in place (resuming them would mix two
+    trainings, keeping its encoder would publish it under the new job's name): a finished run is
+    set aside in `PREVIOUS_RUN` until the new one has produced its own (`finish_run`), an
+    unfinished one is removed. A job whose run is the one set aside gets it back."""
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / JOB_FILE
-    previous = path.read_text() if path.exists() else None
-    job.save(path)
-    if previous == path.read_text():
-        checkpoints = out / "checkpoints"
-        return "resume" if checkpoints.is_dir() and any(checkpoints.iterdir()) else "fresh"
-    for name in RUN_OUTPUTS:
-        output = out / name
-        if output.is_dir():
-            shutil.rmtree(output)
+    aside = out / PREVIOUS_RUN
+    wanted = job.to_json()
+    if _job_text(out) != wanted:
+        if _job_text(aside) == wanted:
+            _swap_runs(out)
         else:
-            output.unlink(missing_ok=True)
-    return "fresh"
+            if (out / ENCODER_FILE).exists():
+                shutil.rmtree(aside, ignore_errors=True)
+                _move_run(out, aside)
+            else:
+                _move_run(out, None)
+            job.save(out / JOB_FILE)
+    checkpoints = out / "checkpoints"
+    return "resume" if checkpoints.is_dir() and any(checkpoints.iterdir()) else "fresh"
+
+
+def finish_run(out: Path, succeeded: bool) -> None:
+    """After a training process: on success the run set aside is dropped; on failure a finished
+    run set aside comes back in place of the unfinished one (which a relaunch of its job can
+    still resume)."""
+    aside = out / PREVIOUS_RUN
+    if succeeded:
+        shutil.rmtree(aside, ignore_errors=True)
+    elif (aside / ENCODER_FILE).exists() and not (out / ENCODER_FILE).exists():
+        _swap_runs(out)
+
+
+def _job_text(folder: Path) -> str | None:
+    path = folder / JOB_FILE
+    return path.read_text() if path.is_file() else None
+
+
+def _move_run(source: Path, target: Path | None) -> None:
+    """Move a run's job file and outputs from `source` into `target` (None: remove them)."""
+    if target is not None:
+        target.mkdir(parents=True, exist_ok=True)
+    for name in (*RUN_OUTPUTS, JOB_FILE):
+        entry = source / name
+        if target is not None and entry.exists():
+            entry.rename(target / name)
+        elif entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _swap_runs(out: Path) -> None:
+    swap = out / f"{PREVIOUS_RUN}.swap"
+    shutil.rmtree(swap, ignore_errors=True)
+    _move_run(out, swap)
+    _move_run(out / PREVIOUS_RUN, out)
+    shutil.rmtree(out / PREVIOUS_RUN)
+    swap.rename(out / PREVIOUS_RUN)
 
 
 def launch_command(

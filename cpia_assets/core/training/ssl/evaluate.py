@@ -1,6 +1,6 @@
 """Downstream evaluation: fine-tune each encoder on each labelled task (`tasks.py`), keep the best
 epoch on validation, report test accuracy, macro F1 and the confusion matrix (the paper's Table
-II), with a leak audit per row.
+II), beside kNN and a linear probe of the frozen encoder (`probe.py`), with a leak audit per row.
 
 Each pre-trained encoder is labelled from its own job (`encoder.json`: method, model, data and
 init), never from the current settings. The leak audit counts a task's val/test images with a
@@ -32,16 +32,19 @@ from cpia_assets.core.perceptual import NEAR_DUPLICATE_BITS, phash_file
 from cpia_assets.core.training.exclusions import covers
 from cpia_assets.core.training.shards import SAMPLES_FILE
 from cpia_assets.core.training.ssl.augment import eval_transform, finetune_transform
-from cpia_assets.core.training.ssl.common import create_encoder
+from cpia_assets.core.training.ssl.common import create_encoder, read_weights
 from cpia_assets.core.training.ssl.config import (
     DATA_NAMES,
     ENCODER_FILE,
     ENCODER_JOB_FILE,
     METHOD_NAMES,
+    TIMM_FOLDER,
     FinetuneSettings,
     PretrainJob,
     export_identity,
 )
+from cpia_assets.core.training.ssl.export import update_model_card
+from cpia_assets.core.training.ssl.probe import extract_features, probe_predictions
 from cpia_assets.core.training.ssl.tasks import (
     LabelledTask,
     load_task,
@@ -49,7 +52,7 @@ from cpia_assets.core.training.ssl.tasks import (
     write_splits_csv,
 )
 
-_RESULT_VERSION = 2
+_RESULT_VERSION = 3
 """Part of every result's fingerprint: a change of what a result holds recomputes it."""
 
 
@@ -63,8 +66,11 @@ class LabelledImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.items[index]
-        with Image.open(path) as image:
-            return self.transform(image.convert("RGB")), label
+        try:
+            with Image.open(path) as image:
+                return self.transform(image.convert("RGB")), label
+        except OSError as exc:  # checked when the task loaded: changed since
+            raise OSError(f"{path}: unreadable image ({exc})") from exc
 
 
 def confusion_matrix(
@@ -144,6 +150,31 @@ def finetune(
     }
 
 
+def frozen_evaluations(
+    task: LabelledTask, *, model: str, weights: Path | None, settings: FinetuneSettings
+) -> dict[str, dict[str, float]]:
+    """Test accuracy and macro F1 of kNN and of a linear probe on the frozen encoder (`probe`)."""
+    torch.manual_seed(settings.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = create_encoder(model, settings.image_size, weights=weights).to(device)
+    features = {
+        split: extract_features(encoder, DataLoader(
+            LabelledImages(task.splits[split], eval_transform(settings.image_size)),
+            batch_size=settings.batch_size, num_workers=settings.workers,
+        ))
+        for split in ("train", "val", "test")
+    }  # fmt: skip
+    truth = features["test"].labels.tolist()
+    scores = {}
+    for name, predicted in probe_predictions(
+        features, len(task.classes), seed=settings.seed
+    ).items():
+        matrix = confusion_matrix(truth, predicted, len(task.classes))
+        accuracy, macro_f1 = accuracy_and_macro_f1(matrix)
+        scores[name] = {"accuracy": accuracy, "macro_f1": macro_f1}
+    return scores
+
+
 @torch.no_grad()
 def _confusion(
     network: torch.nn.Module, task: LabelledTask, split: str, settings: FinetuneSettings
@@ -179,7 +210,8 @@ class Candidate:
 
 def candidates(layout: DataLayout, settings: FinetuneSettings) -> tuple[list[Candidate], list]:
     """Every finished pre-training under the data folder, labelled from the job saved with its
-    encoder, plus the baseline rows; and failures for encoders that cannot be labelled."""
+    encoder, plus the baseline rows; and failures for encoders that cannot be labelled or whose
+    weights file cannot be read (one row each, naming the file, not one per task)."""
     rows, failures = [], []
     for encoder in sorted(layout.ssl_checkpoints_dir.glob(f"*/{ENCODER_FILE}")):
         try:
@@ -195,7 +227,16 @@ def candidates(layout: DataLayout, settings: FinetuneSettings) -> tuple[list[Can
     if settings.imagenet_init:
         weights = Path(settings.imagenet_init)
         rows.append(Candidate("ImageNet", "none", "none", settings.baseline_model, weights))
-    return rows, failures
+    readable = []
+    for candidate in rows:
+        try:
+            if candidate.weights:
+                read_weights(candidate.weights)
+        except ValueError as exc:
+            failures.append({"file": str(candidate.weights), "reason": str(exc)})
+            continue
+        readable.append(candidate)
+    return readable, failures
 
 
 def result_fingerprint(
@@ -305,6 +346,9 @@ def evaluate_all(
                 try:
                     result = finetune(task, model=candidate.model, weights=candidate.weights,
                                       settings=settings, progress=progress)  # fmt: skip
+                    result |= frozen_evaluations(
+                        task, model=candidate.model, weights=candidate.weights, settings=settings
+                    )
                 except (OSError, ValueError, RuntimeError) as exc:
                     failures.append(
                         {"file": str(candidate.weights or candidate.model), "reason": str(exc)}
@@ -326,4 +370,8 @@ def evaluate_all(
             with atomic_path(result_path) as tmp:
                 tmp.write_text(json.dumps(result, indent=2, default=str))
             rows.append(result)
+    for candidate, _ in encoders:  # each shared model folder's card gets the rows it reached
+        if candidate.job and (candidate.weights.parent / TIMM_FOLDER).is_dir():
+            reached = [row for row in rows if row["weights"] == str(candidate.weights)]
+            update_model_card(candidate.weights.parent / TIMM_FOLDER, candidate.job, reached)
     return Evaluation(rows, failures, reused)

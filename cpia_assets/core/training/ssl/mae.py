@@ -23,6 +23,11 @@ def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
     return grid.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch**2 * c)
 
 
+def masked_patches(patches: int, mask_ratio: float) -> int:
+    """How many of `patches` MAE masks: at least one patch always stays visible."""
+    return patches - max(1, round(patches * (1 - mask_ratio)))
+
+
 def random_masking(
     batch: int, patches: int, keep: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +77,7 @@ class MAE(nn.Module):
         tokens = self.encoder._pos_embed(self.encoder.patch_embed(images))
         batch, length, width = tokens.shape
         patches = length - self.prefix
-        keep = max(1, round(patches * (1 - self.settings.mask_ratio)))
+        keep = patches - masked_patches(patches, self.settings.mask_ratio)
         generator = torch.Generator().manual_seed(int(seeds[0]))
         kept, restore = (
             t.to(images.device) for t in random_masking(batch, patches, keep, generator)

@@ -63,7 +63,13 @@ class PretrainModule(pl.LightningModule):
         self, batch: tuple[list[torch.Tensor], torch.Tensor], batch_idx: int
     ) -> torch.Tensor:
         views, seeds = batch
-        return self.method.training_loss(views, seeds, self._progress())
+        loss = self.method.training_loss(views, seeds, self._progress())
+        if not torch.isfinite(loss):  # stop before it reaches the weights, the curve or a file
+            raise FloatingPointError(
+                f"training loss is {float(loss.detach())} at step {self.trainer.global_step + 1}: "
+                "stopping instead of training on it"
+            )
+        return loss
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)

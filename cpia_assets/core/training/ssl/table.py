@@ -24,22 +24,29 @@ NO_EXCLUSIONS = " (no exclusions)"
 """Appended to the data of a row pre-trained on an export that kept the evaluation data."""
 
 
+FROZEN = (("knn", "kNN"), ("linear_probe", "linear"))
+"""Frozen-encoder scores shown after fine-tuning's: the result key and its label."""
+
+
 def table_ii_caption(max_distance: int) -> str:
     return (
-        "Cells: test accuracy % (macro F1 %) of the epoch with the best validation accuracy; "
+        "Cells: test accuracy % (macro F1 %) of fine-tuning at the epoch with the best validation "
+        "accuracy, then of kNN (k=20) and a linear probe on the frozen encoder; "
         "n: test images; leaks: val/test images with a near-duplicate (perceptual hash within "
         f"{max_distance} bits) in the data the encoder was pre-trained on (n/a: not pre-trained "
         "here), ! where the data did not hold out the task's sources. Paper rows: as published."
     )
 
 
+def _scores(scores: dict[str, Any]) -> str:
+    return f"{100 * scores['accuracy']:.2f} ({100 * scores['macro_f1']:.2f})"
+
+
 def _cell(row: dict[str, Any]) -> str:
     leaks = "n/a" if row["leaks"] is None else str(row["leaks"])
     flag = " !" if row["sources_not_held_out"] else ""
-    return (
-        f"{100 * row['accuracy']:.2f} ({100 * row['macro_f1']:.2f}) · "
-        f"n={row['images']['test']} · leaks {leaks}{flag}"
-    )
+    frozen = "".join(f" · {label} {_scores(row[key])}" for key, label in FROZEN if key in row)
+    return f"{_scores(row)}{frozen} · n={row['images']['test']} · leaks {leaks}{flag}"
 
 
 def table_ii_markdown(rows: Sequence[dict[str, Any]], max_distance: int) -> str:

@@ -7,8 +7,14 @@ A task is a catalog key or a folder:
   on.
 - **A folder** (an ImageFolder outside the data): `<split>/<class>/*` with train and test (val
   carved from train when missing), or `<class>/*` split 7:1:2 per class, with the same split
-  functions. A folder inside a sub-dataset's raw folder is refused: its split would differ from
-  the one Mini holds out.
+  functions. Split folders are recognised in any case and common spellings (`Train`, `valid`);
+  a folder whose layout is neither (split folders beside others, train and val without test) is
+  refused, since taking split folders for classes would fine-tune on the test images. A folder
+  inside a sub-dataset's raw folder is refused: its split would differ from the one Mini holds
+  out.
+
+Every image is decoded in full when the task loads (PIL's `verify()` passes truncated files);
+one that fails is listed in the task's failures and left out.
 
 Each task also names where its images come from as exclusion rules (`sources`): declared in
 FinetuneSettings.task_sources, else the paper's for WBC, pRCC and CAM16.
@@ -17,6 +23,7 @@ FinetuneSettings.task_sources, else the paper's for WBC, pRCC and CAM16.
 from __future__ import annotations
 
 import csv
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +39,9 @@ from cpia_assets.core.training.exclusions import PAPER_TASK_SOURCES
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
 SPLITS = ("train", "val", "test")
+SPLIT_FOLDER_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                      "validation": "val", "test": "test", "testing": "test"}  # fmt: skip
+"""An ImageFolder's split folders, by lower-cased name."""
 SPLITS_FILE = "splits.csv"
 
 
@@ -91,18 +101,23 @@ def _catalog_task(name: str, key: str, layout: DataLayout) -> LabelledTask:
     rows = pl.read_parquet(records).filter(
         pl.col("path").is_not_null() & pl.col("label").is_not_null() & pl.col("split").is_in(SPLITS)
     )
-    classes = sorted(set(rows["label"]))
+    failures: list[dict[str, str]] = []
+    readable = []
+    for row in rows.sort("path").iter_rows(named=True):
+        path = layout.root / row["path"]
+        if _decodes(path, failures):
+            readable.append((path, row))
+    classes = sorted({row["label"] for _, row in readable})
     if len(classes) < 2:
         raise ValueError(f"task {name!r}: {key!r} has fewer than two labels in train/val/test")
     splits: dict[str, list[tuple[Path, int]]] = {split: [] for split in SPLITS}
     hashes = {}
-    for row in rows.sort("path").iter_rows(named=True):
-        path = layout.root / row["path"]
+    for path, row in readable:
         splits[row["split"]].append((path, classes.index(row["label"])))
         if row.get("phash") is not None:
             hashes[path] = row["phash"]
     _check_splits(name, key, splits)
-    return LabelledTask(name, key, classes, splits, [], hashes=hashes)
+    return LabelledTask(name, key, classes, splits, failures, hashes=hashes)
 
 
 def load_folder_task(name: str, root: Path, seed: int = 0) -> LabelledTask:
@@ -111,11 +126,12 @@ def load_folder_task(name: str, root: Path, seed: int = 0) -> LabelledTask:
     if not root.is_dir():
         raise FileNotFoundError(f"task {name!r}: {root} is not a folder")
     failures: list[dict[str, str]] = []
-    if (root / "train").is_dir() and (root / "test").is_dir():
+    split_folders = _split_folders(name, root)
+    if split_folders:
         labelled = {
             path: (label, split)
-            for split in SPLITS
-            for path, label in _class_images(root / split, failures)
+            for split, folder in split_folders.items()
+            for path, label in _class_images(folder, failures)
         }
         assigned = carve_validation(
             ((str(path), label, split) for path, (label, split) in labelled.items()), seed=seed
@@ -135,6 +151,31 @@ def load_folder_task(name: str, root: Path, seed: int = 0) -> LabelledTask:
     return LabelledTask(name, str(root), classes, splits, failures)
 
 
+def _split_folders(name: str, root: Path) -> dict[str, Path]:
+    """The split folders of an ImageFolder task by split, empty when it is `<class>/*`. Refused
+    when ambiguous: split folders beside other folders, two folders for one split, or no train
+    and test folder."""
+    folders = sorted(path for path in root.iterdir() if path.is_dir())
+    named = {path: SPLIT_FOLDER_NAMES.get(path.name.lower()) for path in folders}
+    found = [path.name for path, split in named.items() if split]
+    if not found:
+        return {}
+    others = [path.name for path, split in named.items() if not split]
+    counts = Counter(split for split in named.values() if split)
+    if others:
+        problem = f"split folders {found} beside other folders {others}"
+    elif max(counts.values()) > 1:
+        problem = f"several folders for one split: {found}"
+    elif not {"train", "test"} <= set(counts):
+        problem = f"split folders {found} without both train and test"
+    else:
+        return {split: path for path, split in named.items() if split}
+    raise ValueError(
+        f"task {name!r}: {root} has an ambiguous layout, {problem}; lay it out as "
+        "<split>/<class>/* with train and test (val optional) or as <class>/*"
+    )
+
+
 def _check_splits(name: str, origin: str, splits: Mapping[str, Sequence[object]]) -> None:
     empty = [split for split in SPLITS if not splits[split]]
     if empty:
@@ -143,20 +184,22 @@ def _check_splits(name: str, origin: str, splits: Mapping[str, Sequence[object]]
 
 def _class_images(folder: Path, failures: list[dict[str, str]]) -> list[tuple[Path, str]]:
     images = []
-    if not folder.is_dir():
-        return images
     for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
         for path in sorted(class_dir.rglob("*")):
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(path) as image:
-                    image.verify()
-            except (OSError, ValueError, Image.DecompressionBombError) as exc:
-                failures.append({"file": str(path), "reason": f"unreadable image: {exc}"})
-                continue
-            images.append((path, class_dir.name))
+            if path.suffix.lower() in IMAGE_SUFFIXES and _decodes(path, failures):
+                images.append((path, class_dir.name))
     return images
+
+
+def _decodes(path: Path, failures: list[dict[str, str]]) -> bool:
+    """Whether `path` decodes in full; if not, it is recorded in `failures`."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        failures.append({"file": str(path), "reason": f"unreadable image: {exc}"})
+        return False
+    return True
 
 
 def write_splits_csv(task: LabelledTask, layout: DataLayout) -> Path:

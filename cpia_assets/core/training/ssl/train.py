@@ -3,24 +3,31 @@
 
 Under several devices or nodes launch it with `torchrun --nproc_per_node N [--nnodes ...]`:
 Lightning's DDP then joins the processes torchrun started. Outputs in the job's `out_dir`:
-`encoder.pth` (timm ViT state dict, no classifier) and `encoder.json` (the job that trained it),
-`checkpoints/last.ckpt` (and one every
-`checkpoint_every` steps; a rerun resumes from last.ckpt), `metrics.jsonl` (loss and learning
-rate per step), `loss_curve.png` and `summary.json` (what the asset reports). Under Dagster Pipes,
-rank 0 sends its progress lines to the asset's log.
+`encoder.pth` (timm ViT state dict, no classifier), `encoder.json` (the job that trained it),
+`timm/` (the encoder as a timm `local-dir:` model folder with a model card),
+`checkpoints/last.ckpt` (and one every `checkpoint_every` steps, each written beside its place
+and renamed there; a rerun resumes from last.ckpt, or from the newest readable one when last.ckpt
+cannot be read), `metrics.jsonl` (loss and learning rate per step), `loss_curve.png` and
+`summary.json` (what the asset reports). The settings are checked before training (`preflight`)
+and a loss that is not finite stops the run.
+Under Dagster Pipes, rank 0 sends its progress lines to the asset's log.
 """
 
 from __future__ import annotations
 
+import copy
+import io
 import json
 import math
 import sys
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from cpia_assets.core.fsutil import atomic_path
 from cpia_assets.core.training.datasets import count_training_images
@@ -32,7 +39,9 @@ from cpia_assets.core.training.ssl.config import (
     SUMMARY_FILE,
     PretrainJob,
 )
+from cpia_assets.core.training.ssl.export import export_timm_folder
 from cpia_assets.core.training.ssl.module import MetricsRecorder, PretrainModule
+from cpia_assets.core.training.ssl.preflight import check_job
 from cpia_assets.core.training.ssl.report import plot_curve
 
 
@@ -52,6 +61,37 @@ def device_name() -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary sibling and renamed into place: a crash or a full disk
+    leaves the earlier file, never a truncated one, and a full disk fails as `OutputWriteError`."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
+    ) -> None:
+        buffer = io.BytesIO()  # torch.save reports a failed write only vaguely: write it ourselves
+        torch.save(checkpoint, buffer)
+        with atomic_path(Path(path)) as tmp:
+            tmp.write_bytes(buffer.getbuffer())
+
+
+def resume_point(out: Path, progress: Callable[[str], None]) -> Path | None:
+    """last.ckpt, or when it is missing or unreadable the newest readable step checkpoint."""
+    last = out / LAST_CHECKPOINT
+    older = sorted(last.parent.glob("step-*.ckpt"), reverse=True) if last.parent.is_dir() else []
+    for path in [last, *older] if last.exists() else older:
+        try:
+            with zipfile.ZipFile(path) as archive:  # torch's format: a zip with checksums
+                broken = archive.testzip()
+        except (OSError, zipfile.BadZipFile) as exc:
+            broken = str(exc)
+        if broken is None:
+            if path != last:
+                progress(f"{last} is missing or unreadable: resuming from {path.name}")
+            return path
+        progress(f"cannot read checkpoint {path} ({broken}); trying an older one")
+    return None
+
+
 def run_training(
     job: PretrainJob,
     *,
@@ -63,6 +103,7 @@ def run_training(
     returns the summary, other ranks return None."""
     settings = job.settings
     out = Path(job.out_dir)
+    check_job(job)
     pl.seed_everything(settings.seed, workers=True, verbose=False)
     steps = total_steps(job)
     module = PretrainModule(job, steps)
@@ -87,6 +128,7 @@ def run_training(
         accumulate_grad_batches=settings.accumulation,
         gradient_clip_val=settings.gradient_clip or None,
         callbacks=[recorder, checkpoints, *callbacks],
+        plugins=[AtomicCheckpointIO()],
         deterministic="warn" if cuda else True,
         use_distributed_sampler=False,  # the stream splits itself over ranks
         logger=False,
@@ -94,10 +136,10 @@ def run_training(
         enable_model_summary=False,
         default_root_dir=out,
     )
-    resume = out / LAST_CHECKPOINT
-    if resume.exists():
+    resume = resume_point(out, progress)
+    if resume is not None:
         progress(f"resuming from {resume}")
-    trainer.fit(module, ckpt_path=resume if resume.exists() else None)
+    trainer.fit(module, ckpt_path=resume)
     if trainer.global_rank != 0:
         return None
     return _write_outputs(job, module, recorder, device_name(), precision)
@@ -111,9 +153,10 @@ def _write_outputs(
     with atomic_path(out / ENCODER_FILE) as tmp:
         torch.save(encoder, tmp)
     job.save(out / ENCODER_JOB_FILE)  # the evaluation labels the encoder from its own job
+    export_timm_folder(copy.deepcopy(module.method.export_encoder()).cpu(), job, out)
     history = recorder.history
     with atomic_path(out / "metrics.jsonl") as tmp:
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
+        tmp.write_text("".join(json.dumps(row, allow_nan=False) + "\n" for row in history))
     plot_curve(
         [row["step"] for row in history], [row["loss"] for row in history], out / LOSS_CURVE_FILE,
         title=f"{job.method} on {job.data}: training loss",
@@ -132,7 +175,7 @@ def _write_outputs(
         "encoder": str(out / ENCODER_FILE),
     }
     with atomic_path(out / SUMMARY_FILE) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.write_text(json.dumps(summary, indent=2, allow_nan=False))  # NaN is not JSON
     return summary
 
 

@@ -3,12 +3,15 @@ the best epoch chosen on validation, result reuse, encoder labels, Table II."""
 
 from __future__ import annotations
 
+import re
+import shutil
 from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from cpia_assets.core.catalog.loading import load_catalog
 from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.training.ssl import evaluate
 from cpia_assets.core.training.ssl.config import (
@@ -159,14 +162,16 @@ def test_table_ii_labels_its_cells_and_flags_leaks_and_missing_exclusions() -> N
            "accuracy": 0.75, "macro_f1": 0.5, "images": {"test": 4}, "leaks": 0,
            "sources_not_held_out": [], "exclusions_applied": True}  # fmt: skip
     leaky = row | {"data": "CPIA", "leaks": 2, "exclusions_applied": False,
-                   "sources_not_held_out": ["cam16"]}  # fmt: skip
+                   "sources_not_held_out": ["cam16"], "knn": {"accuracy": 1.0, "macro_f1": 1.0},
+                   "linear_probe": {"accuracy": 0.5, "macro_f1": 0.25}}  # fmt: skip
     table = table_ii_markdown([row, leaky], 4).splitlines()
-    assert table[0].startswith("Cells: test accuracy % (macro F1 %) of the epoch with the best")
+    assert table[0].startswith("Cells: test accuracy % (macro F1 %) of fine-tuning at the epoch")
     assert "within 4 bits" in table[0] and "n: test images" in table[0]
     assert table[2] == "| source | init | method | data | cells | WBC | pRCC | CAM16 |"
     assert "| ours | random | MAE | CPIA-Mini | 75.00 (50.00) · n=4 · leaks 0 |  |  |  |" in table
     no_exclusions = (
-        "| ours | random | MAE | CPIA (no exclusions) | 75.00 (50.00) · n=4 · leaks 2 ! |"
+        "| ours | random | MAE | CPIA (no exclusions) | 75.00 (50.00) · kNN 100.00 (100.00) · "
+        "linear 50.00 (25.00) · n=4 · leaks 2 ! |"
     )
     assert any(line.startswith(no_exclusions) for line in table)
     paper_row = "| paper | random | MAE | CPIA |  | 97.58 (95.83) | 92.58 (91.94) | 93.98 (93.98) |"
@@ -177,13 +182,13 @@ def test_table_ii_labels_its_cells_and_flags_leaks_and_missing_exclusions() -> N
 def test_candidates_are_every_encoder_plus_the_baseline_rows(tmp_path: Path) -> None:
     layout = DataLayout(tmp_path)
     imagenet = tmp_path / "imagenet.pth"
-    imagenet.write_bytes(b"weights")
+    torch.save({"cls_token": torch.zeros(1, 1, 8)}, imagenet)  # read, not matched to a model
     for method, data, init in (("mae", "cpia-s", str(imagenet)), ("dino", "cpia", "random")):
         settings = PretrainSettings(init=init)
         out = layout.ssl_checkpoint_dir(method, data, settings.init_label)
         job = PretrainJob(method, data, str(tmp_path), ("S",), str(out), settings)
         prepare_run_dir(job)
-        (out / ENCODER_FILE).write_bytes(b"encoder")
+        shutil.copy(imagenet, out / ENCODER_FILE)
         job.save(out / ENCODER_JOB_FILE)
     unfinished = layout.ssl_checkpoint_dir("mocov3", "cpia-l")
     prepare_run_dir(PretrainJob("mocov3", "cpia-l", str(tmp_path), ("L",), str(unfinished),
@@ -204,7 +209,7 @@ def test_an_encoder_is_labelled_by_the_job_that_trained_it(tmp_path: Path) -> No
     trained = PretrainJob("mae", "cpia-s", str(tmp_path), ("S",), str(out),
                           PretrainSettings(model="vit_tiny_patch16_224"))  # fmt: skip
     prepare_run_dir(trained)
-    (out / ENCODER_FILE).write_bytes(b"encoder")
+    torch.save({"cls_token": torch.zeros(1, 1, 8)}, out / ENCODER_FILE)
     trained.save(out / ENCODER_JOB_FILE)
     # A newer job in the same folder (e.g. mid-run) must not relabel the finished encoder.
     newer = replace(trained, method="dino", settings=replace(trained.settings, model="vit_small"))
@@ -215,3 +220,67 @@ def test_an_encoder_is_labelled_by_the_job_that_trained_it(tmp_path: Path) -> No
     rows, failures = candidates(layout, FinetuneSettings())
     assert [c.method for c in rows] == ["none"]
     assert "cannot label the encoder" in failures[0]["reason"]
+
+
+def test_a_weights_file_that_is_not_a_checkpoint_is_one_failure_naming_it(tmp_path: Path) -> None:
+    """Text makes torch's unpickler fail with `KeyError: 101`: not a crash, one failed row."""
+    layout = DataLayout(tmp_path / "data")
+    imagenet = tmp_path / "imagenet.pth"
+    imagenet.write_text("hello world")
+    rows, failures = candidates(layout, FinetuneSettings(imagenet_init=str(imagenet)))
+    assert [(c.init, c.weights) for c in rows] == [("random", None)]
+    assert failures == [
+        {"file": str(imagenet),
+         "reason": f"{imagenet}: cannot read the weights file (KeyError: 101)"}
+    ]  # fmt: skip
+    absent = tmp_path / "absent.safetensors"
+    _, failures = candidates(layout, FinetuneSettings(imagenet_init=str(absent)))
+    assert [f["file"] for f in failures] == [str(absent)]
+    assert failures[0]["reason"].startswith(f"{absent}: cannot read the weights file")
+
+
+def test_a_bad_image_and_a_bad_weights_file_fail_alone_in_a_full_evaluation(
+    tmp_path: Path,
+) -> None:
+    layout = DataLayout(tmp_path / "data")
+    root = labelled_task(tmp_path / "cells", {"train": 3, "val": 1, "test": 1})
+    truncated = sorted((root / "train" / "neutrophil").glob("*.jpg"))[0]
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    imagenet = tmp_path / "imagenet.pth"
+    imagenet.write_text("hello world")
+    settings = FinetuneSettings(
+        tasks={"cells": str(root), "Cells-2": str(root)}, epochs=1, batch_size=4, image_size=32,
+        workers=0, imagenet_init=str(imagenet), baseline_model="vit_tiny_patch16_224",
+    )  # fmt: skip
+    result = evaluate.evaluate_all(layout, load_catalog("demo"), settings, progress=lambda _: None)
+    assert [(row["task"], row["init"]) for row in result.rows] == [
+        ("Cells-2", "random"), ("cells", "random"),
+    ]  # fmt: skip
+    assert all(row["images"]["train"] == 5 for row in result.rows)  # 6 less the truncated one
+    assert [f["file"] for f in result.failures] == [str(imagenet), str(truncated), str(truncated)]
+    assert "truncated" in result.failures[1]["reason"]
+    assert (layout.ssl_eval_dir / "Cells-2" / "random__none__none.json").is_file()
+
+
+def test_an_image_spoiled_after_the_task_loaded_fails_naming_the_file(tmp_path: Path) -> None:
+    task = load_task("cells", labelled_task(tmp_path / "cells", {"train": 2, "val": 1, "test": 1}))
+    spoiled = next(path for path, _ in task.splits["val"] if path.suffix == ".jpg")
+    spoiled.write_bytes(spoiled.read_bytes()[: spoiled.stat().st_size // 2])  # PIL: "truncated"
+    settings = FinetuneSettings(epochs=1, batch_size=4, image_size=32, workers=0)
+    with pytest.raises(OSError, match=rf"^{re.escape(str(spoiled))}: unreadable image"):
+        finetune(task, model="vit_tiny_patch16_224", weights=None, settings=settings,
+                 progress=lambda _: None)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["../../../x", "/tmp/x", "a/b", "-x", "x.y", "", "wbc\n", "ǆ"])
+def test_a_task_name_that_is_not_a_folder_name_is_refused_naming_it(name: str) -> None:
+    with pytest.raises(ValueError, match=rf"task name {re.escape(repr(name))} must be letters"):
+        FinetuneSettings(tasks={name: "wbc"})
+
+
+def test_task_names_are_partition_keys_in_any_case_and_distinct_ignoring_case() -> None:
+    assert list(FinetuneSettings(tasks={"WBC": "wbc", "pRCC": "prcc", "cam-16": "c"}).tasks) == [
+        "WBC", "pRCC", "cam-16",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="task names 'wbc' and 'WBC' differ only in case"):
+        FinetuneSettings(tasks={"wbc": "wbc", "WBC": "wbc"})

@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 import timm
 import torch
 
+from cpia_assets.core.fsutil import OutputWriteError
 from cpia_assets.core.training.ssl.common import create_encoder
 from cpia_assets.core.training.ssl.config import (
     JOB_FILE,
@@ -23,7 +24,9 @@ from cpia_assets.core.training.ssl.config import (
     launch_command,
     prepare_run_dir,
 )
+from cpia_assets.core.training.ssl.preflight import check_job
 from cpia_assets.core.training.ssl.train import run_training
+from cpia_assets_tests.support.small_disk import resize, tmpfs
 from cpia_assets_tests.support.ssl_data import tiny_settings, write_folder_tree, write_shards
 
 torch.set_num_threads(1)  # the test machine's cores are shared
@@ -171,3 +174,64 @@ def test_two_processes_under_torchrun_train_one_model(mini: Path, tmp_path: Path
     timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=64,
                       checkpoint_path=str(tmp_path / "encoder.pth"))  # fmt: skip
     assert (tmp_path / LAST_CHECKPOINT).is_file()
+
+
+@pytest.mark.parametrize(
+    ("method", "overrides", "error"),
+    [
+        ("mae", {"mae": replace(tiny_settings().mae, mask_ratio=0.01)},
+         r"mask_ratio 0\.01 masks none of the 16 patches of a 64 px image"),
+        ("dino", {"image_size": 72}, "image_size 72 is not a multiple of the patch size 16"),
+        ("mocov3", {"batch_size": 1}, "BatchNorm needs batch_size >= 2"),
+        ("mae", {"model": "vit_tiny_patch16_22"}, "unknown timm model 'vit_tiny_patch16_22'"),
+    ],
+)  # fmt: skip
+def test_settings_that_cannot_train_fail_before_training(
+    mini: Path, tmp_path: Path, method: str, overrides: dict, error: str
+) -> None:
+    bad = job(mini, tmp_path / "out", method, **overrides)
+    with pytest.raises(ValueError, match=error):
+        check_job(bad)
+    with pytest.raises(ValueError, match=error):  # the training process checks again
+        run_training(bad)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_loss_that_is_not_finite_stops_the_run_naming_the_step(
+    mini: Path, tmp_path: Path
+) -> None:
+    exploding = job(mini, tmp_path, "mae", lr=1e30, warmup_steps=0, steps=6)
+    with pytest.raises(FloatingPointError, match=r"training loss is nan at step 2\b"):
+        run_training(exploding, log_every=100)
+    published = {"encoder.pth", "summary.json", "metrics.jsonl", "loss_curve.png"}
+    assert not published & {p.name for p in tmp_path.iterdir()}
+
+
+def test_a_full_disk_leaves_no_broken_checkpoint_and_reruns_resume(
+    mini: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    run = job(mini, out, "mae", steps=4, checkpoint_every=2)  # checkpoints of 67 MB
+    said: list[str] = []
+    with tmpfs(out, "100m"):  # room for the step-2 checkpoint, not for last.ckpt beside it
+        with pytest.raises(OutputWriteError, match=rf"disk full: cannot write {out}/checkpoints/"
+                           r"last\.ckpt: No space left on device"):  # fmt: skip
+            run_training(run, progress=said.append, log_every=100)
+        assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000002.ckpt"]
+        resize(out, "300m")
+        summary = run_training(run, progress=said.append, log_every=100)
+        assert summary is not None and summary["steps"] == 4
+        assert (
+            f"{out / LAST_CHECKPOINT} is missing or unreadable: resuming from step-0000002.ckpt"
+            in said
+        )
+        curve = [json.loads(line)["step"] for line in (out / "metrics.jsonl").open()]
+        assert curve == [1, 2, 3, 4]
+
+        last = out / LAST_CHECKPOINT  # cut short, as a crash mid-write used to leave it
+        last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+        said.clear()
+        summary = run_training(run, progress=said.append, log_every=100)
+        assert summary is not None and summary["steps"] == 4
+        assert said[0].startswith(f"cannot read checkpoint {last} (")
+        assert said[1] == f"{last} is missing or unreadable: resuming from step-0000004.ckpt"
