@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import stat
@@ -33,13 +34,15 @@ def server() -> Iterator[FakeServer]:
 
 
 def tar_bytes(*members: tuple[tarfile.TarInfo, bytes | None], mode: str = "w:gz") -> bytes:
+    """The archive's bytes; gzip with a fixed mtime, so that they (and the test ids made from
+    them) are the same in every process: pytest-xdist workers must collect identical ids."""
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode=mode) as archive:
+    with tarfile.open(fileobj=buffer, mode=mode.removesuffix(":gz")) as archive:
         for info, data in members:
             if data is not None:
                 info.size = len(data)
             archive.addfile(info, io.BytesIO(data) if data is not None else None)
-    return buffer.getvalue()
+    return gzip.compress(buffer.getvalue(), mtime=0) if mode.endswith(":gz") else buffer.getvalue()
 
 
 def member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
