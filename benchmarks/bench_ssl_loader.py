@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))  # for cpia_assets_tests.support.ssl_data
 
 from cpia_assets.core.training.datasets import training_loader  # noqa: E402
 from cpia_assets.core.training.ssl.augment import mae_views  # noqa: E402
-from cpia_assets.core.training.ssl.common import create_encoder  # noqa: E402
+from cpia_assets.core.training.ssl.common import TrainingTime, create_encoder  # noqa: E402
 from cpia_assets.core.training.ssl.config import MAESettings  # noqa: E402
 from cpia_assets.core.training.ssl.mae import MAE  # noqa: E402
 from cpia_assets_tests.support.ssl_data import write_folder_tree, write_shards  # noqa: E402
@@ -53,7 +53,7 @@ def training_rate(model: str, image_size: int, batch: int, steps: int) -> float:
     for step in range(steps + 1):
         if step == 1:  # the first step allocates: time the rest
             started = time.perf_counter()
-        loss = mae.training_loss([images], seeds, 0.0)
+        loss = mae.training_loss([images], seeds, TrainingTime(progress=0.0, epoch=0.0))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

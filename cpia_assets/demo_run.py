@@ -38,8 +38,9 @@ from cpia_assets.defs.versions import partitions_to_rebuild
 
 DEMO_PRETRAIN = {
     "model": "vit_tiny_patch16_224", "image_size": 64, "batch_size": 16, "steps": 20,
-    "warmup_steps": 5, "lr": 1e-3, "workers": 0, "checkpoint_every": 10,
+    "warmup_steps": 5, "lr": 0.016, "workers": 0, "checkpoint_every": 10,  # peak 1e-3 at 16
     "mae": {"decoder_dim": 64, "decoder_depth": 1, "decoder_heads": 2},
+    "monitor": {"every": 20},
 }  # fmt: skip
 DEMO_EVAL = {
     "epochs": 3, "batch_size": 8, "image_size": 64, "lr": 1e-3, "workers": 0,

@@ -7,15 +7,17 @@ import hashlib
 import io
 import json
 import random
+import shutil
 import tarfile
 from pathlib import Path
 
 import openslide
 import polars as pl
+import pytorch_lightning as lightning
 import webdataset as wds
 from PIL import Image
 
-from cpia_assets.core.layout import SCALE_FOLDER_OF
+from cpia_assets.core.layout import SCALE_FOLDER_OF, DataLayout
 from cpia_assets.core.perceptual import phash_file
 from cpia_assets.core.synthetic import generate_source
 from cpia_assets.core.training.exclusions import DEFAULT_EXCLUSIONS
@@ -99,6 +101,19 @@ def corrupt_shard_sample(shard: Path, name_part: str = "") -> None:
         file.write(bytes(member.size))
 
 
+def truncate_shard(shard: Path, keep: int) -> list[str]:
+    """Rewrite the shard as a valid tar of its first `keep` samples (its index unchanged: the
+    shard is now shorter than the index says); returns the keys of the samples dropped."""
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar if m.isfile()]  # type: ignore[union-attr]
+    keys = list(dict.fromkeys(m.name.partition(".")[0] for m, _ in members))
+    with tarfile.open(shard, "w") as tar:
+        for member, data in members:
+            if member.name.partition(".")[0] in keys[:keep]:
+                tar.addfile(member, io.BytesIO(data))
+    return keys[keep:]
+
+
 def corrupt_jpeg(path: Path) -> None:
     """Keep the JPEG header, cut the data: decoding fails."""
     data = path.read_bytes()
@@ -115,7 +130,7 @@ def tiny_settings(**overrides: object) -> PretrainSettings:
     """vit_tiny at 64 px with small heads: a few seconds per dozen steps on one CPU core."""
     values: dict = {
         "model": "vit_tiny_patch16_224", "image_size": 64, "batch_size": 8, "steps": 12,
-        "lr": 1e-3, "warmup_steps": 2, "workers": 0, "checkpoint_every": 6,
+        "lr": 1e-3 * 256 / 8, "warmup_steps": 2, "workers": 0, "checkpoint_every": 6,
         "mae": MAESettings(decoder_dim=64, decoder_depth=1, decoder_heads=2),
         "dino": DINOSettings(hidden_dim=128, bottleneck_dim=32, out_dim=256, local_crops=2,
                              momentum=0.9),
@@ -130,3 +145,35 @@ def labelled_task(dest: Path, per_split: dict[str, int], seed: int = 31) -> Path
             "per_split": per_split, "seed": seed}  # fmt: skip
     generate_source(spec, dest)
     return dest
+
+
+def built_catalog_task(layout: DataLayout, key: str, per_split: dict[str, int]) -> list[dict]:
+    """A labelled catalog sub-dataset as if built: `labelled_task`'s images under the data folder
+    and its records (`path`, `label`, `split`); returns the records."""
+    source = labelled_task(layout.root / ".source" / key, per_split)
+    rows = []
+    for path in sorted(source.rglob("*.*")):
+        stored = layout.root / "cpia" / key / path.relative_to(source)
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, stored)
+        split, label = path.parts[-3:-1]
+        rows.append({"path": layout.relative(stored), "label": label, "split": split})
+    records = layout.manifest_file(key, "tiles")
+    records.parent.mkdir(parents=True, exist_ok=True)
+    pl.DataFrame(rows).write_parquet(records)
+    return rows
+
+
+class Interrupt(Exception):
+    """Raised by InterruptAt: a training run that stops as a crash would."""
+
+
+class InterruptAt(lightning.Callback):
+    """Simulates a crash after optimizer step `step` (its checkpoint is written)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: lightning.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            raise Interrupt

@@ -10,7 +10,13 @@ seeded from its place in the stream. A run resumed at batch j (optimizer step x 
 therefore sees exactly the images and crops an uninterrupted run would. Folders: position p of the
 global stream is image p mod n of the seeded permutation of epoch p // n. Shards: each epoch
 permutes the shard list and deals the shards out to the (rank, worker) slots; a slot reads its
-shards in order.
+shards in order as one sequence of the index's counts, cut into windows of `shuffle_window`
+samples (spanning shard boundaries), each emitted in a permutation seeded by (seed, epoch, slot,
+window). So batches mix samples from apart in the tar files and group differently every epoch,
+while the sample at any place stays computable: a resume skips whole epochs and shards by the
+index's counts and reads only the window it starts in. A shard that ends before its index's count
+is named once; its missing positions are stood in for like failed samples, so every later
+position stays where the index puts it.
 
 Every batch has exactly `batch_size` samples, on every rank: DDP needs equal batches (MoCo-v3
 gathers the keys of all ranks, DINO averages its centre over them). An image that cannot be read
@@ -28,6 +34,7 @@ full pass that decodes nothing (every distinct image failed before any succeeded
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import tarfile
@@ -53,8 +60,10 @@ Batch = tuple[list[torch.Tensor], torch.Tensor]
 """The views of a batch, each stacked to (B, 3, H, W), and every sample's augmentation seed."""
 
 SHARD_INDEX = "index.json"
-_ORDER, _FOLDER_SAMPLE, _SHARD_SAMPLE, _STAND_IN = 1, 2, 3, 4  # keep seeds of different uses apart
+_ORDER, _FOLDER_SAMPLE, _SHARD_SAMPLE, _STAND_IN, _SHUFFLE = 1, 2, 3, 4, 5  # seeds kept apart
 FAILURES_NAMED, FAILURES_LOGGED_EVERY = 10, 1000
+SHUFFLE_WINDOW = 1024
+"""Shard samples shuffled together: a window's JPEG bytes are held (a few tens of MB)."""
 
 
 @dataclass(frozen=True)
@@ -75,16 +84,19 @@ def training_loader(
     folders: Sequence[str] = SCALE_FOLDERS,
     workers: int = 0,
     stream_slice: StreamSlice = StreamSlice(),
+    shuffle_window: int = SHUFFLE_WINDOW,
 ) -> DataLoader:
-    """A DataLoader of `Batch`es over a folder root or a shard folder (detected by index.json)."""
+    """A DataLoader of `Batch`es over a folder root or a shard folder (detected by index.json;
+    `shuffle_window` applies to shards, folders are permuted whole)."""
     unknown = set(folders) - set(SCALE_FOLDERS)
     if unknown or not folders:
         raise ValueError(f"{source}: folders must be a subset of {SCALE_FOLDERS}, got {folders}")
     common = {"transform": transform, "batch_size": batch_size, "seed": seed}
     if (Path(source) / SHARD_INDEX).is_file():
         stream: _Stream = ShardStream(
-            Path(source), folders=tuple(folders), stream_slice=stream_slice, **common
-        )
+            Path(source), folders=tuple(folders), window=shuffle_window,
+            stream_slice=stream_slice, **common,
+        )  # fmt: skip
         workers = min(workers, len(stream.shards) // stream_slice.world_size)
     else:
         stream = FolderStream(
@@ -199,6 +211,11 @@ class _Stream(IterableDataset, ABC):
             log.warning("replacing %s in its batch: %s", name, reason)
         elif self.failures % FAILURES_LOGGED_EVERY == 0:
             log.warning("%d unreadable or undecodable images replaced so far", self.failures)
+        self._count_failed(name, reason)
+        return None
+
+    def _count_failed(self, name: str, reason: str) -> None:
+        """Note a failed position towards the guard against a source with nothing decodable."""
         if self._failed_before_any_image is not None:
             # Without this, a stream of nothing decodable would hold its batches back for ever.
             self._failed_before_any_image.add(name)
@@ -207,7 +224,6 @@ class _Stream(IterableDataset, ABC):
                     f"{self._describe()}: none of its {self.total_images} images could be read "
                     f"or decoded in a full pass (e.g. {name}: {reason})"
                 )
-        return None
 
     @staticmethod
     def _worker() -> tuple[int, int]:
@@ -256,9 +272,14 @@ class FolderStream(_Stream):
 class ShardStream(_Stream):
     """Endless passes over WebDataset shards; each pass deals a seeded shard order to the slots."""
 
-    def __init__(self, folder: Path, *, folders: tuple[str, ...], **kwargs: Any) -> None:
+    def __init__(
+        self, folder: Path, *, folders: tuple[str, ...], window: int = SHUFFLE_WINDOW, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
+        if window < 1:
+            raise ValueError(f"shuffle_window must be at least 1, got {window}")
         self.folder = folder
+        self.window = window
         index = read_shard_index(folder)
         self.shards = [entry["file"] for entry in index["shards"]]
         # Images per shard inside the selected folders, so that skipping needs no reading.
@@ -274,6 +295,7 @@ class ShardStream(_Stream):
         if sum(self.counts) == 0:
             raise ValueError(f"{folder}: no images in folders {', '.join(folders)}")
         self._unreadable: set[int] = set()  # shards already named as unreadable
+        self._short: set[int] = set()  # shards already named as shorter than the index says
 
     @property
     def total_images(self) -> int:
@@ -298,27 +320,66 @@ class ShardStream(_Stream):
         for epoch in range(2**62):
             generator = torch.Generator().manual_seed(sample_seed(self.seed, _ORDER, epoch))
             mine = torch.randperm(len(self.shards), generator=generator).tolist()[slot::slots]
-            if sum(self.counts[shard] for shard in mine) == 0:
+            size = sum(self.counts[shard] for shard in mine)
+            if size == 0:
                 raise ValueError(
                     f"{self.folder}: the shards of loader slot {slot} hold no images in folders "
                     f"{', '.join(self.folders)}; use fewer workers or the variant's own shards"
                 )
-            for shard in mine:
-                if skip >= self.counts[shard]:
-                    skip -= self.counts[shard]
-                    continue
-                samples = self._read(shard)
-                for number in range(self.counts[shard]):  # the index's count: skips stay valid
-                    key, data = next(samples, (f"#{number}", None))
-                    if number < skip:
-                        continue
+            if skip >= size:
+                skip -= size
+                continue
+            for sample in self._shuffled(mine, epoch, slot, skip):
+                batch.append(sample)
+                if len(batch) == self.batch_size:
+                    yield batch
+                    batch = []
+            skip = 0
+
+    def _shuffled(self, mine: list[int], epoch: int, slot: int, start: int) -> Iterator[_Sample]:
+        """The slot's samples of `epoch` from place `start` on: each window of the slot's
+        sequence in its seeded permutation."""
+        size = sum(self.counts[shard] for shard in mine)
+        first = start - start % self.window
+        sequence = self._sequence(mine, epoch, first)
+        for begin in range(first, size, self.window):
+            window = list(itertools.islice(sequence, min(self.window, size - begin)))
+            generator = torch.Generator().manual_seed(
+                sample_seed(self.seed, _SHUFFLE, epoch, slot, begin)
+            )
+            for offset in torch.randperm(len(window), generator=generator)[max(0, start - begin) :]:
+                name, data, seed, missing = window[int(offset)]
+                if missing:
+                    self._count_failed(name, "missing from its shard")
+                    yield None, seed
+                else:
+                    yield self._decode(data, name), seed
+
+    def _sequence(
+        self, mine: list[int], epoch: int, skip: int
+    ) -> Iterator[tuple[str, bytes | None, int, bool]]:
+        """(name, jpeg bytes or None, seed, missing from a short shard) of every position of the
+        slot's shards, as many per shard as the index counts (skips stay valid), from `skip` on."""
+        for shard in mine:
+            if skip >= self.counts[shard]:
+                skip -= self.counts[shard]
+                continue
+            samples = self._read(shard)
+            path = self.folder / self.shards[shard]
+            for number in range(self.counts[shard]):
+                key, data = next(samples, (f"#{number}", None))
+                missing = data is None and shard not in self._unreadable
+                if missing and shard not in self._short:
+                    self._short.add(shard)
+                    log.warning(
+                        "%s: holds %d samples in folders %s, its index says %d: the missing "
+                        "positions are stood in for", path, number, ", ".join(self.folders),
+                        self.counts[shard],
+                    )  # fmt: skip
+                if number >= skip:
                     seed = sample_seed(self.seed, _SHARD_SAMPLE, epoch, shard, number)
-                    name = f"{self.folder / self.shards[shard]}:{key}"
-                    batch.append((self._decode(data, name), seed))
-                    if len(batch) == self.batch_size:
-                        yield batch
-                        batch = []
-                skip = 0
+                    yield f"{path}:{key}", data, seed, missing
+            skip = 0
 
     def _read(self, shard: int) -> Iterator[tuple[str, bytes]]:
         """(key, jpeg bytes) of the shard's samples in the selected folders, in tar order."""

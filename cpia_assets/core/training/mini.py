@@ -1,8 +1,9 @@
 """cpia_mini: CPIA-Mini, the light, category-balanced subset of CPIA (spec "CPIA-Mini").
 
 Balance. Every WSI sub-dataset gets an XL quota from the catalog alone (`xl_quota`): the
-`organ_xl_budget` of its Table I organ row, divided evenly among that row's WSI sub-datasets
-(those not wholly excluded), capped at `subdataset_xl_cap`. Partitions stay independent, and
+`organ_xl_budget` of its Table I organ row, shared evenly among that row's WSI sub-datasets
+(those not wholly excluded), each capped at `subdataset_xl_cap` and at its published XL count;
+what one cannot use passes to its peers (water-filling). Partitions stay independent, and
 a changed budget changes (and rebuilds) only the partitions whose quota changed.
 
 WSI sub-datasets. XL tiles are picked round-robin over the slides, each slide's tiles and the
@@ -100,17 +101,33 @@ class MiniSettings:
 
 
 def xl_quota(catalog: Catalog, key: str, settings: MiniSettings, exclusions: Exclusions) -> int:
-    """XL tiles the WSI sub-dataset `key` may give to Mini, from the catalog alone."""
+    """XL tiles the WSI sub-dataset `key` may give to Mini: its Table I organ row's budget
+    water-filled over the row's WSI sub-datasets (those not wholly excluded), each taking at most
+    its published XL count (unbounded when unknown) and `subdataset_xl_cap`. Each gets the same
+    share, the largest whole one the budget allows, unless it has fewer XL tiles: what one cannot
+    use passes to its peers. From the catalog alone, so partitions stay independent."""
     entry = catalog.get(key)
     if entry.kind != "wsi" or exclusions.whole(key):
         return 0
-    row = entry.table_i_organ
-    peers = [
-        e
+    cap = settings.subdataset_xl_cap
+
+    def limit(peer: SubDataset) -> int:
+        return min(cap, peer.published_counts.get("XL", cap))
+
+    limits = sorted(
+        limit(e)
         for e in catalog.subdatasets
-        if e.kind == "wsi" and e.table_i_organ == row and not exclusions.whole(e.key)
-    ]
-    return min(settings.subdataset_xl_cap, settings.organ_xl_budget // len(peers))
+        if e.kind == "wsi"
+        and e.table_i_organ == entry.table_i_organ
+        and not exclusions.whole(e.key)
+    )
+    budget, share = settings.organ_xl_budget, cap
+    for filled, peer_limit in enumerate(limits):  # the smallest first: the rest share the left
+        share = budget // (len(limits) - filled)
+        if peer_limit > share:
+            break
+        budget -= peer_limit
+    return min(limit(entry), share)
 
 
 def _rng(*parts: object) -> np.random.Generator:

@@ -80,6 +80,11 @@ def build_ssl_assets() -> list[dg.AssetsDefinition]:
         out = layout.ssl_checkpoint_dir(method, data, settings.init_label)
         job = PretrainJob(method, data, str(source), folders, str(out), settings, fingerprint,
                           held_out)  # fmt: skip
+        from cpia_assets.core.training.ssl.monitor import (
+            KNN_CURVE_FILE,
+            monitor_tasks,
+            save_monitor_tasks,
+        )
         from cpia_assets.core.training.ssl.preflight import check_job  # imports torch
         from cpia_assets.core.training.ssl.runlock import (
             OWNER_ENV,
@@ -90,11 +95,17 @@ def build_ssl_assets() -> list[dg.AssetsDefinition]:
 
         try:
             check_job(job)  # before the run folder is touched: a typo never costs a finished run
+            monitored, left_out = monitor_tasks(
+                settings.monitor, catalog=store.catalog(), layout=layout, seed=settings.seed
+            )  # resolved here: the training process has no catalog
         except ValueError as exc:
             raise dg.Failure(str(exc)) from exc
+        for reason in left_out:
+            context.log.warning(f"kNN monitor leaves out {reason}")
         try:
             with run_lock(out):
                 start = prepare_run_dir(job)
+                save_monitor_tasks(out, monitored)
                 context.log.info(
                     f"[{context.partition_key}] {start} run on {source} ({', '.join(folders)})"
                 )
@@ -112,9 +123,21 @@ def build_ssl_assets() -> list[dg.AssetsDefinition]:
             raise dg.Failure(str(exc)) from exc
         summary = json.loads((out / SUMMARY_FILE).read_text())
         curve = preview_data_uri(out / LOSS_CURVE_FILE)
+        knn = summary["knn_accuracy"]
+        monitor = (
+            {
+                "knn_curve": dg.MetadataValue.md(
+                    f"![kNN accuracy]({preview_data_uri(out / KNN_CURVE_FILE)})"
+                ),
+                "knn_accuracy": knn[-1]["knn_accuracy"],
+            }
+            if knn
+            else {}
+        )
         return dg.MaterializeResult(
             metadata={
                 "loss_curve": dg.MetadataValue.md(f"![loss curve]({curve})"),
+                **monitor,
                 "final_loss": summary["final_loss"],
                 "first_loss": summary["first_loss"],
                 "steps": summary["steps"],

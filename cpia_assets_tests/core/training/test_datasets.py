@@ -21,6 +21,7 @@ from cpia_assets.core.training.datasets import (
 from cpia_assets_tests.support.ssl_data import (
     corrupt_jpeg,
     corrupt_shard_sample,
+    truncate_shard,
     write_folder_tree,
     write_shards,
 )
@@ -89,6 +90,54 @@ def test_a_resumed_stream_continues_exactly(
     for ours, theirs in zip(straight[5:], resumed, strict=True):
         assert torch.equal(ours[0][0], theirs[0][0])
         assert torch.equal(ours[1], theirs[1])
+
+
+def test_shard_batches_regroup_every_epoch(tmp_path: Path) -> None:
+    write_folder_tree(tmp_path / "cpia", per_scale=4)  # sixteen images
+    write_shards(tmp_path / "cpia", tmp_path / "shards", shard_size=16)  # one tar order only
+    iterator = iter(training_loader(tmp_path / "shards", transform=mean_colour, batch_size=4,
+                                    seed=0))  # fmt: skip
+    groups = [frozenset(batch_colours(next(iterator))) for _ in range(8)]  # two epochs
+    expected = file_colours(list_folder_images(tmp_path / "cpia", "LMS"))
+    for epoch in (groups[:4], groups[4:]):
+        assert sorted(colour for group in epoch for colour in group) == expected
+    assert set(groups[:4]) != set(groups[4:])  # not runs of tar members: new batches each epoch
+
+
+def test_a_shuffle_window_across_shards_resumes_inside_a_window(layouts: tuple[Path, Path]) -> None:
+    def batches(start: int, count: int) -> list:
+        loader = training_loader(
+            layouts[1], transform=mean_colour, batch_size=2, seed=4, workers=2, shuffle_window=3,
+            stream_slice=StreamSlice(start_batch=start),
+        )  # fmt: skip
+        iterator = iter(loader)
+        return [next(iterator) for _ in range(count)]
+
+    straight = batches(0, 20)  # shards of 5: windows of 3 span them; 40 samples, 2.5 epochs
+    assert len({seed for batch in straight for seed in batch[1].tolist()}) == 40
+    for ours, theirs in zip(straight[7:], batches(7, 13), strict=True):  # mid-window, odd role
+        assert torch.equal(ours[0][0], theirs[0][0])
+        assert torch.equal(ours[1], theirs[1])
+
+
+def test_a_short_shard_is_named_once_and_keeps_its_positions(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    paths = write_folder_tree(tmp_path / "cpia", per_scale=2)  # eight images
+    source = tmp_path / "shards"
+    write_shards(tmp_path / "cpia", source, shard_size=5)  # shards of 5 and 3
+    dropped = truncate_shard(source / "shard-000000.tar", keep=3)
+    kept = [path for path in paths if not any(key.endswith(path.stem) for key in dropped)]
+    assert len(dropped) == 2 and len(kept) == 6
+    with caplog.at_level(logging.WARNING, logger="cpia_assets.core.training.datasets"):
+        straight = full_batches(source, 0, 3, batch_size=8)  # one epoch per batch
+    assert caplog.text.count("shard-000000.tar: holds 3 samples in folders L, M, S, its index "
+                             "says 5") == 1  # fmt: skip
+    assert "replacing" not in caplog.text  # not taken for unreadable images
+    for views, _ in straight:  # every kept image once per epoch, the next shard not shifted
+        assert sorted(set(batch_colours((views, _)))) == file_colours(kept)
+    resumed = full_batches(source, 2, 1, batch_size=8)
+    assert all(torch.equal(a, b) for a, b in zip(straight[2][0], resumed[0][0], strict=True))
 
 
 def test_folder_stream_is_the_same_for_any_number_of_workers(layouts: tuple[Path, Path]) -> None:

@@ -20,6 +20,7 @@ import webdataset as wds
 from PIL import Image
 
 from cpia_assets.core.catalog.loading import load_catalog
+from cpia_assets.core.catalog.model import Catalog
 from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.perceptual import NEAR_DUPLICATE_BITS, hamming, phash_file
 from cpia_assets.core.schema import MiniReason
@@ -48,13 +49,46 @@ def test_quota_divides_the_organ_budget_among_its_wsi_sets_and_caps_it() -> None
     # kidney 4, but tcga-kirp (pRCC's source) is excluded
     assert xl_quota(catalog, "tcga-brca", settings, exclusions) == 400
     assert xl_quota(catalog, "cptac-luad", settings, exclusions) == 533
-    assert xl_quota(catalog, "tcga-lusc", settings, exclusions) == 123
+    assert xl_quota(catalog, "tcga-lusc", settings, exclusions) == 129  # (1600 - 41) // 12
+    assert xl_quota(catalog, "cmb-lca", settings, exclusions) == 41  # all it has, as published
+    assert xl_quota(catalog, "cmb-crc", settings, exclusions) == 257  # alone, under the cap
     assert xl_quota(catalog, "tcga-kirc", settings, exclusions) == 533
     assert xl_quota(catalog, "tcga-kirp", settings, exclusions) == 0
     assert xl_quota(catalog, "tcga-prad", settings, exclusions) == 800  # alone in its row: cap
     assert xl_quota(catalog, "nct-crc-he-100k", settings, exclusions) == 0  # ROI: no XL
     smaller = MiniSettings(organ_xl_budget=1600, subdataset_xl_cap=300)
     assert xl_quota(catalog, "tcga-brca", smaller, exclusions) == 300
+    total = sum(xl_quota(catalog, key, settings, exclusions) for key in catalog.keys)
+    assert total == 28_242  # README "Quota arithmetic"
+
+
+def _breast_row(xl: dict[str, int | None]) -> Catalog:
+    """The real catalog's breast row (4 WSI sets) with the given published XL counts."""
+    real = load_catalog("cpia")
+    entries = [
+        real.get(key).model_copy(
+            update={"published_counts": {} if count is None else {"XL": count}}
+        )
+        for key, count in xl.items()
+    ]
+    return Catalog(real.path, tuple(entries))
+
+
+def test_a_share_one_set_cannot_use_passes_to_its_row_peers() -> None:
+    catalog = _breast_row({"tcga-brca": None, "cptac-brca": 1000, "her2-tumor-rois": 100,
+                           "post-nat-brca": 450})  # fmt: skip
+    settings = MiniSettings(organ_xl_budget=1600, subdataset_xl_cap=800)
+    exclusions = Exclusions.load(settings.exclusions)
+    quotas = {key: xl_quota(catalog, key, settings, exclusions) for key in catalog.keys}
+    # 100 and 450 are all two sets have; the other two share the 1,050 left, unknown = unbounded
+    assert quotas == {"tcga-brca": 525, "cptac-brca": 525, "her2-tumor-rois": 100,
+                      "post-nat-brca": 450}  # fmt: skip
+    larger = MiniSettings(organ_xl_budget=3000, subdataset_xl_cap=800)
+    assert [xl_quota(catalog, key, larger, exclusions) for key in catalog.keys] == [
+        800, 800, 100, 450,
+    ]  # fmt: skip  # capped: the row cannot use its whole budget
+    even = _breast_row({"tcga-brca": None, "cptac-brca": 1000, "her2-tumor-rois": 600})
+    assert [xl_quota(even, key, settings, exclusions) for key in even.keys] == [533, 533, 533]
 
 
 def test_xl_tiles_are_spread_over_slides_seeded_and_nested() -> None:

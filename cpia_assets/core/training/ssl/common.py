@@ -1,32 +1,92 @@
-"""Pieces shared by the methods: the timm encoder, its weights, momentum teachers, schedules."""
+"""Pieces shared by the methods: the timm encoder, its weights, momentum teachers, schedules and
+the optimiser recipe resolved from the settings."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors.torch
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from torch import nn
+
+from cpia_assets.core.training.ssl.config import OptimizerRecipe, PretrainSettings
+
+
+@dataclass(frozen=True)
+class TrainingTime:
+    """Where training stands before an optimizer step: the methods' schedules follow it."""
+
+    progress: float  # fraction of the run's optimizer steps done
+    epoch: float  # passes over the training images done
+
+
+def total_batch(settings: PretrainSettings) -> int:
+    """Images per optimizer step over all devices and nodes."""
+    return settings.batch_size * settings.accumulation * settings.devices * settings.nodes
+
+
+def resolve_recipe(settings: PretrainSettings, method: str) -> OptimizerRecipe:
+    """The method's optimiser recipe with PretrainSettings' non-zero overrides, `base_lr` turned
+    into the peak learning rate (linear scaling by the total batch when `scale_lr`). An
+    overridden weight decay keeps the method's schedule shape (constant, or rising to its end)."""
+    recipe: OptimizerRecipe = getattr(settings, method)
+    base_lr = settings.lr or recipe.base_lr
+    weight_decay = settings.weight_decay or recipe.weight_decay
+    constant = recipe.weight_decay_end == recipe.weight_decay
+    return OptimizerRecipe(
+        base_lr=base_lr * total_batch(settings) / 256 if settings.scale_lr else base_lr,
+        weight_decay=weight_decay,
+        weight_decay_end=weight_decay if constant else recipe.weight_decay_end,
+        beta1=recipe.beta1,
+        beta2=recipe.beta2,
+        gradient_clip=settings.gradient_clip or recipe.gradient_clip,
+    )
 
 
 def create_encoder(
-    name: str, image_size: int, *, weights: str | Path | None = None, dynamic_size: bool = False
+    name: str,
+    image_size: int,
+    *,
+    weights: str | Path | None = None,
+    dynamic_size: bool = False,
+    drop_path: float = 0.0,
+    sincos_pos_embed: bool = False,
 ) -> nn.Module:
     """A timm ViT without classifier (`num_classes=0`), randomly initialised or from a local file.
 
     `dynamic_size` lets it take crops smaller than `image_size` (DINO's local crops). Nothing is
     downloaded: `weights` is a local timm-style state dict (e.g. ImageNet-1k weights).
+    `sincos_pos_embed` fixes the position embedding (frozen): 2-D sin-cos, or the one `weights`
+    bring (their training relied on it).
     """
     encoder = timm.create_model(
-        name, num_classes=0, img_size=image_size, dynamic_img_size=dynamic_size
+        name,
+        num_classes=0,
+        img_size=image_size,
+        dynamic_img_size=dynamic_size,
+        drop_path_rate=drop_path,
     )
+    if sincos_pos_embed:
+        fix_sincos_pos_embed(encoder.pos_embed, tuple(encoder.patch_embed.grid_size))
     if weights:
         load_encoder_weights(encoder, Path(weights))
     return encoder
+
+
+@torch.no_grad()
+def fix_sincos_pos_embed(pos_embed: nn.Parameter, grid: tuple[int, int]) -> None:
+    """Fill a (1, prefix + H * W, D) position embedding with 2-D sin-cos over the `grid`, zero
+    for the prefix (class) tokens, and freeze it."""
+    pos_embed.zero_()
+    patches = grid[0] * grid[1]
+    pos_embed[0, -patches:] = build_sincos2d_pos_embed(list(grid), pos_embed.shape[-1])
+    pos_embed.requires_grad = False
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -99,9 +159,10 @@ def momentum_update(student: nn.Module, teacher: nn.Module, momentum: float) -> 
         ours.mul_(momentum).add_(theirs.detach(), alpha=1 - momentum)
 
 
-def cosine_momentum(base: float, progress: float) -> float:
-    """Teacher momentum rising from `base` to 1 over training (BYOL/DINO schedule)."""
-    return 1 - (1 - base) * (math.cos(math.pi * min(progress, 1.0)) + 1) / 2
+def cosine_schedule(start: float, end: float, progress: float) -> float:
+    """From `start` to `end` along a half cosine over training (teacher momentum, DINO's weight
+    decay)."""
+    return end + (start - end) * (math.cos(math.pi * min(progress, 1.0)) + 1) / 2
 
 
 def gather_batches(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -24,12 +24,29 @@ PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
 
 
 @dataclass(frozen=True)
-class MAESettings:
+class OptimizerRecipe:
+    """A method's AdamW as its authors ran it: `base_lr` per 256 images (scaled linearly by the
+    total batch), weight decay on a cosine schedule from `weight_decay` to `weight_decay_end`
+    (equal: constant) and gradient clipping at `gradient_clip` (0 = off). PretrainSettings'
+    `lr`, `weight_decay` and `gradient_clip` override these when not 0."""
+
+    base_lr: float = 1.5e-4
+    weight_decay: float = 0.05
+    weight_decay_end: float = 0.05
+    beta1: float = 0.9  # AdamW's betas
+    beta2: float = 0.95
+    gradient_clip: float = 0.0
+
+
+@dataclass(frozen=True)
+class MAESettings(OptimizerRecipe):
     mask_ratio: float = 0.75
     decoder_dim: int = 512
     decoder_depth: int = 8
     decoder_heads: int = 16
     norm_pix_loss: bool = True  # targets normalised per patch, as in the paper's best setting
+    sincos_pos_embed: bool = True  # fixed 2-D sin-cos in encoder and decoder
+    xavier_decoder: bool = True  # decoder Linears Xavier-uniform, biases 0
 
     def __post_init__(self) -> None:
         if not 0 < self.mask_ratio < 1:
@@ -37,33 +54,67 @@ class MAESettings:
 
 
 @dataclass(frozen=True)
-class DINOSettings:
+class DINOSettings(OptimizerRecipe):
+    base_lr: float = 5e-4
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    beta2: float = 0.999
+    gradient_clip: float = 3.0
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     out_dim: int = 65536
     local_crops: int = 8
     local_crop_fraction: float = 96 / 224  # local crop edge relative to the image size
-    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04  # rising linearly to teacher_temp
+    teacher_temp: float = 0.07
+    teacher_temp_warmup_epochs: float = 30
     student_temp: float = 0.1
     center_momentum: float = 0.9
     momentum: float = 0.996  # teacher EMA, rising to 1 on a cosine schedule
+    freeze_last_layer_epochs: float = 1  # the head's last layer gets no update meanwhile
+    drop_path: float = 0.1  # stochastic depth in the student's encoder (not the teacher's)
+    head_init_std: float = 0.02  # truncated-normal std of the head's MLP weights
 
 
 @dataclass(frozen=True)
-class MoCoSettings:
+class MoCoSettings(OptimizerRecipe):
+    weight_decay: float = 0.1
+    weight_decay_end: float = 0.1
+    beta2: float = 0.999
     hidden_dim: int = 4096
     out_dim: int = 256
     temperature: float = 0.2
     momentum: float = 0.99  # momentum encoder EMA, rising to 1 on a cosine schedule
+    predictor_last_bn: bool = True  # the ViT reference's predictor ends in an affine-free BN
+    frozen_patch_embed: bool = True  # random patch projection, never trained (stability trick)
+    sincos_pos_embed: bool = True  # fixed 2-D sin-cos position embedding (stability trick)
+
+
+@dataclass(frozen=True)
+class MonitorSettings:
+    """kNN accuracy of the encoder while it trains, every `every` optimizer steps and at the
+    last (0 = off), on `tasks` (as FinetuneSettings.tasks; empty: the catalog's labelled ROI
+    sets with a split rule whose records are built): at most `max_images` of their train part as
+    memory bank and of their val part as queries, never their test part."""
+
+    every: int = 0
+    tasks: dict[str, str] = field(default_factory=dict)
+    max_images: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.max_images < 1:
+            raise ValueError("monitor.every must be >= 0 and monitor.max_images >= 1")
 
 
 @dataclass(frozen=True)
 class PretrainSettings:
     """Pre-training knobs. `steps` counts optimizer steps; `epochs` > 0 replaces it by that many
-    passes over the training images. `lr` is the peak learning rate (AdamW), reached after
-    `warmup_steps` and then held (`constant`) or decayed to 0 (`cosine`). `precision` `auto` is
-    bf16-mixed on CUDA and 32-true on CPU. `init` is `random` or a local timm checkpoint file
-    (e.g. ImageNet-1k weights); nothing is downloaded."""
+    passes over the training images. `lr` is the learning rate per 256 images (0: the method's
+    `base_lr`); with `scale_lr` the peak is `lr * total batch / 256` (batch x accumulation x
+    devices x nodes), reached after `warmup_steps` and then held (`constant`) or decayed to 0
+    (`cosine`). `weight_decay` and `gradient_clip` 0 take the method's (`OptimizerRecipe`).
+    `precision` `auto` is bf16-mixed on CUDA and 32-true on CPU. `init` is `random` or a local
+    timm checkpoint file (e.g. ImageNet-1k weights); nothing is downloaded."""
 
     model: str = "vit_base_patch16_224"
     image_size: int = 224
@@ -71,11 +122,12 @@ class PretrainSettings:
     accumulation: int = 1
     steps: int = 10_000
     epochs: float = 0.0
-    lr: float = 1.5e-4
+    lr: float = 0.0
+    scale_lr: bool = True
     schedule: str = "cosine"
     warmup_steps: int = 500
-    weight_decay: float = 0.05
-    gradient_clip: float = 0.0  # max gradient norm, 0 = off (DINO uses 3.0)
+    weight_decay: float = 0.0
+    gradient_clip: float = 0.0  # max gradient norm
     seed: int = 0
     precision: str = "auto"
     workers: int = 8  # loader processes per device
@@ -87,6 +139,7 @@ class PretrainSettings:
     mae: MAESettings = field(default_factory=MAESettings)
     mocov3: MoCoSettings = field(default_factory=MoCoSettings)
     dino: DINOSettings = field(default_factory=DINOSettings)
+    monitor: MonitorSettings = field(default_factory=MonitorSettings)
 
     def __post_init__(self) -> None:
         positive = (
@@ -160,6 +213,11 @@ class FinetuneSettings:
     `<split>/<class>/*` with splits train/test (and val, else carved from train 10:2 per class;
     split folders in any case and common spellings), or `<class>/*`, split 7:1:2 per class with
     `seed`.
+    Fine-tuning follows MAE's recipe: AdamW with layer-wise lr decay (`layer_decay`, 1 = off),
+    `warmup_epochs` of linear warm-up (longer than `epochs`: the lr only rises) then cosine decay
+    per step, label smoothing, drop-path (stochastic depth, rising to `drop_path` in the last
+    block), average pooling with `fc_norm` for MAE encoders (`mae_global_pool`) and bf16 autocast
+    on CUDA (`bf16`).
     `task_sources` declares, per task, the exclusion rules naming what its images come from
     (default for WBC, pRCC and CAM16: the paper's, `exclusions.PAPER_TASK_SOURCES`); a
     checkpoint whose data did not hold them out is flagged. `imagenet_init` is a local timm
@@ -171,6 +229,12 @@ class FinetuneSettings:
     batch_size: int = 32
     lr: float = 1e-4
     weight_decay: float = 0.05
+    layer_decay: float = 0.75
+    warmup_epochs: int = 5
+    label_smoothing: float = 0.1
+    drop_path: float = 0.1
+    mae_global_pool: bool = True
+    bf16: bool = True
     image_size: int = 224
     seed: int = 0
     workers: int = 4
@@ -181,6 +245,10 @@ class FinetuneSettings:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be at least 1")
+        if not 0 < self.layer_decay <= 1 or self.warmup_epochs < 0:
+            raise ValueError("layer_decay must lie in (0, 1] and warmup_epochs be at least 0")
+        if not (0 <= self.label_smoothing < 1 and 0 <= self.drop_path < 1):
+            raise ValueError("label_smoothing and drop_path must lie in [0, 1)")
         seen: dict[str, str] = {}
         for name in self.tasks:  # each names its results folder, ssl/eval/<task>/
             if not (name.isascii() and KEY_PATTERN.fullmatch(name.lower())):

@@ -19,9 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import timm
 import torch
-import torch.nn.functional as F
 from PIL import Image
+from timm.loss import LabelSmoothingCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cpia_assets.core.catalog.model import Catalog
@@ -94,39 +98,85 @@ def accuracy_and_macro_f1(matrix: list[list[int]]) -> tuple[float, float]:
     return correct / total if total else 0.0, sum(scores) / len(scores)
 
 
+@dataclass
+class Finetuning:
+    """What one fine-tuning trains with (`finetuning`)."""
+
+    network: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: CosineLRScheduler  # stepped per optimizer step (`step_update`)
+    loss: nn.Module
+
+
+def finetuning(
+    model: str,
+    weights: Path | None,
+    classes: int,
+    settings: FinetuneSettings,
+    *,
+    steps_per_epoch: int,
+    average_pool: bool = False,
+) -> Finetuning:
+    """MAE's fine-tuning of a ViT: a new head, drop-path, AdamW whose lr decays layer-wise from
+    the head (timm's groups; the schedule applies their `lr_scale`), linear warm-up then cosine
+    decay, label smoothing. `average_pool`: pool the patch tokens through `fc_norm` instead of
+    taking the class token, as MAE fine-tunes its encoders; their final `norm` is then dropped
+    and `fc_norm` starts fresh."""
+    pool = {"global_pool": "avg"} if average_pool else {}
+    network = timm.create_model(model, num_classes=classes, img_size=settings.image_size,
+                                drop_path_rate=settings.drop_path, **pool)  # fmt: skip
+    if weights:  # checked and resampled by the encoder; norm/fc_norm and head differ
+        encoder = create_encoder(model, settings.image_size, weights=weights)
+        network.load_state_dict(encoder.state_dict(), strict=False)
+    optimizer = create_optimizer_v2(network, opt="adamw", lr=settings.lr,
+                                    weight_decay=settings.weight_decay,
+                                    layer_decay=settings.layer_decay)  # fmt: skip
+    warmup = settings.warmup_epochs * steps_per_epoch
+    schedule = CosineLRScheduler(
+        optimizer, t_initial=max(settings.epochs * steps_per_epoch - warmup, 1), warmup_t=warmup,
+        warmup_prefix=True, t_in_epochs=False,
+    )  # fmt: skip
+    return Finetuning(network, optimizer, schedule,
+                      LabelSmoothingCrossEntropy(smoothing=settings.label_smoothing))  # fmt: skip
+
+
+def _autocast(device: torch.device, settings: FinetuneSettings) -> torch.autocast:
+    enabled = settings.bf16 and device.type == "cuda"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def finetune(
     task: LabelledTask,
     *,
     model: str,
     weights: Path | None,
     settings: FinetuneSettings,
+    average_pool: bool = False,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Fine-tune `model` (random init when `weights` is None) with a new linear head; the epoch
-    with the best validation accuracy is evaluated on test."""
+    """Fine-tune `model` (random init when `weights` is None) with a new linear head
+    (`finetuning`); the epoch with the best validation accuracy is evaluated on test."""
     torch.manual_seed(settings.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    network = create_encoder(model, settings.image_size, weights=weights)
-    network.reset_classifier(len(task.classes))
-    network.to(device)
     train = DataLoader(
         LabelledImages(task.splits["train"], finetune_transform(settings.image_size)),
         batch_size=settings.batch_size, shuffle=True, num_workers=settings.workers,
         generator=torch.Generator().manual_seed(settings.seed),
     )  # fmt: skip
-    optimizer = torch.optim.AdamW(
-        network.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
-    )
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
-    best_accuracy, best_epoch, best_state = -1.0, 0, None
+    run = finetuning(model, weights, len(task.classes), settings, steps_per_epoch=len(train),
+                     average_pool=average_pool)  # fmt: skip
+    network = run.network.to(device)
+    best_accuracy, best_epoch, best_state, step = -1.0, 0, None, 0
     for epoch in range(1, settings.epochs + 1):
         network.train()
         for images, labels in train:
-            loss = F.cross_entropy(network(images.to(device)), labels.to(device))
-            optimizer.zero_grad()
+            run.schedule.step_update(step)
+            step += 1
+            with _autocast(device, settings):
+                loss = run.loss(network(images.to(device)), labels.to(device))
+            run.optimizer.zero_grad()
             loss.backward()
-            optimizer.step()
-        schedule.step()
+            run.optimizer.step()
         val_accuracy, _ = accuracy_and_macro_f1(_confusion(network, task, "val", settings))
         progress(
             f"{task.name}: epoch {epoch}/{settings.epochs} validation accuracy {val_accuracy:.3f}"
@@ -184,10 +234,12 @@ def _confusion(
         LabelledImages(task.splits[split], eval_transform(settings.image_size)),
         batch_size=settings.batch_size, num_workers=settings.workers,
     )  # fmt: skip
+    device = next(network.parameters()).device
     truth, predicted = [], []
     for images, labels in loader:
         truth += labels.tolist()
-        predicted += network(images.to(next(network.parameters()).device)).argmax(1).tolist()
+        with _autocast(device, settings):
+            predicted += network(images.to(device)).argmax(1).tolist()
     return confusion_matrix(truth, predicted, len(task.classes))
 
 
@@ -344,8 +396,10 @@ def evaluate_all(
             else:
                 progress(f"fine-tuning {candidate.row_id} on {name}")
                 try:
+                    average_pool = settings.mae_global_pool and candidate.method == "MAE"
                     result = finetune(task, model=candidate.model, weights=candidate.weights,
-                                      settings=settings, progress=progress)  # fmt: skip
+                                      settings=settings, average_pool=average_pool,
+                                      progress=progress)  # fmt: skip
                     result |= frozen_evaluations(
                         task, model=candidate.model, weights=candidate.weights, settings=settings
                     )

@@ -1,7 +1,9 @@
 """MAE (He et al., 2022): mask most patches, encode the visible ones, reconstruct the masked ones.
 
 The encoder is an unmodified timm ViT (its position embedding and class token included), so the
-exported state dict is a plain timm checkpoint. The decoder is a few timm blocks.
+exported state dict is a plain timm checkpoint. The decoder is a few timm blocks. As in the
+authors' code: fixed 2-D sin-cos position embeddings (`sincos_pos_embed`, the encoder's set by
+`create_encoder`) and Xavier-uniform decoder Linears (`xavier_decoder`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from torch import nn
 
 from cpia_assets.core.training.datasets import Transform
 from cpia_assets.core.training.ssl.augment import mae_views
+from cpia_assets.core.training.ssl.common import TrainingTime, fix_sincos_pos_embed
 from cpia_assets.core.training.ssl.config import MAESettings
 
 
@@ -37,6 +40,18 @@ def random_masking(
     return shuffle[:, :keep], shuffle.argsort(dim=1)
 
 
+def reconstruction_loss(
+    prediction: torch.Tensor, target: torch.Tensor, is_masked: torch.Tensor, norm_pix: bool
+) -> torch.Tensor:
+    """Mean squared error per patch (targets normalised per patch when `norm_pix`), averaged over
+    the masked patches only: (B, L, P) predictions and targets, (B, L) mask of 0/1."""
+    if norm_pix:
+        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6).sqrt()
+    per_patch = (prediction.float() - target).pow(2).mean(-1)
+    return (per_patch * is_masked).sum() / is_masked.sum()
+
+
 class MAE(nn.Module):
     def __init__(self, encoder: nn.Module, settings: MAESettings) -> None:
         super().__init__()
@@ -58,7 +73,15 @@ class MAE(nn.Module):
         self.decoder_norm = nn.LayerNorm(dim)
         self.decoder_pred = nn.Linear(dim, self.patch**2 * 3)
         trunc_normal_(self.mask_token, std=0.02)
-        trunc_normal_(self.decoder_pos_embed, std=0.02)
+        if settings.sincos_pos_embed:
+            fix_sincos_pos_embed(self.decoder_pos_embed, tuple(encoder.patch_embed.grid_size))
+        else:
+            trunc_normal_(self.decoder_pos_embed, std=0.02)
+        if settings.xavier_decoder:
+            for name, module in self.named_modules():
+                if name.startswith("decoder") and isinstance(module, nn.Linear):
+                    nn.init.xavier_uniform_(module.weight)
+                    nn.init.zeros_(module.bias)
 
     @staticmethod
     def views(image_size: int) -> Transform:
@@ -67,11 +90,14 @@ class MAE(nn.Module):
     def export_encoder(self) -> nn.Module:
         return self.encoder
 
-    def after_step(self, progress: float) -> None:
+    def adjust_gradients(self, time: TrainingTime) -> None:
+        """MAE trains every part at every step."""
+
+    def after_step(self, time: TrainingTime) -> None:
         """MAE has no teacher."""
 
     def training_loss(
-        self, views: list[torch.Tensor], seeds: torch.Tensor, progress: float
+        self, views: list[torch.Tensor], seeds: torch.Tensor, time: TrainingTime
     ) -> torch.Tensor:
         images = views[0]
         tokens = self.encoder._pos_embed(self.encoder.patch_embed(images))
@@ -96,10 +122,7 @@ class MAE(nn.Module):
         prediction = self.decoder_pred(self.decoder_norm(self.decoder_blocks(decoded)))[
             :, self.prefix :
         ]
-        target = patchify(images, self.patch)
-        if self.settings.norm_pix_loss:
-            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-            target = (target - mean) / (var + 1e-6).sqrt()
-        per_patch = (prediction.float() - target).pow(2).mean(-1)
         is_masked = (restore >= keep).float()  # position in the shuffled order beyond the kept ones
-        return (per_patch * is_masked).sum() / is_masked.sum()
+        return reconstruction_loss(
+            prediction, patchify(images, self.patch), is_masked, self.settings.norm_pix_loss
+        )

@@ -1,5 +1,7 @@
 """MoCo-v3 (Chen et al., 2021): a query encoder with projection and prediction MLPs matches a
-momentum encoder's keys of the other view, with a symmetric InfoNCE loss."""
+momentum encoder's keys of the other view, with a symmetric InfoNCE loss. The ViT stability
+tricks of the paper: a frozen random patch projection (`frozen_patch_embed`) and a fixed sin-cos
+position embedding (`sincos_pos_embed`, set by `create_encoder`)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from torch import nn
 from cpia_assets.core.training.datasets import Transform
 from cpia_assets.core.training.ssl.augment import moco_views
 from cpia_assets.core.training.ssl.common import (
-    cosine_momentum,
+    TrainingTime,
+    cosine_schedule,
     frozen_copy,
     gather_batches,
     momentum_update,
@@ -39,7 +42,9 @@ class MoCoV3(nn.Module):
         self.settings = settings
         hidden, out = settings.hidden_dim, settings.out_dim
         self.base = nn.Sequential(encoder, mlp(encoder.embed_dim, hidden, out, 3, last_bn=True))
-        self.predictor = mlp(out, hidden, out, 2, last_bn=False)
+        self.predictor = mlp(out, hidden, out, 2, last_bn=settings.predictor_last_bn)
+        if settings.frozen_patch_embed:
+            encoder.patch_embed.proj.requires_grad_(False)
         self.momentum = frozen_copy(self.base, copy.deepcopy(self.base))
 
     @staticmethod
@@ -49,23 +54,28 @@ class MoCoV3(nn.Module):
     def export_encoder(self) -> nn.Module:
         return self.base[0]
 
-    def after_step(self, progress: float) -> None:
-        momentum_update(self.base, self.momentum, cosine_momentum(self.settings.momentum, progress))
+    def adjust_gradients(self, time: TrainingTime) -> None:
+        """MoCo-v3 trains every trainable part at every step."""
+
+    def after_step(self, time: TrainingTime) -> None:
+        momentum = cosine_schedule(self.settings.momentum, 1.0, time.progress)
+        momentum_update(self.base, self.momentum, momentum)
 
     def training_loss(
-        self, views: list[torch.Tensor], seeds: torch.Tensor, progress: float
+        self, views: list[torch.Tensor], seeds: torch.Tensor, time: TrainingTime
     ) -> torch.Tensor:
         first, second = views
         q1, q2 = self.predictor(self.base(first)), self.predictor(self.base(second))
         with torch.no_grad():
             k1, k2 = self.momentum(first), self.momentum(second)
-        return self._contrastive(q1, k2) + self._contrastive(q2, k1)
-
-    def _contrastive(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """InfoNCE: each query's positive is the key of the same image; all keys of all ranks are
-        the negatives. Scaled by 2 * temperature as in the paper."""
         temperature = self.settings.temperature
-        keys, offset = gather_batches(F.normalize(keys.float(), dim=1))
-        logits = F.normalize(queries.float(), dim=1) @ keys.T / temperature
-        labels = torch.arange(queries.shape[0], device=queries.device) + offset
-        return F.cross_entropy(logits, labels) * 2 * temperature
+        return contrastive_loss(q1, k2, temperature) + contrastive_loss(q2, k1, temperature)
+
+
+def contrastive_loss(queries: torch.Tensor, keys: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE: each query's positive is the key of the same image; all keys of all ranks are the
+    negatives. Scaled by 2 * temperature as in the paper."""
+    keys, offset = gather_batches(F.normalize(keys.float(), dim=1))
+    logits = F.normalize(queries.float(), dim=1) @ keys.T / temperature
+    labels = torch.arange(queries.shape[0], device=queries.device) + offset
+    return F.cross_entropy(logits, labels) * 2 * temperature

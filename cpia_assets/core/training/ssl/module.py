@@ -12,25 +12,41 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from timm.optim import param_groups_weight_decay
 from torch import nn
 
-from cpia_assets.core.training.datasets import StreamSlice, training_loader
-from cpia_assets.core.training.ssl.common import create_encoder
+from cpia_assets.core.training.datasets import (
+    StreamSlice,
+    count_training_images,
+    training_loader,
+)
+from cpia_assets.core.training.ssl.common import (
+    TrainingTime,
+    cosine_schedule,
+    create_encoder,
+    resolve_recipe,
+    total_batch,
+)
 from cpia_assets.core.training.ssl.config import PretrainJob
 from cpia_assets.core.training.ssl.dino import DINO
 from cpia_assets.core.training.ssl.mae import MAE
 from cpia_assets.core.training.ssl.mocov3 import MoCoV3
 
-NO_DECAY = ("pos_embed", "cls_token", "mask_token", "reg_token")
+NO_DECAY = ("*pos_embed", "*cls_token", "*mask_token", "*reg_token")  # the decoder's too
 
 
 def build_method(job: PretrainJob) -> nn.Module:
     settings = job.settings
     weights = None if settings.init == "random" else settings.init
 
-    def encoder() -> nn.Module:
+    def encoder(drop_path: float = 0.0) -> nn.Module:
         return create_encoder(
-            settings.model, settings.image_size, weights=weights, dynamic_size=job.method == "dino"
+            settings.model,
+            settings.image_size,
+            weights=weights,
+            dynamic_size=job.method == "dino",
+            drop_path=drop_path,
+            sincos_pos_embed=getattr(getattr(settings, job.method), "sincos_pos_embed", False),
         )
 
     if job.method == "mae":
@@ -55,15 +71,20 @@ class PretrainModule(pl.LightningModule):
         self.job = job
         self.total_steps = total_steps
         self.method = build_method(job)
+        self.recipe = resolve_recipe(job.settings, job.method)
+        images = count_training_images(Path(job.source), job.folders)
+        self.steps_per_epoch = max(1, images) / total_batch(job.settings)
 
-    def _progress(self) -> float:
-        return self.trainer.global_step / self.total_steps
+    def _time(self) -> TrainingTime:
+        step = self.trainer.global_step
+        return TrainingTime(step / self.total_steps, step / self.steps_per_epoch)
 
     def training_step(
         self, batch: tuple[list[torch.Tensor], torch.Tensor], batch_idx: int
     ) -> torch.Tensor:
         views, seeds = batch
-        loss = self.method.training_loss(views, seeds, self._progress())
+        torch.manual_seed(int(seeds[0]))  # drop-path's masks: a resumed run draws the same ones
+        loss = self.method.training_loss(views, seeds, self._time())
         if not torch.isfinite(loss):  # stop before it reaches the weights, the curve or a file
             raise FloatingPointError(
                 f"training loss is {float(loss.detach())} at step {self.trainer.global_step + 1}: "
@@ -71,22 +92,35 @@ class PretrainModule(pl.LightningModule):
             )
         return loss
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
-        self.method.after_step(self._progress())
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, *args: Any, **kwargs: Any
+    ) -> None:
+        recipe = self.recipe
+        decay = cosine_schedule(recipe.weight_decay, recipe.weight_decay_end, self._time().progress)
+        for group in optimizer.param_groups:
+            if group["weight_decay"]:  # timm's decayed group
+                group["weight_decay"] = decay
+        super().optimizer_step(epoch, batch_idx, optimizer, *args, **kwargs)
+        self.method.after_step(self._time())
+
+    def configure_gradient_clipping(self, optimizer: Any, *args: Any, **kwargs: Any) -> None:
+        """Clip at the recipe's norm (the trainer's own setting is the same or off), then let the
+        method drop gradients of parts it holds still (DINO's last layer), in DINO's order."""
+        if self.recipe.gradient_clip:
+            self.clip_gradients(optimizer, self.recipe.gradient_clip, "norm")
+        self.method.adjust_gradients(self._time())
 
     def configure_optimizers(self) -> dict[str, Any]:
-        settings = self.job.settings
-        decay, no_decay = [], []
-        for name, parameter in self.method.named_parameters():
-            if parameter.requires_grad:
-                plain = parameter.ndim <= 1 or name.split(".")[-1] in NO_DECAY
-                (no_decay if plain else decay).append(parameter)
+        settings, recipe = self.job.settings, self.recipe
+        # Biases, norms, position embeddings and tokens are not decayed; frozen parts left out.
+        groups = param_groups_weight_decay(
+            self.method, recipe.weight_decay, no_weight_decay_list=NO_DECAY
+        )
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": settings.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=settings.lr, betas=(0.9, 0.95),
-        )  # fmt: skip
+            groups,
+            lr=recipe.base_lr,
+            betas=(recipe.beta1, recipe.beta2),
+        )
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda step: lr_factor(

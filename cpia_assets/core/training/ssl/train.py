@@ -7,9 +7,10 @@ Lightning's DDP then joins the processes torchrun started. Outputs in the job's 
 `timm/` (the encoder as a timm `local-dir:` model folder with a model card),
 `checkpoints/last.ckpt` (and one every `checkpoint_every` steps, each written beside its place
 and renamed there; a rerun resumes from last.ckpt, or from the newest readable one when last.ckpt
-cannot be read), `metrics.jsonl` (loss and learning rate per step), `loss_curve.png` and
-`summary.json` (what the asset reports). The settings are checked before training (`preflight`)
-and a loss that is not finite stops the run.
+cannot be read), `metrics.jsonl` (loss and learning rate per step, and the kNN accuracy at the
+steps `monitor.every` evaluates it: see `monitor`), `loss_curve.png`, `knn_curve.png` (when
+monitored) and `summary.json` (what the asset reports). The settings are checked before
+training (`preflight`) and a loss that is not finite stops the run.
 Under Dagster Pipes, rank 0 sends its progress lines to the asset's log.
 """
 
@@ -41,6 +42,7 @@ from cpia_assets.core.training.ssl.config import (
 )
 from cpia_assets.core.training.ssl.export import export_timm_folder
 from cpia_assets.core.training.ssl.module import MetricsRecorder, PretrainModule
+from cpia_assets.core.training.ssl.monitor import KNN_CURVE_FILE, knn_monitor
 from cpia_assets.core.training.ssl.preflight import check_job
 from cpia_assets.core.training.ssl.report import plot_curve
 
@@ -108,6 +110,7 @@ def run_training(
     steps = total_steps(job)
     module = PretrainModule(job, steps)
     recorder = MetricsRecorder(progress, log_every)
+    monitor = knn_monitor(job, module.method.export_encoder, progress)
     checkpoints = pl.callbacks.ModelCheckpoint(
         dirpath=out / "checkpoints", every_n_train_steps=settings.checkpoint_every,
         save_top_k=-1, save_last=True, filename="step-{step:07d}", auto_insert_metric_name=False,
@@ -127,7 +130,7 @@ def run_training(
         max_steps=steps,
         accumulate_grad_batches=settings.accumulation,
         gradient_clip_val=settings.gradient_clip or None,
-        callbacks=[recorder, checkpoints, *callbacks],
+        callbacks=[recorder, *([monitor] if monitor else []), checkpoints, *callbacks],
         plugins=[AtomicCheckpointIO()],
         deterministic="warn" if cuda else True,
         use_distributed_sampler=False,  # the stream splits itself over ranks
@@ -142,11 +145,17 @@ def run_training(
     trainer.fit(module, ckpt_path=resume)
     if trainer.global_rank != 0:
         return None
-    return _write_outputs(job, module, recorder, device_name(), precision)
+    knn = monitor.history if monitor else []
+    return _write_outputs(job, module, recorder, knn, device_name(), precision)
 
 
 def _write_outputs(
-    job: PretrainJob, module: PretrainModule, recorder: MetricsRecorder, device: str, precision: str
+    job: PretrainJob,
+    module: PretrainModule,
+    recorder: MetricsRecorder,
+    knn: list[dict[str, Any]],
+    device: str,
+    precision: str,
 ) -> dict[str, Any]:
     out = Path(job.out_dir)
     encoder = {k: v.detach().cpu() for k, v in module.method.export_encoder().state_dict().items()}
@@ -155,12 +164,22 @@ def _write_outputs(
     job.save(out / ENCODER_JOB_FILE)  # the evaluation labels the encoder from its own job
     export_timm_folder(copy.deepcopy(module.method.export_encoder()).cpu(), job, out)
     history = recorder.history
+    knn_at = {row["step"]: {k: row[k] for k in ("knn_accuracy", "tasks")} for row in knn}
     with atomic_path(out / "metrics.jsonl") as tmp:
-        tmp.write_text("".join(json.dumps(row, allow_nan=False) + "\n" for row in history))
+        tmp.write_text("".join(json.dumps(row | knn_at.get(row["step"], {}), allow_nan=False)
+                               + "\n" for row in history))  # fmt: skip
     plot_curve(
         [row["step"] for row in history], [row["loss"] for row in history], out / LOSS_CURVE_FILE,
         title=f"{job.method} on {job.data}: training loss",
     )  # fmt: skip
+    if knn:
+        plot_curve(
+            [row["step"] for row in knn], [row["knn_accuracy"] for row in knn],
+            out / KNN_CURVE_FILE,
+            title=f"{job.method} on {job.data}: kNN accuracy ({', '.join(knn[-1]['tasks'])})",
+        )  # fmt: skip
+    else:
+        (out / KNN_CURVE_FILE).unlink(missing_ok=True)  # an earlier run's curve
     summary = {
         "method": job.method,
         "data": job.data,
@@ -173,6 +192,7 @@ def _write_outputs(
         "device": device,
         "precision": precision,
         "encoder": str(out / ENCODER_FILE),
+        "knn_accuracy": knn,  # per monitored step: mean over tasks, and each task's
     }
     with atomic_path(out / SUMMARY_FILE) as tmp:
         tmp.write_text(json.dumps(summary, indent=2, allow_nan=False))  # NaN is not JSON

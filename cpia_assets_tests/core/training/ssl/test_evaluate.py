@@ -3,6 +3,8 @@ the best epoch chosen on validation, result reuse, encoder labels, Table II."""
 
 from __future__ import annotations
 
+import itertools
+import math
 import re
 import shutil
 from dataclasses import fields, replace
@@ -24,10 +26,12 @@ from cpia_assets.core.training.ssl.config import (
 )
 from cpia_assets.core.training.ssl.evaluate import (
     Candidate,
+    Finetuning,
     accuracy_and_macro_f1,
     candidates,
     confusion_matrix,
     finetune,
+    finetuning,
     result_fingerprint,
 )
 from cpia_assets.core.training.ssl.table import table_ii_markdown
@@ -145,7 +149,9 @@ def test_results_are_reused_only_when_nothing_they_depend_on_changed(tmp_path: P
     base = result_fingerprint(settings, task, candidate, "random")
     changed = {"epochs": 3, "batch_size": 4, "lr": 0.5, "weight_decay": 0.1, "image_size": 32,
                "seed": 9, "workers": 1, "random_init_baseline": False, "imagenet_init": "w.pth",
-               "baseline_model": "vit_small_patch16_224"}  # fmt: skip
+               "baseline_model": "vit_small_patch16_224", "layer_decay": 0.65,
+               "warmup_epochs": 0, "label_smoothing": 0.0, "drop_path": 0.2,
+               "mae_global_pool": False, "bf16": False}  # fmt: skip
     assert set(changed) == {f.name for f in fields(FinetuneSettings)} - {"tasks", "task_sources"}
     for name, value in changed.items():
         other = replace(settings, **{name: value})
@@ -155,6 +161,108 @@ def test_results_are_reused_only_when_nothing_they_depend_on_changed(tmp_path: P
     assert result_fingerprint(settings, moved, candidate, "random") != base
     other_task = replace(settings, tasks={"cells": "x", "more": "y"})
     assert result_fingerprint(other_task, task, candidate, "random") == base
+
+
+TINY = "vit_tiny_patch16_224"
+
+
+def _lr(run: Finetuning, name: str) -> float:
+    parameter = dict(run.network.named_parameters())[name]
+    return next(
+        g["lr"] for g in run.optimizer.param_groups if any(p is parameter for p in g["params"])
+    )
+
+
+def test_the_lr_decays_layer_wise_from_the_head_and_warms_up_then_decays() -> None:
+    settings = FinetuneSettings(image_size=32, lr=1e-3, epochs=4, warmup_epochs=1)
+    run = finetuning(TINY, None, 3, settings, steps_per_epoch=5)
+    depth = len(run.network.blocks)
+    head, stem = [], []
+    for step in range(20):
+        run.schedule.step_update(step)
+        head.append(_lr(run, "head.weight"))
+        stem.append(_lr(run, "patch_embed.proj.weight"))
+        if step == 5:  # the peak: warm-up over
+            blocks = [_lr(run, f"blocks.{k}.attn.qkv.weight") for k in range(depth)]
+    assert head[:6] == pytest.approx([1e-3 * step / 5 for step in range(6)])
+    assert stem[5] == pytest.approx(1e-3 * 0.75 ** (depth + 1))
+    assert blocks == pytest.approx([1e-3 * 0.75 ** (depth - k) for k in range(depth)])
+    assert all(a > b for a, b in itertools.pairwise(head[5:]))  # cosine decay to the end
+    assert head[-1] == pytest.approx(1e-3 * (1 + math.cos(math.pi * 14 / 15)) / 2)
+    ratios = [s / h for s, h in zip(stem[1:], head[1:], strict=True)]
+    assert ratios == pytest.approx([0.75 ** (depth + 1)] * 19)
+
+
+def test_the_loss_is_label_smoothed() -> None:
+    run = finetuning(TINY, None, 3, FinetuneSettings(image_size=32), steps_per_epoch=1)
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
+    expected = 0.0
+    for row, label in zip(logits.tolist(), (0, 2), strict=True):
+        log_z = math.log(sum(math.exp(x) for x in row))
+        nll = [log_z - x for x in row]
+        expected += (0.9 * nll[label] + 0.1 * sum(nll) / 3) / 2
+    assert run.loss(logits, torch.tensor([0, 2])).item() == pytest.approx(expected)
+
+
+def test_drop_path_rises_over_the_blocks_to_the_setting() -> None:
+    run = finetuning(TINY, None, 3, FinetuneSettings(image_size=32), steps_per_epoch=1)
+    rates = [getattr(block.drop_path1, "drop_prob", 0.0) for block in run.network.blocks]
+    depth = len(rates)
+    assert rates == pytest.approx([0.1 * k / (depth - 1) for k in range(depth)])
+
+
+def test_mae_encoders_are_fine_tuned_with_average_pooling_and_fc_norm(tmp_path: Path) -> None:
+    encoder = tmp_path / "encoder.pth"
+    state = {
+        k: torch.rand_like(v) for k, v in evaluate.create_encoder(TINY, 32).state_dict().items()
+    }
+    torch.save(state, encoder)
+    settings = FinetuneSettings(image_size=32)
+    pooled = finetuning(TINY, encoder, 2, settings, steps_per_epoch=1, average_pool=True).network
+    assert pooled.global_pool == "avg" and isinstance(pooled.norm, torch.nn.Identity)
+    assert isinstance(pooled.fc_norm, torch.nn.LayerNorm)
+    assert torch.equal(pooled.fc_norm.weight, torch.ones(192))  # fresh, as MAE's
+    token = finetuning(TINY, encoder, 2, settings, steps_per_epoch=1).network
+    assert token.global_pool == "token" and isinstance(token.fc_norm, torch.nn.Identity)
+    assert torch.equal(token.norm.weight, state["norm.weight"])
+    for network in (pooled, token):
+        assert torch.equal(network.blocks[5].mlp.fc1.weight, state["blocks.5.mlp.fc1.weight"])
+
+
+def test_bf16_autocast_is_on_only_on_cuda_and_when_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch, "autocast", lambda kind, dtype, enabled: (kind, dtype, enabled))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert evaluate._autocast(cuda, FinetuneSettings()) == ("cuda", torch.bfloat16, True)
+    assert evaluate._autocast(cuda, FinetuneSettings(bf16=False))[2] is False
+    assert evaluate._autocast(cpu, FinetuneSettings())[2] is False
+
+
+def test_only_mae_candidates_get_average_pooling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layout = DataLayout(tmp_path / "data")
+    for method in ("mae", "dino"):
+        out = layout.ssl_checkpoint_dir(method, "cpia")
+        job = PretrainJob(method, "cpia", str(tmp_path), ("S",), str(out),
+                          PretrainSettings(model=TINY))  # fmt: skip
+        prepare_run_dir(job)
+        torch.save({"cls_token": torch.zeros(1, 1, 8)}, out / ENCODER_FILE)
+        job.save(out / ENCODER_JOB_FILE)
+    pooling: dict[str, bool] = {}
+
+    def spy(task: object, *, model: str, weights: Path | None, settings: object,
+            average_pool: bool, progress: object) -> dict:  # fmt: skip
+        pooling[weights.parent.name if weights else "random"] = average_pool
+        return {"task": "cells"}
+
+    monkeypatch.setattr(evaluate, "finetune", spy)
+    monkeypatch.setattr(evaluate, "frozen_evaluations", lambda *args, **kwargs: {})
+    root = labelled_task(tmp_path / "cells", {"train": 2, "val": 1, "test": 1})
+    settings = FinetuneSettings(tasks={"cells": str(root)}, baseline_model=TINY)
+    for mae_global_pool in (True, False):
+        evaluate.evaluate_all(layout, load_catalog("demo"), replace(
+            settings, mae_global_pool=mae_global_pool), progress=lambda _: None)  # fmt: skip
+        assert pooling == {"mae__cpia": mae_global_pool, "dino__cpia": False, "random": False}
 
 
 def test_table_ii_labels_its_cells_and_flags_leaks_and_missing_exclusions() -> None:

@@ -27,7 +27,13 @@ from cpia_assets.core.training.ssl.config import (
 from cpia_assets.core.training.ssl.preflight import check_job
 from cpia_assets.core.training.ssl.train import run_training
 from cpia_assets_tests.support.small_disk import resize, tmpfs
-from cpia_assets_tests.support.ssl_data import tiny_settings, write_folder_tree, write_shards
+from cpia_assets_tests.support.ssl_data import (
+    Interrupt,
+    InterruptAt,
+    tiny_settings,
+    write_folder_tree,
+    write_shards,
+)
 
 torch.set_num_threads(1)  # the test machine's cores are shared
 
@@ -61,7 +67,9 @@ DINO_FIXED_CENTRE = replace(tiny_settings().dino, center_momentum=1.0)
 def test_method_learns_and_exports_a_strict_timm_encoder(
     mini: Path, tmp_path: Path, method: str, overrides: dict
 ) -> None:
-    summary = run_training(job(mini, tmp_path, method, **overrides), log_every=100)
+    initial = InitialEncoder()
+    summary = run_training(job(mini, tmp_path, method, **overrides), callbacks=[initial],
+                           log_every=100)  # fmt: skip
     assert summary is not None
     history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = overrides["steps"]
@@ -78,25 +86,17 @@ def test_method_learns_and_exports_a_strict_timm_encoder(
     exported = torch.load(encoder, weights_only=True)
     assert len(exported) == 150 and not any(k.startswith(("head", "decoder")) for k in exported)
     assert all(torch.equal(v, exported[k]) for k, v in model.state_dict().items())
-    untrained = create_encoder("vit_tiny_patch16_224", 64).state_dict()
-    assert not torch.equal(
-        untrained["blocks.0.attn.qkv.weight"], exported["blocks.0.attn.qkv.weight"]
+    assert not torch.equal(  # trained: moved from this run's own initial weights
+        initial.state["blocks.0.attn.qkv.weight"], exported["blocks.0.attn.qkv.weight"]
     )
 
 
-class Interrupt(Exception):
-    pass
+class InitialEncoder(pl.Callback):
+    """The encoder a run exports, as it was when training started."""
 
-
-class InterruptAt(pl.Callback):
-    """Simulates a crash after optimizer step `step` (its checkpoint is written)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
-        if trainer.global_step == self.step:
-            raise Interrupt
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        encoder = pl_module.method.export_encoder()
+        self.state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
