@@ -13,6 +13,7 @@ from cpia_assets.core.schema import MiniReason
 from cpia_assets.core.training.exclusions import (
     ExclusionError,
     Exclusions,
+    ExclusionSettings,
     matched_rules,
     unmatched_rules,
 )
@@ -65,10 +66,7 @@ def build_cpia_mini(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         key = context.partition_key
         layout = store.layout
         settings = settings_from(config, MiniSettings)
-        try:
-            exclusions = Exclusions.load(settings.exclusions)
-        except ExclusionError as exc:
-            raise dg.Failure(str(exc)) from exc
+        exclusions = _load_exclusions(settings.exclusions)
         quota = xl_quota(store.catalog(), key, settings, exclusions)
         tiles = read_records(layout, key, "tiles")
         unmatched = unmatched_rules(exclusions, matched_rules(key, tiles, exclusions), [key])
@@ -102,6 +100,14 @@ def build_cpia_mini(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         )
 
     return cpia_mini
+
+
+def _load_exclusions(settings: ExclusionSettings) -> Exclusions:
+    """The exclusion rules of a Mini or export run; an unusable rule or list fails the run."""
+    try:
+        return Exclusions.load(settings)
+    except ExclusionError as exc:
+        raise dg.Failure(str(exc)) from exc
 
 
 def _mini_metadata(result: MiniResult, root: Path) -> dict[str, Any]:
@@ -167,10 +173,7 @@ def build_training_shards() -> dg.AssetsDefinition:
         variant = context.partition_key
         layout = store.layout
         settings = settings_from(config, ShardSettings)
-        try:
-            exclusions = Exclusions.load(settings.exclusions)
-        except ExclusionError as exc:
-            raise dg.Failure(str(exc)) from exc
+        exclusions = _load_exclusions(settings.exclusions)
         if not settings.apply_exclusions:
             context.log.warning(f"{variant}: exclusions off: evaluation images are exported too")
         images = variant_sidecars(
