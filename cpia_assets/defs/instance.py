@@ -5,6 +5,7 @@ concurrency of steps across runs: `duckdb` (limit 1) keeps tile_manifest and its
 process with manifest.duckdb open; `downloads` bounds how many raw_download steps run at once;
 `gpu` (limit 1 per GPU host) keeps two trainings or evaluations off the same GPU.
 Run monitoring lets the daemon free the slots of ended runs; `pools.py` frees those of killed ones.
+Storage: SQLite files under DAGSTER_HOME, or PostgreSQL where DAGSTER_PG_HOST is set (below).
 `make demo` and `make ui` prepare DAGSTER_HOME with `python -m cpia_assets.defs.instance`;
 `python -m cpia_assets.defs.instance --pools` frees the slots of dead runs and lists who waits.
 """
@@ -41,6 +42,12 @@ run_coordinator:
 concurrency:
   runs:
     max_concurrent_runs: {{max_concurrent_runs}}
+    # One run per partition at a time (builds of one partition would fight over its outputs);
+    # `dagster asset materialize` bypasses the queue, the partition lock (defs/locks.py) not.
+    tag_concurrency_limits:
+    - key: dagster/partition
+      value: {{{{applyLimitPerUniqueValue: true}}}}
+      limit: 1
   pools:
     granularity: op
     default_limit: 1
@@ -50,6 +57,44 @@ run_monitoring:
   enabled: true
   free_slots_after_run_end_seconds: 30
 """
+
+
+# Instance storage (runs, events, schedules, pool slots) in PostgreSQL when DAGSTER_PG_HOST is set
+# where `prepare_instance` runs (needs `pip install -e ".[postgres]"`); SQLite files under
+# DAGSTER_HOME otherwise. dagster.yaml names the variables, not their values, so every process
+# that opens the instance (CLI, daemon, webserver, run workers) needs them set too.
+PG_REQUIRED = ("DAGSTER_PG_HOST", "DAGSTER_PG_USER", "DAGSTER_PG_PASSWORD")
+PG_DEFAULTS: Mapping[str, str] = {"DAGSTER_PG_PORT": "5432", "DAGSTER_PG_DB": "dagster"}
+_PG_FIELDS = {
+    "hostname": "DAGSTER_PG_HOST",
+    "port": "DAGSTER_PG_PORT",
+    "username": "DAGSTER_PG_USER",
+    "password": "DAGSTER_PG_PASSWORD",
+    "db_name": "DAGSTER_PG_DB",
+}
+
+
+def storage_yaml(env: Mapping[str, str]) -> str:
+    """dagster.yaml's `storage:` section for `env`: Postgres when DAGSTER_PG_HOST is set (each
+    field read from its variable at run time; port and database default to 5432 and
+    `dagster`), nothing (Dagster's SQLite default) otherwise."""
+    if not env.get("DAGSTER_PG_HOST"):
+        return ""
+    missing = [name for name in PG_REQUIRED if not env.get(name)]
+    if missing:
+        raise dg.DagsterInvariantViolationError(
+            f"DAGSTER_PG_HOST is set but {', '.join(missing)} is not: Postgres instance storage "
+            "needs host, user and password (DAGSTER_PG_PORT and DAGSTER_PG_DB are optional)"
+        )
+    lines = ["# Instance storage in PostgreSQL: DAGSTER_PG_HOST was set (instance.py).",
+             "storage:", "  postgres:", "    postgres_db:"]  # fmt: skip
+    for field, name in _PG_FIELDS.items():
+        value = f"{{env: {name}}}" if env.get(name) else PG_DEFAULTS[name]
+        lines.append(f"      {field}: {value}")
+    # SQLAlchemy 2.1 takes psycopg (3) for a bare postgresql:// URL; dagster-postgres ships
+    # psycopg2.
+    lines.append("      scheme: postgresql+psycopg2")
+    return "\n".join(lines) + "\n"
 
 
 def ensure_pool_limits(
@@ -73,16 +118,41 @@ def ensure_pool_limits(
             storage.set_concurrency_slots(pool, limit)
 
 
-def prepare_instance(home: Path, max_concurrent_runs: int = MAX_CONCURRENT_RUNS) -> Path:
+def prepare_instance(
+    home: Path,
+    max_concurrent_runs: int = MAX_CONCURRENT_RUNS,
+    env: Mapping[str, str] | None = None,
+) -> Path:
     """Create DAGSTER_HOME with the platform's dagster.yaml (unless the user has their own: an
-    earlier version of ours is brought up to date) and set the pool limits on that instance."""
+    earlier version of ours is brought up to date) and set the pool limits on that instance.
+    Its storage follows `env` (default: this process's environment), see `storage_yaml`."""
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
     if not config.exists() or config.read_text().startswith(_HEADER):
-        config.write_text(INSTANCE_YAML.format(max_concurrent_runs=max_concurrent_runs))
+        storage = storage_yaml(os.environ if env is None else env)
+        config.write_text(INSTANCE_YAML.format(max_concurrent_runs=max_concurrent_runs) + storage)
     with dg.DagsterInstance.from_config(str(home)) as instance:
         ensure_pool_limits(instance)
     return config
+
+
+PARTITION_LIMIT_NOTE = """\
+Note: this dagster.yaml is not the platform's and its run queue lets two runs of one partition
+start at once (they then wait for each other's partition lock). To have the queue keep them
+apart, add under concurrency: runs:
+    tag_concurrency_limits:
+    - {key: dagster/partition, value: {applyLimitPerUniqueValue: true}, limit: 1}"""
+
+
+def limits_runs_per_partition(instance: dg.DagsterInstance) -> bool:
+    """Whether the instance's run queue starts at most one run per partition (INSTANCE_YAML)."""
+    limits = instance.get_concurrency_config().run_queue_config.tag_concurrency_limits or []
+    return any(
+        limit.get("key") == "dagster/partition"
+        and limit.get("value") == {"applyLimitPerUniqueValue": True}
+        and limit.get("limit") == 1
+        for limit in limits
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,6 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     home = Path(args.home or os.environ["DAGSTER_HOME"])
     if not args.pools:
         print(f"Dagster instance ready: {prepare_instance(home)}")
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            if not limits_runs_per_partition(instance):
+                print(PARTITION_LIMIT_NOTE)
         return
     with dg.DagsterInstance.from_config(str(home)) as instance:
         freed = free_dead_run_slots(instance)

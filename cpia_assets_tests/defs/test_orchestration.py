@@ -1,5 +1,6 @@
 """A real backfill under `dagster-daemon` on a temporary instance: the run queue, pools and
-backfill tags as a user gets them with `make ui` or the README's commands. (Four partition runs
+backfill tags as a user gets them with `make ui` or the README's commands, on SQLite and on
+PostgreSQL instance storage (a real server, `support/postgres.py`). (Four partition runs
 and the manifest at once from the CLI: `test_manifest.py`,
 `test_partition_runs_beside_manifest_runs_lose_nothing`.)"""
 
@@ -21,6 +22,7 @@ from PIL import Image
 from cpia_assets.definitions import PARTITIONED_ASSETS
 from cpia_assets.defs.automation import SENSOR_NAME
 from cpia_assets.defs.instance import prepare_instance
+from cpia_assets_tests.support.postgres import use_postgres
 from cpia_assets_tests.support.processes import stop_process_group
 
 KEYS = ("cells-a", "cells-b", "cells-c")
@@ -47,8 +49,15 @@ def _catalog(root: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def platform_env(tmp_path: Path) -> dict[str, str]:
+@pytest.fixture(params=["sqlite", "postgres"])
+def platform_env(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, str]:
+    """The instance on SQLite files under DAGSTER_HOME, or on a real PostgreSQL server."""
+    if request.param == "postgres":
+        use_postgres(monkeypatch)
+    else:
+        monkeypatch.delenv("DAGSTER_PG_HOST", raising=False)
     home = tmp_path / "home"
     prepare_instance(home, max_concurrent_runs=MAX_RUNS)
     return {
