@@ -50,6 +50,16 @@ class OutputWriteError(Exception):
         return type(self), (self.path, self.reason)
 
 
+class OutputLostError(OutputWriteError):
+    """A temporary output vanished while it was written or before it was renamed into place:
+    an internal error (another process removed it, or a bug), never a fault of the input, so a
+    stage fails instead of recording a per-item failure."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        self.path, self.reason = str(path), reason
+        Exception.__init__(self, f"internal error while writing {self.path}: {reason}")
+
+
 def output_fault(exc: BaseException, path: Path | str) -> OutputWriteError | None:
     """`exc`, raised while writing `path`, as an `OutputWriteError` when the output side is at
     fault (one of `OUTPUT_ERRNOS`), else None (a fault of the input, or a bug)."""
@@ -101,7 +111,8 @@ def atomic_path(final: Path) -> Iterator[Path]:
 
     Works for files and folders. On error the temporary path is removed and `final` is
     untouched; an output-side fault (disk full ...) is raised as `OutputWriteError` naming
-    `final`.
+    `final`, and any error once the temporary folder has vanished (whatever the writer made of
+    it, e.g. a libvips write error) or a rename that finds no temporary as `OutputLostError`.
     """
     final = Path(final)
     with writing(final):
@@ -109,12 +120,27 @@ def atomic_path(final: Path) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
         target = tmp / final.name
         try:
-            yield target
+            try:
+                yield target
+            except Exception as exc:
+                if not tmp.is_dir():
+                    raise _lost(final, tmp, "while it was written", exc) from exc
+                raise
             if final.is_dir() and not final.is_symlink():
                 shutil.rmtree(final)
-            target.replace(final)
+            try:
+                target.replace(final)
+            except FileNotFoundError as exc:
+                raise _lost(final, target, "before it was renamed into place", exc) from exc
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _lost(final: Path, tmp: Path, when: str, exc: BaseException) -> OutputLostError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return OutputLostError(
+        final, f"the temporary {tmp} vanished {when} (removed by another process?): {first}"
+    )
 
 
 def write_parquet_atomic(frame: pl.DataFrame, path: Path) -> Path:

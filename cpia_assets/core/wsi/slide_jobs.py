@@ -8,12 +8,19 @@ is redone. The TIFF is written to a temporary sibling and renamed into place bef
 is written, so an interrupted slide leaves nothing at its final name. At the end of a partition
 the TIFF and marker of every slide that is no longer an input or failed this time are deleted,
 so the TIFFs on disk are exactly the records.
+
+One build of a partition at a time: the caller holds the partition's lock (`core/locks.py`,
+taken by the asset), since a job removes the temporaries it finds beside its output (those of
+an interrupted run) and `finish` deletes what this build did not record. A temporary that
+vanishes anyway, or a rename that fails, is an internal error (`OutputLostError`) and fails the
+stage; only a slide that cannot be read or used is a per-slide failure.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
@@ -24,6 +31,7 @@ from typing import Any
 from cpia_assets.core.catalog.model import WsiOptions
 from cpia_assets.core.fsutil import OutputWriteError, atomic_path, sha256_file
 from cpia_assets.core.layout import DataLayout
+from cpia_assets.core.locks import die_with_owner, owner_token
 from cpia_assets.core.parallel import map_unordered
 from cpia_assets.core.stage import StageResult, failure
 from cpia_assets.core.wsi.settings import StandardizeSettings
@@ -44,6 +52,7 @@ class SlideJob:
     options: WsiOptions
     settings: StandardizeSettings
     known_sha256: str | None = None  # the source's digest, when already known
+    owner: str | None = None  # the partition's build process (`locks.owner_token`)
 
 
 @dataclass(frozen=True)
@@ -120,6 +129,7 @@ def slide_jobs(
                 options=options,
                 settings=settings,
                 known_sha256=(known_sha256 or {}).get(source),
+                owner=owner_token(),
             )
         )
     return jobs, collector
@@ -154,14 +164,25 @@ class SlidesCollector:
 def run_slide_job(job: SlideJob, strips: StripConsumer | None = None) -> SlideOutcome:
     """Worker: one slide, reused when its marker matches, failures recorded not raised (an
     unexpected error too, so that the siblings still finish). An output-side fault (disk
-    full) is raised: it is no fault of the slide, and fails the stage. `strips` receives the
-    pixels of a slide that is standardized now (`standardize_slide`), never of one reused."""
+    full, a write that failed, a temporary that vanished: `OutputWriteError` and its
+    `OutputLostError`) is raised: it is no fault of the slide, and fails the stage. `strips`
+    receives the pixels of a slide that is standardized now (`standardize_slide`), never of one
+    reused."""
+    _die_with_owner(job)
     try:
         return _standardize_or_reuse(job, strips)
     except OutputWriteError:
         raise
     except Exception as exc:  # recorded, not raised: see the docstring
         return failed_slide_job(job, f"{type(exc).__name__}: {exc}")
+
+
+def _die_with_owner(job: SlideJob) -> None:
+    """A local worker process dies with the build that started it: once a killed build's lock
+    is taken over, none of its workers may go on writing (or removing temporaries) there.
+    Only for a child of the owner: in-process jobs and Dask workers are left alone."""
+    if job.owner and int(job.owner.split(":")[0]) == os.getppid():
+        die_with_owner(job.owner)
 
 
 def failed_slide_job(job: SlideJob, cause: str) -> SlideOutcome:
@@ -218,6 +239,18 @@ def _standardize_or_reuse(job: SlideJob, strips: StripConsumer | None) -> SlideO
     return SlideOutcome(job.source_file, record=record, message=message)
 
 
+def recorded_result(job: SlideJob) -> dict[str, Any] | None:
+    """The slide's record when a rerun would reuse it, judged without reading the source (its
+    digest known from raw_download); None when that cannot be told or it would not."""
+    if job.known_sha256 is None or not job.output.is_file():
+        return None
+    try:
+        size = job.source.stat().st_size
+    except OSError:
+        return None
+    return _load_marker(job.marker, _fingerprint(job, job.known_sha256, size))
+
+
 def _fingerprint(job: SlideJob, source_sha256: str, source_bytes: int) -> str:
     options = job.options
     overrides = options.mpp_overrides
@@ -260,7 +293,8 @@ def _remove_unrecorded_slides(layout: DataLayout, key: str, *, keep: set[str]) -
 
 
 def _remove_stale_temporaries(output: Path) -> None:
-    """Temporary folders left by an interrupted run of this slide (see `fsutil.atomic_path`)."""
+    """Temporary folders left by an interrupted run of this slide (see `fsutil.atomic_path`).
+    Safe only under the partition's lock: another build's would be work in progress."""
     if output.parent.is_dir():
         for stale in output.parent.glob(f".{output.name}.*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)

@@ -33,7 +33,7 @@ import numpy as np
 import pyvips
 
 from cpia_assets.core.catalog.model import WsiOptions
-from cpia_assets.core.fsutil import atomic_path, output_fault
+from cpia_assets.core.fsutil import OutputWriteError, atomic_path, output_fault
 from cpia_assets.core.wsi.pyramid import save_pyramid, write_pyramid_tiff
 from cpia_assets.core.wsi.resample import ResamplePlan, plan_resample, resample_rows, shrink_image
 from cpia_assets.core.wsi.settings import StandardizeSettings
@@ -141,12 +141,17 @@ def _write_standardized(
 @contextlib.contextmanager
 def _reading_level(reader: SlideReader, level: int, dest: Path) -> Iterator[None]:
     """A libvips error inside the block that is no output fault is the slide's: its level
-    cannot be decoded."""
+    cannot be decoded. A failed write of `dest` is never the slide's (`OutputWriteError`; a
+    temporary that vanished meanwhile becomes `OutputLostError` in `atomic_path`)."""
     try:
         yield
     except pyvips.Error as exc:
         if output_fault(exc, dest):
             raise  # disk full ...: no fault of the slide; `atomic_path` names the final path
+        text = f"{exc}\n{getattr(exc, 'detail', '')}"
+        if f"{dest}: write error" in text or "wbuffer_write: write failed" in text:
+            first = text.strip().splitlines()[0]
+            raise OutputWriteError(dest, f"libvips could not write it: {first}") from exc
         raise SlideReadError(reader.path, f"cannot read level {level}: {exc}") from exc
 
 

@@ -16,6 +16,7 @@ from cpia_assets.core.downloads import (
 from cpia_assets.core.downloads.source_versions import source_version
 from cpia_assets.defs.automation import observe_sources
 from cpia_assets.defs.instance import DOWNLOADS_POOL
+from cpia_assets.defs.locks import LOCK_RESOURCES, PartitionLocks
 from cpia_assets.defs.records import (
     config_class,
     failures_markdown,
@@ -87,6 +88,7 @@ def build_raw_download(partitions: dg.PartitionsDefinition) -> dg.AssetsDefiniti
         partitions_def=partitions,
         deps=[SOURCE_ASSET],
         pool=DOWNLOADS_POOL,
+        resource_defs=LOCK_RESOURCES,
         group_name="ingest",
         code_version="1",
         kinds={"python", "file"},
@@ -98,28 +100,32 @@ def build_raw_download(partitions: dg.PartitionsDefinition) -> dg.AssetsDefiniti
         ),
     )
     def raw_download(
-        context: dg.AssetExecutionContext, config: DownloadConfig, store: CpiaStore
+        context: dg.AssetExecutionContext,
+        config: DownloadConfig,
+        store: CpiaStore,
+        partition_locks: PartitionLocks,
     ) -> dg.MaterializeResult:
         key = context.partition_key
         entry = store.entry(key)
         layout = store.layout
-        try:
-            rows = fetch_source(
-                entry.source,
-                layout.raw_dir(key),
-                settings=settings_from(config, DownloadSettings),
-                progress=progress_logger(context),
-            )
-        except SourceIncomplete as incomplete:
-            # Good files stay on disk and are recorded; the rerun fetches only the failed ones.
-            write_records(context, layout, "raw_files", incomplete.rows, schema.RAW_FILES)
-            write_failures(context, layout, incomplete.failures)
-            raise dg.Failure(
-                str(incomplete).splitlines()[0],
-                metadata={"failures": dg.MetadataValue.md(failures_markdown(incomplete.failures))},
-            ) from incomplete
-        write_records(context, layout, "raw_files", rows, schema.RAW_FILES)
-        write_failures(context, layout, [])
+        with partition_locks.hold(context, store):  # one build of a partition at a time
+            try:
+                rows = fetch_source(
+                    entry.source,
+                    layout.raw_dir(key),
+                    settings=settings_from(config, DownloadSettings),
+                    progress=progress_logger(context),
+                )
+            except SourceIncomplete as incomplete:
+                # Good files stay on disk and are recorded; the rerun fetches only failed ones.
+                write_records(context, layout, "raw_files", incomplete.rows, schema.RAW_FILES)
+                write_failures(context, layout, incomplete.failures)
+                failures = dg.MetadataValue.md(failures_markdown(incomplete.failures))
+                raise dg.Failure(
+                    str(incomplete).splitlines()[0], metadata={"failures": failures}
+                ) from incomplete
+            write_records(context, layout, "raw_files", rows, schema.RAW_FILES)
+            write_failures(context, layout, [])
         return dg.MaterializeResult(
             metadata={
                 "files": len(rows),

@@ -29,6 +29,7 @@ from cpia_assets.defs.assets.tiles import (
     scale_tiles_result,
     tile_stored_slides,
 )
+from cpia_assets.defs.locks import LOCK_RESOURCES, PartitionLocks
 from cpia_assets.defs.records import (
     config_class,
     failures_markdown,
@@ -75,12 +76,14 @@ def build_standardize_and_tile(partitions: dg.PartitionsDefinition) -> dg.Assets
         specs=[STANDARDIZED_WSI, SCALE_TILES],
         partitions_def=partitions,
         can_subset=True,
+        resource_defs=LOCK_RESOURCES,
     )
     def standardize_and_tile(
         context: dg.AssetExecutionContext,
         config: StandardizeConfig,
         store: CpiaStore,
         workers: WorkerPool,
+        partition_locks: PartitionLocks,
     ) -> Iterator[dg.MaterializeResult]:
         entry = store.entry(context.partition_key)
         tiling = with_thresholds(
@@ -88,7 +91,8 @@ def build_standardize_and_tile(partitions: dg.PartitionsDefinition) -> dg.Assets
         )
         selected = context.selected_asset_keys
         tiles: StageResult | None = None
-        with workers.executor() as executor:
+        # One build of a partition at a time: a second one would delete this one's temporaries.
+        with partition_locks.hold(context, store), workers.executor() as executor:
             if STANDARDIZED_WSI.key in selected:
                 fused = tiling if SCALE_TILES.key in selected and entry.kind == "wsi" else None
                 standardized, tiles = _standardize(context, config, store, executor, fused)

@@ -11,11 +11,21 @@ import ctypes
 import json
 import os
 import signal
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+
+from cpia_assets.core.locks import die_with_owner, identity, owner_token, start_time, write_new
+
+__all__ = [
+    "LOCK_FILE",
+    "OWNER_ENV",
+    "RunFolderBusy",
+    "owner_token",
+    "run_lock",
+    "start_time",
+    "training_process",
+]
 
 LOCK_FILE = ".lock"
 OWNER_ENV = "CPIA_TRAINING_OWNER"
@@ -25,27 +35,6 @@ _PR_SET_PDEATHSIG = 1
 
 class RunFolderBusy(RuntimeError):
     """Another live process trains in this run folder."""
-
-
-def start_time(pid: int) -> int | None:
-    """The start time of process `pid` (clock ticks since boot), None when it is not running (no
-    such process, or a zombie: dead, not yet reaped)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rpartition(")")[2].split()  # from field 3 on; the name may hold spaces
-    return None if fields[0] == "Z" else int(fields[19])
-
-
-def identity(pid: int | None = None) -> dict[str, int | None]:
-    pid = os.getpid() if pid is None else pid
-    return {"pid": pid, "start": start_time(pid)}
-
-
-def owner_token() -> str:
-    """This process as the `OWNER_ENV` value of the training processes it starts."""
-    return f"{os.getpid()}:{start_time(os.getpid())}"
 
 
 def _holder(path: Path) -> dict | None:
@@ -58,19 +47,6 @@ def _holder(path: Path) -> dict | None:
     return holder if started is not None and started == holder["start"] else None
 
 
-def _write_new(path: Path, record: dict) -> bool:
-    """Create `path` holding `record` in one step; False when it exists already."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record))
-    try:
-        os.link(tmp, path)  # fails when `path` exists; readers never see it half-written
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        tmp.unlink()
-
-
 @contextmanager
 def run_lock(folder: Path) -> Iterator[None]:
     """Hold the run folder for this process; RunFolderBusy names a live holder or a training
@@ -81,7 +57,7 @@ def run_lock(folder: Path) -> Iterator[None]:
     def registered() -> list[Path]:
         return list(folder.glob(f"{LOCK_FILE}.*[0-9]"))
 
-    while not _write_new(path, me):
+    while not write_new(path, json.dumps(me)):
         _refuse_if_live(folder, [path, *registered()])
         for stale in [path, *registered()]:
             stale.unlink(missing_ok=True)
@@ -111,8 +87,7 @@ def training_process(folder: Path) -> Iterator[None]:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     owner = os.environ.get(OWNER_ENV)
     if owner:
-        pid, start = (int(part) for part in owner.split(":"))
-        threading.Thread(target=_watch, args=(pid, start), daemon=True).start()
+        die_with_owner(owner)
     path = folder / f"{LOCK_FILE}.{os.getpid()}"
     path.write_text(json.dumps(identity()))
     try:
@@ -120,9 +95,3 @@ def training_process(folder: Path) -> Iterator[None]:
     finally:
         with suppress(OSError):
             path.unlink()
-
-
-def _watch(pid: int, start: int, every_s: float = 0.5) -> None:
-    while start_time(pid) == start:
-        time.sleep(every_s)
-    os.kill(os.getpid(), signal.SIGKILL)  # its run is gone: nothing may be left training
