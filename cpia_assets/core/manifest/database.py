@@ -8,6 +8,7 @@ file that is not a manifest of this code version is refused at once.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -72,6 +73,18 @@ def writer(
         con.close()
 
 
+MEMORY_LIMIT_ENV = "CPIA_MANIFEST_MEMORY_LIMIT"
+DEFAULT_MEMORY_LIMIT = "4GB"
+"""DuckDB's memory limit for the manifest (loads, checks, queries): beyond it, joins, sorts
+and aggregations spill to `manifest.duckdb.tmp/`, so a load of the later release's 149 M
+images stays within a few GB (DuckDB's own default is 80% of the machine's memory)."""
+
+
+def memory_limit() -> str:
+    """The memory limit: `$CPIA_MANIFEST_MEMORY_LIMIT` (e.g. "8GB") or DEFAULT_MEMORY_LIMIT."""
+    return os.environ.get(MEMORY_LIMIT_ENV) or DEFAULT_MEMORY_LIMIT
+
+
 DUCKDB_MAGIC = b"DUCK"
 """Bytes 8-11 of every DuckDB database file."""
 _NOT_A_DATABASE = "it is not a valid DuckDB database file"
@@ -92,7 +105,9 @@ def _connect(
     """
     _require_duckdb_file(path)
     # Without insertion order, the multi-file INSERT of a load runs on all cores.
-    config = {} if read_only else {"preserve_insertion_order": False}
+    config = {"memory_limit": memory_limit()}
+    if not read_only:
+        config["preserve_insertion_order"] = False
     mode = "reading" if read_only else "writing"
     deadline = time.monotonic() + wait_s
     next_notice = time.monotonic()

@@ -182,9 +182,9 @@ def _apply_changes(
     _drop_files(con, [*removed, *(probed.file.path for probed in usable)])
     for table in RECORD_TABLES:
         batch = [probed for probed in usable if probed.file.table == table.name]
-        if batch:
+        for same_columns in _by_columns(batch):
             try:
-                _insert_batch(con, layout, table, batch)
+                _insert_batch(con, layout, table, same_columns)
             except duckdb.Error as exc:
                 raise _BatchInsertError(batch) from exc
     _apply_mini_selection(con, {probed.file.subdataset for probed in usable})
@@ -219,6 +219,7 @@ class _Probed:
     file: ManifestFile
     columns: frozenset[str]
     rows: int
+    found: frozenset[tuple[str, str]] = frozenset()  # every column of the file, with its type
 
 
 def _probe(
@@ -247,7 +248,7 @@ def _probe(
             if wrong:
                 problems.append(_problem(file, "wrong column types: " + "; ".join(wrong)))
             else:
-                usable.append(_Probed(file, frozenset(loadable), rows))
+                usable.append(_Probed(file, frozenset(loadable), rows, frozenset(found.items())))
     return usable, problems
 
 
@@ -287,14 +288,24 @@ def _drop_files(con: duckdb.DuckDBPyConnection, paths: list[str]) -> None:
     con.execute("DELETE FROM manifest_files WHERE file IN (SELECT unnest(?::VARCHAR[]))", [paths])
 
 
+def _by_columns(batch: Sequence[_Probed]) -> list[list[_Probed]]:
+    """The files of a batch grouped by their columns and types (usually one group), in order."""
+    groups: dict[frozenset[tuple[str, str]], list[_Probed]] = {}
+    for probed in batch:
+        groups.setdefault(probed.found, []).append(probed)
+    return list(groups.values())
+
+
 def _insert_batch(
     con: duckdb.DuckDBPyConnection, layout: DataLayout, table: RecordTable, batch: list[_Probed]
 ) -> None:
-    """Append the rows of several files of one table in one statement.
+    """Append the rows of several files of one table, all with the same loaded columns, in one
+    statement (the rows never pass through Python).
 
     One multi-file scan lets DuckDB write whole row groups in parallel (per-file inserts of
-    small files are several times slower to commit). The partition key comes from each file's
-    folder (manifests/<key>/), not from its rows; columns a file lacks load as NULL.
+    small files are several times slower to commit); files with the same columns need no
+    `union_by_name` (which costs about twice the scan). The partition key comes from each
+    file's folder (manifests/<key>/), not from its rows; columns a file lacks load as NULL.
     """
     columns = [
         name
@@ -303,17 +314,30 @@ def _insert_batch(
     ]
     selected = "".join(f'"{name}", ' for name in columns)
     root = f"{layout.root}/"
+    union = len({probed.found for probed in batch}) > 1
     con.execute(
         f"INSERT INTO {table.name} BY NAME SELECT {selected}"
         "parse_filename(parse_dirpath(filename)) AS subdataset, "
         "substr(filename, ?) AS manifest_file "
-        "FROM read_parquet(?, filename = true, union_by_name = true)",
+        f"FROM read_parquet(?, filename = true, union_by_name = {str(union).lower()})",
         [len(root) + 1, [root + probed.file.path for probed in batch]],
     )
-    if table.name in _COLLECTIONS:
+    if table.name not in _COLLECTIONS:
+        return
+    collection = _COLLECTIONS[table.name]
+    if all({"kind", "scale", "path"} <= probed.columns for probed in batch):
+        # Counted from the files just loaded: a reload never scans the whole table.
+        con.execute(
+            "INSERT INTO tile_counts SELECT substr(filename, ?) AS manifest_file, "
+            f"parse_filename(parse_dirpath(filename)) AS subdataset, kind, scale, '{collection}', "
+            f"count(*) FROM read_parquet(?, filename = true, union_by_name = {str(union).lower()}) "
+            "WHERE path IS NOT NULL GROUP BY ALL",
+            [len(root) + 1, [root + probed.file.path for probed in batch]],
+        )
+    else:
         con.execute(
             f"INSERT INTO tile_counts SELECT manifest_file, subdataset, kind, scale, "
-            f"'{_COLLECTIONS[table.name]}', count(*) FROM {table.name} "
+            f"'{collection}', count(*) FROM {table.name} "
             "WHERE path IS NOT NULL AND manifest_file IN (SELECT unnest(?::VARCHAR[])) "
             "GROUP BY ALL",
             [[probed.file.path for probed in batch]],
