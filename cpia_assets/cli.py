@@ -1,5 +1,6 @@
 """`cpia` / `python -m cpia_assets`: query the manifest (Table I, images, lineage, failures,
-built vs published counts), and print Table II from the evaluation's results.
+built vs published counts), print Table II from the evaluation's results, and plan a build
+(`plan`: images, disk and hours per sub-dataset, before anything is downloaded).
 
 Reads `manifest.duckdb` under --data-dir (default: $CPIA_DATA_DIR or ./data) read-only and
 prints Polars frames; `tiles --output FILE` writes the selection as Parquet or CSV instead
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +21,8 @@ from typing import NoReturn
 import duckdb
 import polars as pl
 
+from cpia_assets.core.catalog.fields import CatalogError
+from cpia_assets.core.catalog.loading import load_catalog
 from cpia_assets.core.fsutil import atomic_path
 from cpia_assets.core.layout import DataLayout, default_data_dir
 from cpia_assets.core.manifest.database import ManifestError, open_manifest
@@ -33,9 +37,10 @@ from cpia_assets.core.manifest.queries import (
     query_tiles,
     subdataset_info,
     table_i,
-    trace_image,
 )
 from cpia_assets.core.perceptual import NEAR_DUPLICATE_BITS
+from cpia_assets.core.training import lineage as lineage_core
+from cpia_assets.core.training.plan import plan_catalog, plan_text
 from cpia_assets.core.training.ssl.table import table_ii_markdown
 
 TILE_SUMMARY_COLUMNS = ("subdataset", "organ", "image_name", "kind", "scale", "size_px", "label",
@@ -49,6 +54,9 @@ EXPORT_FORMATS = {".parquet": pl.DataFrame.write_parquet, ".csv": pl.DataFrame.w
 NO_GROUPS = "none"
 """`count --by none`: a single total."""
 
+MANIFEST_WAIT_S = 60.0
+"""How long `lineage` waits for tile_manifest (the one writer) to let go of the database."""
+
 
 class CliError(Exception):
     """A request the CLI refuses; the message names the file or argument and the reason."""
@@ -57,11 +65,15 @@ class CliError(Exception):
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     layout = DataLayout(Path(args.data_dir).resolve() if args.data_dir else default_data_dir())
-    if args.command is _table2:
+    if args.command in _TEXT_COMMANDS:  # they print text of their own, not one frame
         try:
-            print(_table2(layout))
-        except (CliError, OSError, ValueError) as exc:
-            print(f"cpia: {exc}", file=sys.stderr)
+            print(args.command(layout, args))
+        except (CliError, ManifestError, lineage_core.LineageError, CatalogError, OSError,
+                ValueError) as exc:  # fmt: skip
+            print(f"cpia: {_message(exc)}", file=sys.stderr)
+            return 2
+        except duckdb.Error as exc:
+            print(f"cpia: {layout.duckdb_path}: {exc}", file=sys.stderr)
             return 2
         return 0
     try:
@@ -111,7 +123,12 @@ def _table1(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> pl.Data
     return beside_paper(built) if args.paper else built
 
 
-def _table2(layout: DataLayout) -> str:
+def _message(exc: Exception) -> str:
+    """KeyError-like exceptions quote their message; print it as written."""
+    return str(exc.args[0]) if isinstance(exc, LookupError) and exc.args else str(exc)
+
+
+def _table2(layout: DataLayout, args: argparse.Namespace) -> str:
     """Table II from downstream_eval's results (`ssl/eval/<task>/*.json`), labelled."""
     rows = [json.loads(path.read_text()) for path in sorted(layout.ssl_eval_dir.glob("*/*.json"))]
     if not rows:
@@ -150,11 +167,36 @@ def _count(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> pl.DataF
     return count_tiles(con, _tile_filter(args), by=[name for name in args.by if name != NO_GROUPS])
 
 
-def _lineage(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> pl.DataFrame:
-    frame = trace_image(con, args.image_name, subdataset=args.subdataset)
-    if frame.is_empty():
-        raise _NotFoundError(f"no kept image named {args.image_name!r} in the manifest")
-    return frame
+def _lineage(layout: DataLayout, args: argparse.Namespace) -> str:
+    """The chain from a shard sample, Mini image or image back to its raw file."""
+
+    def waiting(message: str) -> None:
+        print(f"cpia: {message} (tile_manifest is writing it)", file=sys.stderr)
+
+    with open_manifest(layout, wait_s=MANIFEST_WAIT_S, on_wait=waiting) as con:
+        chains = lineage_core.trace(con, layout, args.image, export=args.export,
+                                    subdataset=args.subdataset, mini=args.mini)  # fmt: skip
+    if args.json:
+        return json.dumps(lineage_core.chains_json(args.image, chains), indent=1, default=str)
+    if args.markdown:
+        return markdown_table(lineage_core.chains_frame(chains))
+    return lineage_core.chains_text(chains)
+
+
+def _plan(layout: DataLayout, args: argparse.Namespace) -> str:
+    """Images, disk and hours per sub-dataset of the selected catalog, and in total."""
+    catalog = load_catalog(args.catalog or os.environ.get("CPIA_CATALOG"))
+    rate, source = args.throughput, "given (--throughput)"
+    if args.measure:
+        from cpia_assets.core.wsi.measure import measure_tiling  # starts worker processes
+
+        found = measure_tiling(workers=args.workers)
+        rate, source = found.xl_per_second, found.describe()
+    plan = plan_catalog(catalog, xl_per_second=rate,
+                        throughput_source=source if rate is not None else "none given")  # fmt: skip
+    if args.json:
+        return json.dumps({"catalog": str(catalog.path), **plan.to_json()}, indent=1)
+    return plan_text(plan, catalog, markdown=args.markdown)
 
 
 def _failures(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> pl.DataFrame:
@@ -163,10 +205,6 @@ def _failures(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> pl.Da
 
 def _datasets(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> pl.DataFrame:
     return subdataset_info(con, organs=args.organ, kinds=args.kind)
-
-
-class _NotFoundError(ManifestError):
-    """The query named something the manifest does not hold."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -179,6 +217,22 @@ class _Parser(argparse.ArgumentParser):
 def _non_negative_int(text: str) -> int:
     if not (text.isascii() and text.isdigit()):  # no sign, no decimals
         raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
     return int(text)
 
 
@@ -226,11 +280,39 @@ def _parser() -> argparse.ArgumentParser:
     count.set_defaults(command=_count)
 
     lineage = commands.add_parser(
-        "lineage", parents=[common], help="trace an image back to its source file"
-    )
-    lineage.add_argument("image_name", help="image name, e.g. TCGA-A2-A0EY-01A-01-BSA-960-39-6")
+        "lineage", parents=[common],
+        help="trace a shard sample, Mini image or image back to its raw source file",
+    )  # fmt: skip
+    lineage.add_argument(
+        "image",
+        help="a shard sample key (wsi-x__L__SLIDE-960-1-2), an image path (cpia-mini/L/...) or "
+        "an image name (TCGA-A2-A0EY-01A-01-BSA-960-39-6)",
+    )  # fmt: skip
+    lineage.add_argument("--export", help="the export the sample key is from, e.g. cpia-mini")
     lineage.add_argument("--subdataset", help="only in this sub-dataset (names may repeat)")
+    lineage.add_argument("--mini", action="store_true", help="the name is a CPIA-Mini image's")
+    lineage.add_argument("--json", action="store_true", help="print JSON")
     lineage.set_defaults(command=_lineage)
+
+    plan = commands.add_parser(
+        "plan", parents=[common],
+        help="before downloading: images per scale, disk per output and tiling hours per "
+        "sub-dataset of the catalog, and in total",
+    )  # fmt: skip
+    plan.add_argument("--catalog", help="cpia, demo or a file (default: $CPIA_CATALOG or cpia)")
+    rate = plan.add_mutually_exclusive_group()
+    rate.add_argument(
+        "--throughput",
+        type=_positive_float,
+        help="tiling throughput in kept XL tiles per second (whole machine)",
+    )
+    rate.add_argument("--measure", action="store_true",
+                      help="measure the throughput here first (the real tiling core on "
+                      "synthetic slides of the shipped H&E crop, about a minute)")  # fmt: skip
+    plan.add_argument("--workers", type=_positive_int, help="processes for --measure "
+                      "(default: all cores)")  # fmt: skip
+    plan.add_argument("--json", action="store_true", help="print JSON (bytes and hours exact)")
+    plan.set_defaults(command=_plan)
 
     failed = commands.add_parser(
         "failures", parents=[common], help="input files skipped, with the reason"
@@ -269,6 +351,9 @@ def _parser() -> argparse.ArgumentParser:
     datasets.add_argument("--kind", action="append", default=[], choices=["wsi", "roi"])
     datasets.set_defaults(command=_datasets)
     return parser
+
+
+_TEXT_COMMANDS = (_table2, _lineage, _plan)
 
 
 def _add_common(parser: argparse.ArgumentParser, *, default: object) -> None:
