@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_tiling.py --size 32000   # the issue's measurement
     .venv/bin/python benchmarks/bench_tiling.py --quick        # 2 slides of 8192^2 px, one round
     .venv/bin/python benchmarks/bench_tiling.py --memory       # peak RSS per worker, 60000^2 slide
+    .venv/bin/python benchmarks/bench_tiling.py --tiff-compare # the TIFF at q89 and q90, CMU-1
 
 Slides are mirror-tiled from a tissue-dense crop of the real CMU-1-Small-Region.svs
 (`slide_factory.tissue_only`, which the published pink-mean XL rule also keeps), declared 40x
@@ -18,9 +19,14 @@ of `--rounds` counts. All use the same cores:
 - floor: libvips decodes level 0 once, resamples once to 0.491 um/px (the same filter as ours)
   and JPEG-encodes every XL/L/M tile and a 10% sample of S tiles once from memory (3.1x the
   standardized area), one process per slide;
-- floor+TIFF: the same, also writing the standardized pyramidal TIFF (q90, 256 px tiles) from
-  the same in-memory pixels. `--tiff-quality` sets the TIFF's quality for ours and this one:
-  below 90 libvips writes it as YCbCr with 4:2:0 chroma, at 90 and above as RGB.
+- floor+TIFF: the same, also writing the standardized pyramidal TIFF (q89 as ours by default,
+  256 px tiles) from the same in-memory pixels. `--tiff-quality` sets the TIFF's quality for
+  ours and this one: below 90 libvips writes it as YCbCr with 4:2:0 chroma, at 90 and above as
+  RGB.
+
+`--tiff-compare` writes the real CMU-1-Small-Region, resampled to 0.491 um/px (Lanczos), as the
+standardized TIFF at q89 and q90 and prints file size, encode CPU time (best of 5) and the mean
+absolute difference of its pixels from the resampled ones (all pixels, and tissue pixels only).
 """
 
 from __future__ import annotations
@@ -260,6 +266,42 @@ def memory(args: argparse.Namespace, work: Path) -> None:
     assert process.exitcode == 0, "standardize + tile failed"
 
 
+def tiff_compare() -> None:
+    """The standardized TIFF at q89 (YCbCr 4:2:0) and q90 (RGB) on the real CMU-1 pixels."""
+    import numpy as np
+
+    from cpia_assets.core.wsi.tissue import TissueThresholds, saturation_map
+
+    source = pyvips.Image.new_from_file(str(REAL_SVS))
+    rgb = source.extract_band(0, n=3).numpy()
+    scale = 0.499 / TARGET_MPP  # the slide's MPP (SOURCES.md)
+    size = (int(rgb.shape[1] * scale), int(rgb.shape[0] * scale))
+    resampled = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.LANCZOS))
+    tissue = saturation_map(resampled) >= TissueThresholds().saturation
+    image = pyvips.Image.new_from_array(resampled).copy(interpretation="srgb")
+    print(
+        f"{REAL_SVS.name} at {TARGET_MPP} um/px: {size[0]}x{size[1]} px, {tissue.mean():.0%} tissue"
+    )
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="cpia-tiff-") as folder:
+        for quality in (90, 89):
+            dest = Path(folder) / f"q{quality}.tiff"
+            cpu = math.inf
+            for _ in range(5):
+                start = time.process_time()
+                settings = StandardizeSettings(jpeg_quality=quality)
+                save_pyramid(image, dest, mpp=(TARGET_MPP, TARGET_MPP), settings=settings)
+                cpu = min(cpu, time.process_time() - start)
+            error = np.abs(pyvips.Image.tiffload(str(dest)).numpy().astype(np.int16) - resampled)
+            results[quality] = (dest.stat().st_size, cpu, error.mean(), error[tissue].mean())
+            print(
+                f"  q{quality}: {dest.stat().st_size / 1e6:5.2f} MB, encode {cpu * 1000:4.0f} ms "
+                f"CPU, mean abs difference {error.mean():.2f} (tissue {error[tissue].mean():.2f})"
+            )
+    (size90, cpu90, *_), (size89, cpu89, *_) = results[90], results[89]
+    print(f"q89 vs q90: {size90 / size89:.2f}x smaller, encodes {cpu90 / cpu89:.2f}x faster")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=32000, help="slide edge in px (0.25 um/px)")
@@ -276,10 +318,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 slides of 8192 px, one round")
     parser.add_argument("--memory", action="store_true", help="peak RSS on one large slide")
     parser.add_argument("--memory-size", type=int, default=60000)
+    parser.add_argument(
+        "--tiff-compare", action="store_true", help="the TIFF at q89 and q90 on real CMU-1 pixels"
+    )
     parser.add_argument("--work-dir", type=Path, help="keep outputs here (default: a temp dir)")
     args = parser.parse_args()
     if args.quick:
         args.size, args.slides, args.rounds = 8192, 2, 1
+    if args.tiff_compare:
+        tiff_compare()
+        return
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="cpia-bench-"))
     try:
         memory(args, work) if args.memory else speed(args, work)

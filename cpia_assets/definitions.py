@@ -7,6 +7,7 @@ the definitions, never at import time; tests call `build_definitions` directly.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -94,13 +95,35 @@ def build_definitions(
 
 @dg.definitions
 def defs() -> dg.Definitions:
-    data_dir = default_data_dir()
-    catalog = load_catalog(
-        os.environ.get("CPIA_CATALOG"), cache_dir=DataLayout(data_dir).catalog_cache_dir
-    )
-    return build_definitions(
+    catalog = os.environ.get("CPIA_CATALOG")
+    return _definitions(
         catalog,
-        data_dir,
-        workers=int(os.environ.get("CPIA_WORKERS", "0")),
-        dask_scheduler=os.environ.get("CPIA_DASK_SCHEDULER") or None,
+        _file_stamp(catalog),
+        default_data_dir(),
+        int(os.environ.get("CPIA_WORKERS", "0")),
+        os.environ.get("CPIA_DASK_SCHEDULER") or None,
     )
+
+
+@functools.lru_cache(maxsize=4)
+def _definitions(
+    catalog_name: str | None,
+    stamp: tuple[int, int] | None,
+    data_dir: Path,
+    workers: int,
+    dask_scheduler: str | None,
+) -> dg.Definitions:
+    """The definitions for these settings, built once per process: Dagster loads them several
+    times in one CLI run (six for `dagster asset materialize`), each load parsing the catalog
+    and building every asset again. `stamp` (the catalog file's mtime and size) rebuilds them
+    when the catalog file changes."""
+    catalog = load_catalog(catalog_name, cache_dir=DataLayout(data_dir).catalog_cache_dir)
+    return build_definitions(catalog, data_dir, workers=workers, dask_scheduler=dask_scheduler)
+
+
+def _file_stamp(name: str | None) -> tuple[int, int] | None:
+    try:
+        stat = Path(name).stat() if name else None
+    except OSError:
+        return None
+    return (stat.st_mtime_ns, stat.st_size) if stat else None

@@ -85,7 +85,7 @@ def test_run_config_mirrors_the_core_settings(tmp_path: Path) -> None:
     }
     resolved = dg.validate_run_config(job, config)["ops"]["standardize_and_tile"]["config"]
     assert resolved["wsi"]["target_mpp"] == 0.4942
-    assert resolved["wsi"]["jpeg_quality"] == 90  # core default
+    assert resolved["wsi"]["jpeg_quality"] == 89  # core default: YCbCr 4:2:0
     assert resolved["tiles"]["thresholds"]["saturation"] == 0.08
     with pytest.raises(dg.DagsterInvalidConfigError):
         bad = {"standardize_and_tile": {"config": {"tiles": {"xl_sise": 1}}}}

@@ -1,6 +1,6 @@
 """standardized_wsi and scale_tiles in one pass, when both are materialized together.
 
-The two-step path decodes the q90 TIFF that standardized_wsi has just encoded and encodes its
+The two-step path decodes the q89 TIFF that standardized_wsi has just encoded and encodes its
 pixels again at q75 for the tiles. Here each slide's source is decoded and resampled once, and
 the resampled pixels pass through Python in strips of one row of XL tiles: the tiles are cut
 from a strip (`tiling.StripTiler`), then the same strip is written into the pyramidal TIFF. The
@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
+from itertools import chain
 from pathlib import Path
 
 from cpia_assets.core.catalog.model import WsiOptions
@@ -32,6 +33,7 @@ from cpia_assets.core.wsi.slide_jobs import (
     SlideJob,
     SlideOutcome,
     failed_slide_job,
+    recorded_result,
     run_slide_job,
     slide_jobs,
 )
@@ -43,6 +45,7 @@ from cpia_assets.core.wsi.tile_jobs import (
     failed_tiling_job,
     remove_staging,
     run_tiling_job,
+    tiles_reusable,
 )
 from cpia_assets.core.wsi.tiling import CUT_FROM_RESAMPLED, StripTiler, TilingSettings
 
@@ -91,11 +94,27 @@ def standardize_and_tile_partition(
     )
     tiles = TilesCollector(progress)
     fused = [_FusedJob(job, key, layout, tiling) for job in jobs]
-    for outcome in map_unordered(_run_fused_job, fused, executor, on_lost=_lost_job):
+    reusable = [_reusable(job) for job in fused]
+    done = [job for job, reused in zip(fused, reusable, strict=True) if reused]
+    todo = [job for job, reused in zip(fused, reusable, strict=True) if not reused]
+    outcomes = chain(
+        map(_run_fused_job, done),  # in this process: no worker is started for them
+        map_unordered(_run_fused_job, todo, executor, on_lost=_lost_job),
+    )
+    for outcome in outcomes:
         slides.add(outcome.slide)
         if outcome.tiles is not None:
             tiles.add(outcome.tiles)
     return slides.finish(layout, key), tiles.finish(layout, key)
+
+
+def _reusable(job: _FusedJob) -> bool:
+    """Whether both stages would reuse the slide: its standardized marker matches (for a
+    source whose digest raw_download already knows, so nothing is read) and so does its tiles'.
+    Such a job costs a few file reads; running it here spares a run with nothing to do the
+    start of the worker pool (which `WorkerPool` starts at the first job submitted)."""
+    record = recorded_result(job.slide)
+    return record is not None and tiles_reusable(job.tiling_job(record))
 
 
 def _run_fused_job(job: _FusedJob) -> _FusedOutcome:

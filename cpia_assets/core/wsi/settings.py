@@ -15,15 +15,18 @@ class StandardizeSettings:
     """How slides are standardized. `tolerance` is relative (0.02 = within 2% of the target
     MPP on both axes is left unresampled); 0 resamples every slide exactly.
 
-    `jpeg_quality` of the TIFF's tiles: at 90 and above libvips writes them as RGB (4:4:4
-    chroma), below 90 as YCbCr with 4:2:0 chroma, as scanners do. On tissue, 89 gives files
-    2.7x smaller than 90, encodes 1.8x faster and errs 1.5x more (mean absolute difference
-    from the resampled pixels 3.0 instead of 2.0 on the real CMU-1 slide); see
-    `benchmarks/bench_tiling.py --tiff-quality`."""
+    `jpeg_quality` of the TIFF's tiles, 89 by default: below 90 libvips writes them as YCbCr
+    with 4:2:0 chroma, as slide scanners store their JPEG tiles; at 90 and above as RGB (4:4:4
+    chroma). The TIFF is an intermediate: in the one-pass run the tiles are cut from the
+    resampled pixels, and the TIFF serves re-tiling (`scale_tiles` alone) and viewing. On
+    tissue, 89 gives files 2.7x smaller than 90, encodes 1.8x faster and errs 1.5x more (mean
+    absolute difference from the resampled pixels 3.0 instead of 2.0 on the real CMU-1 slide);
+    90 or more is for users who re-tile from the TIFF often. See
+    `benchmarks/bench_tiling.py --tiff-quality` and the README."""
 
     target_mpp: float = 0.491
     tolerance: float = 0.0
-    jpeg_quality: int = 90
+    jpeg_quality: int = 89
     tiff_tile_px: int = 256
 
     def __post_init__(self) -> None:

@@ -196,6 +196,15 @@ def _tile_or_reuse(job: TilingJob) -> TilingOutcome:
     return commit_tiles(job, candidates, cut_from=CUT_FROM_TIFF)
 
 
+def tiles_reusable(job: TilingJob) -> bool:
+    """Whether `run_tiling_job` would reuse the slide's tiles (its fingerprint matches)."""
+    try:
+        stat = job.standardized.stat()
+    except OSError:
+        return False
+    return _marker_matches(job.marker, _fingerprint(job, stat)) and job.part.is_file()
+
+
 def commit_tiles(
     job: TilingJob, candidates: Sequence[Candidate], *, cut_from: str
 ) -> TilingOutcome:

@@ -66,7 +66,8 @@ PER_M_TILE_S_CELL = (2, 1)
 
 
 CUT_FROM_TIFF = "standardized_tiff"
-"""TILES `cut_from`: decoded from the stored standardized TIFF (q90), then encoded again."""
+"""TILES `cut_from`: decoded from the stored standardized TIFF (q89 by default), then encoded
+again."""
 CUT_FROM_RESAMPLED = "resampled"
 """TILES `cut_from`: the resampled pixels in memory before the TIFF encoding (fused path,
 one JPEG generation)."""
@@ -368,12 +369,14 @@ class _TileWriter:
     def save(self, scale: str, name: str, left: int, top: int, size: int) -> tuple[Path, int]:
         """The crop's file and the perceptual hash of its pixels (before JPEG encoding)."""
         path = self.out_dirs[scale] / f"{name}.jpg"
-        crop = Image.fromarray(self.pixels[top : top + size, left : left + size])
-        with writing(path):
-            if size <= PIL_ENCODE_MAX_PX:
-                crop.save(path, "JPEG", quality=self.quality)
-            else:
+        pixels = self.pixels[top : top + size, left : left + size]
+        if size > PIL_ENCODE_MAX_PX:
+            with writing(path):
                 self.region.crop(left, top, size, size).jpegsave(str(path), Q=self.quality)
+            return path, phash(pixels)  # no Pillow copy of a large tile (`perceptual` docstring)
+        crop = Image.fromarray(pixels)
+        with writing(path):
+            crop.save(path, "JPEG", quality=self.quality)
         return path, phash(crop)
 
 

@@ -241,7 +241,8 @@ def test_partition_standardizes_good_slides_and_records_every_bad_one(tmp_path: 
         Image.Resampling.LANCZOS,
         box=(0, 0, 2256 * 0.491 / 0.499, 3015 * 0.491 / 0.499),
     )
-    assert np.abs(written.astype(int) - np.asarray(expected)).mean() < 2.0  # JPEG q90 noise
+    # JPEG q89 with 4:2:0 chroma (the default): 3.04 measured (0.87 with a q90 RGB TIFF)
+    assert np.abs(written.astype(int) - np.asarray(expected)).mean() < 3.5
 
 
 def test_rerun_reuses_done_slides_and_redoes_interrupted_or_changed_ones(tmp_path: Path):
