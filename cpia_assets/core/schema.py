@@ -41,7 +41,7 @@ TILES = {
 }
 
 MINI_IMAGES = {
-    "image_name": pl.String,  # the source tile's name (S: the 96 px cell cut from `source_tile`)
+    "image_name": pl.String,  # the source tile's name (S: its 96 px cell's, `-mini` if not in CPIA)
     "subdataset": pl.String,
     "kind": pl.String,  # wsi | roi
     "scale": pl.String,  # XL | L | M | S
@@ -49,7 +49,7 @@ MINI_IMAGES = {
     "source_size_px": pl.Int32,  # edge of the pixels it was made from (3840, 960, 384, 96)
     "x": pl.Int32,  # grid position of those pixels, as in TILES (S: the chosen 96 px cell)
     "y": pl.Int32,
-    "source_tile": pl.String,  # the full-CPIA image the pixels come from
+    "source_tile": pl.String,  # the full-CPIA image of these pixels (S crop: the S tile, else M)
     "source_path": pl.String,  # its file
     "source_file": pl.String,  # the raw source file (slide or ROI image)
     "parent_image": pl.String,  # Mini parent: L and M from XL, S from M; null for XL and ROIs

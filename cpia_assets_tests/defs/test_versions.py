@@ -19,7 +19,7 @@ from cpia_assets.core.catalog.loading import load_catalog
 from cpia_assets.core.digests import files_digest, records_digest
 from cpia_assets.core.fsutil import write_parquet_atomic
 from cpia_assets.core.layout import DataLayout
-from cpia_assets.core.training.mini import MiniSettings
+from cpia_assets.core.training.mini_sampling import MiniSettings
 from cpia_assets.definitions import (
     AUTOMATED_ASSETS,
     MANIFEST_ASSET,

@@ -10,11 +10,13 @@ WSI sub-datasets. XL tiles are picked round-robin over the slides, each slide's 
 slide order in a seeded random order (`spread_over_slides`), so no slide dominates and a larger
 quota takes a superset. Each picked XL tile brings all its kept L tiles (at most 16), a seeded
 choice of `m_per_xl` (32) of its kept M tiles (all when it has fewer), and from each chosen M
-tile one 96 px cell, chosen (seeded) among the cells whose tissue fraction, measured on the M
-image, reaches `s_min_tissue` (the most tissue-rich cell when none does). So per XL tile
-L <= 16, M = min(32, kept M), S = M: 1:16:32:32 on full tissue. XL and L images are shrunk to
-384 px with an area filter, S crops enlarged with Lanczos-3; M tiles are 384 px already and,
-like ROI images, are hard-linked (copied across file systems), never re-encoded.
+tile one 96 px cell, chosen (seeded) among the cells whose tissue fraction reaches
+`s_min_tissue`, preferring cells that full CPIA keeps as S tiles (the most tissue-rich cell
+when none reaches it). So per XL tile L <= 16, M = min(32, kept M), S = M: 1:16:32:32 on full
+tissue. XL and L images are shrunk to 384 px with an area filter. S crops are cut from the
+standardized slide's pixels, the source of the full-CPIA tiles (not from the decoded M JPEG,
+which would add a JPEG generation), and enlarged with Lanczos-3. M tiles are 384 px already
+and, like ROI images, are hard-linked (copied across file systems), never re-encoded.
 
 ROI sub-datasets. Every image of an unlabelled set; of a labelled set the `train` split and
 images without any split (`none`: no evaluation set is defined for them).
@@ -22,8 +24,10 @@ images without any split (`none`: no evaluation set is defined for them).
 Evaluation hygiene. `exclusions.held_out` keeps evaluation data out of Mini (the same rule
 every export applies): labelled sets' val/test images and everything the exclusion rules name.
 
-Names. A Mini image keeps its source image's name; a Mini S image takes the full-CPIA S name
-of the 96 px cell it was cut from (`<slide>-96-<x>-<y>`), so every name leads back to its slide.
+Names. A Mini image keeps its source image's name. A Mini S crop is named after its 96 px cell
+(`<slide>-96-<x>-<y>`): that is the full-CPIA S tile's name when full CPIA keeps the cell too
+(its record's `source_tile`), and ends in `-mini` when only Mini has it (`source_tile` is then
+the M tile). Every name leads back to its slide.
 
 Per partition the build is all-or-nothing and resumable: images are written to hidden staging
 folders (`cpia-mini/<L|M|S>/.<key>.mini.tmp/`) then moved into place, the records go to
@@ -51,18 +55,19 @@ import polars as pl
 import pyvips
 
 from cpia_assets.core import schema
-from cpia_assets.core.catalog.model import Catalog, SubDataset
+from cpia_assets.core.catalog.model import SubDataset
 from cpia_assets.core.fsutil import atomic_path, write_parquet_atomic
 from cpia_assets.core.layout import SCALE_FOLDER_OF, SCALE_FOLDERS, DataLayout
 from cpia_assets.core.parallel import map_unordered
 from cpia_assets.core.perceptual import phash
 from cpia_assets.core.schema import MiniReason
 from cpia_assets.core.stage import StageResult, failure
-from cpia_assets.core.training.exclusions import (
-    Exclusions,
-    ExclusionSettings,
-    held_out,
-    identity,
+from cpia_assets.core.training.exclusions import Exclusions, held_out, identity
+from cpia_assets.core.training.mini_sampling import (
+    MiniSettings,
+    choose_s_cell,
+    rng,
+    spread_over_slides,
 )
 from cpia_assets.core.wsi.resample import shrink_by
 from cpia_assets.core.wsi.tiling import tile_name
@@ -73,96 +78,11 @@ MINI_SIZE = 384
 S_CELLS_PER_M_EDGE = 4
 """An M tile (384 px) holds 4 x 4 S cells (96 px)."""
 
-_RESUME_VERSION = 2  # 2: MINI_IMAGES `phash`
+MINI_ONLY_SUFFIX = "-mini"
+"""Ends the name of a Mini S crop whose 96 px cell is not a full-CPIA S tile."""
+
+_RESUME_VERSION = 3  # 2: MINI_IMAGES `phash`; 3: S crops from the standardized slide
 _STAGING_SUFFIX = ".mini.tmp"
-
-
-@dataclass(frozen=True)
-class MiniSettings:
-    organ_xl_budget: int = 1600
-    """XL tiles per Table I organ row, divided among its WSI sub-datasets."""
-    subdataset_xl_cap: int = 800
-    """At most this many XL tiles from one sub-dataset."""
-    m_per_xl: int = 32
-    s_min_tissue: float = 0.10
-    """Tissue fraction a 96 px cell needs to be the S crop of its M tile."""
-    seed: int = 0
-    jpeg_quality: int = 90
-    exclusions: ExclusionSettings = field(default_factory=ExclusionSettings)
-
-    def __post_init__(self) -> None:
-        for name in ("organ_xl_budget", "subdataset_xl_cap", "m_per_xl"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.s_min_tissue <= 1:
-            raise ValueError(f"s_min_tissue must be in [0, 1], got {self.s_min_tissue}")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality must be 1-100, got {self.jpeg_quality}")
-
-
-def xl_quota(catalog: Catalog, key: str, settings: MiniSettings, exclusions: Exclusions) -> int:
-    """XL tiles the WSI sub-dataset `key` may give to Mini: its Table I organ row's budget
-    water-filled over the row's WSI sub-datasets (those not wholly excluded), each taking at most
-    its published XL count (unbounded when unknown) and `subdataset_xl_cap`. Each gets the same
-    share, the largest whole one the budget allows, unless it has fewer XL tiles: what one cannot
-    use passes to its peers. From the catalog alone, so partitions stay independent."""
-    entry = catalog.get(key)
-    if entry.kind != "wsi" or exclusions.whole(key):
-        return 0
-    cap = settings.subdataset_xl_cap
-
-    def limit(peer: SubDataset) -> int:
-        return min(cap, peer.published_counts.get("XL", cap))
-
-    limits = sorted(
-        limit(e)
-        for e in catalog.subdatasets
-        if e.kind == "wsi"
-        and e.table_i_organ == entry.table_i_organ
-        and not exclusions.whole(e.key)
-    )
-    budget, share = settings.organ_xl_budget, cap
-    for filled, peer_limit in enumerate(limits):  # the smallest first: the rest share the left
-        share = budget // (len(limits) - filled)
-        if peer_limit > share:
-            break
-        budget -= peer_limit
-    return min(limit(entry), share)
-
-
-def _rng(*parts: object) -> np.random.Generator:
-    seed = hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8]
-    return np.random.default_rng(int.from_bytes(seed, "big"))
-
-
-def _shuffled(items: Sequence[str], *seed: object) -> list[str]:
-    ordered = sorted(items)
-    return [ordered[i] for i in _rng(*seed).permutation(len(ordered))]
-
-
-def spread_over_slides(
-    xl_by_slide: Mapping[str, Sequence[str]], quota: int, seed: int
-) -> list[str]:
-    """Up to `quota` XL tile names, taken round-robin over the slides (seeded orders)."""
-    queues = [_shuffled(xl_by_slide[slide], seed, slide) for slide in _shuffled(xl_by_slide, seed)]
-    chosen: list[str] = []
-    for depth in range(max(map(len, queues), default=0)):
-        for queue in queues:
-            if len(chosen) == quota:
-                return chosen
-            if depth < len(queue):
-                chosen.append(queue[depth])
-    return chosen
-
-
-def choose_s_cell(tissue: np.ndarray, min_tissue: float, *seed: object) -> tuple[int, int]:
-    """(column, row) of the S cell to crop from an M tile, given the cells' tissue fractions."""
-    flat = tissue.ravel()
-    eligible = np.flatnonzero(flat >= min_tissue)
-    if not eligible.size:
-        eligible = np.array([int(flat.argmax())])
-    row, column = divmod(int(_rng(*seed).choice(eligible)), tissue.shape[1])
-    return column, row
 
 
 @dataclass
@@ -326,6 +246,8 @@ class _XlJob:
     xl: Mapping[str, Any]
     l_tiles: tuple[Mapping[str, Any], ...]
     m_tiles: tuple[Mapping[str, Any], ...]
+    s_tiles: tuple[Mapping[str, Any], ...]
+    """The kept full-CPIA S tiles under `m_tiles`: preferred as their S crops."""
     settings: MiniSettings
 
 
@@ -349,17 +271,20 @@ def _xl_jobs(
     for row in tiles:
         if row["scale"] == "XL":
             xl_by_slide[row["source_file"]].append(row["image_name"])
-        elif row["scale"] in ("L", "M"):
+        else:
             children[row["parent_image"], row["scale"]].append(row)
     jobs = []
     for xl in spread_over_slides(xl_by_slide, quota, settings.seed):
         kept_m = sorted(children[xl, "M"], key=lambda row: (row["y"], row["x"]))
-        picked = _rng(settings.seed, xl).choice(
+        picked = rng(settings.seed, xl).choice(
             len(kept_m), size=min(settings.m_per_xl, len(kept_m)), replace=False
         )
         l_tiles = sorted(children[xl, "L"], key=lambda row: (row["y"], row["x"]))
         m_tiles = tuple(kept_m[i] for i in sorted(picked))
-        jobs.append(_XlJob(key, layout, staging, by_name[xl], tuple(l_tiles), m_tiles, settings))
+        s_tiles = tuple(s for m in m_tiles for s in children[m["image_name"], "S"] if s["path"])
+        jobs.append(
+            _XlJob(key, layout, staging, by_name[xl], tuple(l_tiles), m_tiles, s_tiles, settings)
+        )
     return jobs
 
 
@@ -372,8 +297,12 @@ def _run_xl_job(job: _XlJob) -> _XlOutcome:
         rows = [_resized(job, job.xl, written)]
         for current in job.l_tiles:
             rows.append(_resized(job, current, written, parent=job.xl["image_name"]))
+        if job.m_tiles:
+            current = {"path": job.xl["standardized_file"]}
+            slide = pyvips.Image.new_from_file(str(job.layout.root / current["path"]))
+            full_cpia_s = {(row["x"], row["y"]): row for row in job.s_tiles}
         for current in job.m_tiles:
-            rows.extend(_m_and_s(job, current, written))
+            rows.extend(_m_and_s(job, current, slide, full_cpia_s, written))
         return _XlOutcome(rows)
     except (pyvips.Error, OSError, ValueError) as exc:
         for path in written:
@@ -402,33 +331,56 @@ def _resized(
     return _mini_row(job.key, tile, path, job.layout, **values)
 
 
-def _m_and_s(job: _XlJob, m_tile: Mapping[str, Any], written: list[Path]) -> list[dict[str, Any]]:
-    """The M tile linked unchanged, and its S crop enlarged to 384 px with Lanczos-3."""
+def _m_and_s(
+    job: _XlJob,
+    m_tile: Mapping[str, Any],
+    slide: pyvips.Image,
+    full_cpia_s: Mapping[tuple[int, int], Mapping[str, Any]],
+    written: list[Path],
+) -> list[dict[str, Any]]:
+    """The M tile linked unchanged, and its S crop: a 96 px cell of the standardized slide's
+    pixels under the M tile (one JPEG generation, as the full-CPIA tiles), enlarged to 384 px
+    with Lanczos-3."""
     layout = job.layout
     source = layout.root / m_tile["path"]
     destination = job.staging["M"] / source.name
     written.append(destination)
     _link(source, destination)
     m_row = _mini_row(job.key, m_tile, destination, layout, parent_image=job.xl["image_name"])
-    image = pyvips.Image.new_from_file(str(source))
-    cells = S_CELLS_PER_M_EDGE
-    tissue = grid_metrics(image.numpy()[..., :3], cells, cells, TissueThresholds())
+    cells, edge = S_CELLS_PER_M_EDGE, m_tile["size_px"] // S_CELLS_PER_M_EDGE
+    left, top = m_tile["x"] * m_tile["size_px"], m_tile["y"] * m_tile["size_px"]
+    region = slide.crop(left, top, m_tile["size_px"], m_tile["size_px"]).copy_memory()
+    tissue = grid_metrics(region.numpy()[..., :3], cells, cells, TissueThresholds())
+    origin = (m_tile["x"] * cells, m_tile["y"] * cells)
+    preferred = np.array(
+        [[(origin[0] + c, origin[1] + r) in full_cpia_s for c in range(cells)]
+         for r in range(cells)]
+    )  # fmt: skip
     settings = job.settings
     column, row = choose_s_cell(
-        tissue["tissue_fraction"], settings.s_min_tissue, settings.seed, m_tile["image_name"]
-    )
-    edge = image.width // cells
-    crop = image.crop(column * edge, row * edge, edge, edge)
+        tissue["tissue_fraction"], settings.s_min_tissue, settings.seed, m_tile["image_name"],
+        preferred=preferred,
+    )  # fmt: skip
+    crop = region.crop(column * edge, row * edge, edge, edge)
     enlarged = crop.resize(MINI_SIZE / edge, kernel="lanczos3").copy_memory()
-    x, y = m_tile["x"] * cells + column, m_tile["y"] * cells + row
-    slide_stem = m_tile["image_name"].rsplit("-", 3)[0]  # `<stem>-<size>-<x>-<y>`
-    name = tile_name(slide_stem, edge, x, y)
+    x, y = origin[0] + column, origin[1] + row
+    source_tile = full_cpia_s.get((x, y), m_tile)
+    name = s_crop_name(m_tile["image_name"], edge, x, y, in_full_cpia=(x, y) in full_cpia_s)
     path = _save(enlarged, job, "S", name, written)
     s_row = _mini_row(
         job.key, m_tile, path, layout, image_name=name, scale="S", source_size_px=edge, x=x, y=y,
+        source_tile=source_tile["image_name"], source_path=source_tile["path"],
         parent_image=m_tile["image_name"], resample="lanczos", phash=phash(enlarged.numpy()),
     )  # fmt: skip
     return [m_row, s_row]
+
+
+def s_crop_name(m_name: str, edge: int, x: int, y: int, *, in_full_cpia: bool) -> str:
+    """A Mini S crop's name: the full-CPIA S tile's name `<stem>-96-<x>-<y>` when full CPIA
+    keeps that cell too, else that name with `MINI_ONLY_SUFFIX` (a cell only Mini has)."""
+    slide_stem = m_name.rsplit("-", 3)[0]  # `<stem>-<size>-<x>-<y>`
+    name = tile_name(slide_stem, edge, x, y)
+    return name if in_full_cpia else name + MINI_ONLY_SUFFIX
 
 
 class _Parts:

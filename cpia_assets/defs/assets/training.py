@@ -17,10 +17,12 @@ from cpia_assets.core.training.exclusions import (
     matched_rules,
     unmatched_rules,
 )
-from cpia_assets.core.training.mini import MiniResult, MiniSettings, build_mini_partition, xl_quota
+from cpia_assets.core.training.mini import MiniResult, build_mini_partition
+from cpia_assets.core.training.mini_sampling import MiniSettings, xl_quota
 from cpia_assets.core.training.shards import ShardSettings, export_shards, variant_sidecars
 from cpia_assets.core.training.variants import DATA_VARIANTS
 from cpia_assets.core.wsi.tiling import xl_ratio_text
+from cpia_assets.defs.locks import LOCK_RESOURCES, PartitionLocks
 from cpia_assets.defs.records import (
     config_class,
     failures_markdown,
@@ -47,6 +49,7 @@ def build_cpia_mini(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         deps=["scale_tiles"],
         group_name="mini",
         code_version="2",
+        resource_defs=LOCK_RESOURCES,
         kinds={"python", "libvips", "parquet"},
         description=(
             "CPIA-Mini of one sub-dataset under `cpia-mini/{L,M,S}/<key>/`, every image 384 px. "
@@ -62,42 +65,46 @@ def build_cpia_mini(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         config: MiniConfig,
         store: CpiaStore,
         workers: WorkerPool,
+        partition_locks: PartitionLocks,
     ) -> dg.MaterializeResult:
         key = context.partition_key
         layout = store.layout
         settings = settings_from(config, MiniSettings)
         exclusions = _load_exclusions(settings.exclusions)
         quota = xl_quota(store.catalog(), key, settings, exclusions)
-        tiles = read_records(layout, key, "tiles")
-        unmatched = unmatched_rules(exclusions, matched_rules(key, tiles, exclusions), [key])
-        for line in unmatched:
-            context.log.warning(line)
-        with workers.executor() as executor:
-            result = build_mini_partition(
-                store.entry(key),
-                tiles,
-                quota=quota,
-                exclusions=exclusions,
-                layout=layout,
-                settings=settings,
-                executor=executor,
-                progress=progress_logger(context),
+        with partition_locks.hold(context, store):  # one build of a partition at a time
+            tiles = read_records(layout, key, "tiles")
+            unmatched = unmatched_rules(exclusions, matched_rules(key, tiles, exclusions), [key])
+            for line in unmatched:
+                context.log.warning(line)
+            with workers.executor() as executor:
+                result = build_mini_partition(
+                    store.entry(key),
+                    tiles,
+                    quota=quota,
+                    exclusions=exclusions,
+                    layout=layout,
+                    settings=settings,
+                    executor=executor,
+                    progress=progress_logger(context),
+                )
+            write_records(context, layout, "mini_images", result.records, schema.MINI_IMAGES)
+            write_records(
+                context, layout, "mini_selection", result.selection, schema.MINI_SELECTION
             )
-        write_records(context, layout, "mini_images", result.records, schema.MINI_IMAGES)
-        write_records(context, layout, "mini_selection", result.selection, schema.MINI_SELECTION)
-        write_failures(context, layout, result.failures)
-        if quota and not result.records and result.failures:
-            raise dg.Failure(
-                f"no Mini image of {key!r} could be made",
-                metadata={"failures": dg.MetadataValue.md(failures_markdown(result.failures))},
+            write_failures(context, layout, result.failures)
+            if quota and not result.records and result.failures:
+                raise dg.Failure(
+                    f"no Mini image of {key!r} could be made",
+                    metadata={"failures": dg.MetadataValue.md(failures_markdown(result.failures))},
+                )
+            return dg.MaterializeResult(
+                metadata=_mini_metadata(result, layout.root)
+                | {"exclusion_rules_without_match": dg.MetadataValue.json(unmatched)},
+                data_version=records_data_version(
+                    layout, key, MINI_TABLES, {"settings": settings, "quota": quota}
+                ),
             )
-        return dg.MaterializeResult(
-            metadata=_mini_metadata(result, layout.root)
-            | {"exclusion_rules_without_match": dg.MetadataValue.json(unmatched)},
-            data_version=records_data_version(
-                layout, key, MINI_TABLES, {"settings": settings, "quota": quota}
-            ),
-        )
 
     return cpia_mini
 
@@ -153,7 +160,7 @@ def build_training_shards() -> dg.AssetsDefinition:
             dg.AssetDep("scale_tiles", partition_mapping=all_partitions),
         ],
         group_name="mini",
-        code_version="3",  # 3: percent-encoded sample keys
+        code_version="4",  # 3: percent-encoded sample keys; 4: streamed, md5-keyed shuffle
         kinds={"python", "webdataset"},
         description=(
             "One data variant (cpia-mini, cpia, cpia-l, cpia-m, cpia-s) as WebDataset tar "

@@ -16,6 +16,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 import pytest
+import pyvips
 import webdataset as wds
 from PIL import Image
 
@@ -25,9 +26,9 @@ from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.perceptual import NEAR_DUPLICATE_BITS, hamming, phash_file
 from cpia_assets.core.schema import MiniReason
 from cpia_assets.core.training.exclusions import ExclusionError, Exclusions, ExclusionSettings
-from cpia_assets.core.training.mini import (
+from cpia_assets.core.training.mini import MINI_ONLY_SUFFIX, build_mini_partition
+from cpia_assets.core.training.mini_sampling import (
     MiniSettings,
-    build_mini_partition,
     choose_s_cell,
     spread_over_slides,
     xl_quota,
@@ -114,6 +115,16 @@ def test_s_crop_is_a_tissue_cell_or_the_richest_one() -> None:
     blank = np.full((4, 4), 0.01)
     blank[2, 3] = 0.05
     assert choose_s_cell(blank, 0.1, 0, "m") == (3, 2)
+    preferred = np.zeros((4, 4), dtype=bool)
+    preferred[3, 0] = True
+    assert {choose_s_cell(tissue, 0.1, 0, f"m-{i}", preferred=preferred) for i in range(40)} == {
+        (0, 3)
+    }  # a tissue cell full CPIA keeps wins
+    preferred[3, 0], preferred[0, 0] = False, True  # kept, but under the tissue threshold
+    assert {choose_s_cell(tissue, 0.1, 0, f"m-{i}", preferred=preferred) for i in range(40)} == {
+        (2, 1),
+        (0, 3),
+    }
 
 
 def test_exclusion_rules_and_lists(tmp_path: Path) -> None:
@@ -172,7 +183,7 @@ def test_wsi_mini_follows_quota_and_ratios(small_build) -> None:
             m_names = children.filter(pl.col("scale") == "M")["image_name"]
             s_crops = mini.filter((pl.col("scale") == "S") & pl.col("parent_image").is_in(m_names))
             assert s_crops.height == count["M"]  # one S crop per Mini M tile
-            assert s_crops["source_tile"].sort().to_list() == m_names.sort().to_list()
+            _assert_s_crops_name_whether_full_cpia_keeps_them(s_crops, tiles)
         metadata = _metadata(small_build["results"][key], "cpia_mini")
         assert metadata["quota_used"] == len(xl) and metadata["xl_quota"] == 2
         assert metadata["preview"].startswith("![Mini samples](data:image/jpeg;base64,")
@@ -184,23 +195,43 @@ def test_wsi_mini_follows_quota_and_ratios(small_build) -> None:
             )
 
 
-def test_mini_s_crop_is_the_recorded_cell_enlarged(small_build) -> None:
+def _assert_s_crops_name_whether_full_cpia_keeps_them(
+    s_crops: pl.DataFrame, tiles: pl.DataFrame
+) -> None:
+    kept_s = tiles.filter((pl.col("scale") == "S") & pl.col("path").is_not_null())
+    kept_names, s_parents = set(kept_s["image_name"]), set(kept_s["parent_image"])
+    for crop in s_crops.iter_rows(named=True):
+        name = crop["image_name"]
+        if name.endswith(MINI_ONLY_SUFFIX):
+            assert name.removesuffix(MINI_ONLY_SUFFIX) not in kept_names
+            assert crop["source_tile"] == crop["parent_image"]
+        else:
+            assert name in kept_names and crop["source_tile"] == name
+    # the 40x slide's M tiles are all tissue: a cell full CPIA keeps is preferred when there is one
+    crops_under_kept_s = s_crops.filter(pl.col("parent_image").is_in(list(s_parents)))
+    assert crops_under_kept_s.height
+    assert not crops_under_kept_s["image_name"].str.ends_with(MINI_ONLY_SUFFIX).any()
+
+
+def test_mini_s_crop_is_the_recorded_cell_of_the_standardized_slide_enlarged(small_build) -> None:
+    """The S crop's pixels come from the standardized slide (one JPEG generation, as the
+    full-CPIA tiles), not from the decoded M JPEG: re-made from the slide, the bytes match."""
     layout = small_build["layout"]
     mini = _frame(layout, "wsi-40x", "mini_images")
-    crop = mini.filter(pl.col("scale") == "S").row(0, named=True)
-    cell = (crop["x"] % 4, crop["y"] % 4)
-    with Image.open(layout.root / crop["source_path"]) as m_tile:
-        source = np.asarray(m_tile.convert("RGB"), dtype=np.float32)
-
-    def cell_pixels(column: int, row: int) -> np.ndarray:
-        return source[row * 96 : (row + 1) * 96, column * 96 : (column + 1) * 96]
-
-    with Image.open(layout.root / crop["path"]) as image:
-        shrunk = np.asarray(image.convert("RGB").resize((96, 96), Image.Resampling.BOX), np.float32)
-    assert crop["image_name"].endswith(f"-96-{crop['x']}-{crop['y']}")
-    error = np.abs(shrunk - cell_pixels(*cell)).mean()
-    assert error < 6  # the same pixels, up to JPEG and resampling
-    assert np.abs(shrunk - cell_pixels((cell[0] + 2) % 4, cell[1])).mean() > error
+    tiles = _frame(layout, "wsi-40x", "tiles")
+    slide_of = dict(zip(tiles["image_name"], tiles["standardized_file"], strict=True))
+    crops = mini.filter(pl.col("scale") == "S")
+    assert crops.height
+    for crop in crops.head(8).iter_rows(named=True):
+        slide = pyvips.Image.new_from_file(str(layout.root / slide_of[crop["parent_image"]]))
+        cell = slide.crop(crop["x"] * 96, crop["y"] * 96, 96, 96)
+        remade = cell.resize(4, kernel="lanczos3").jpegsave_buffer(Q=90, keep="none")
+        assert (layout.root / crop["path"]).read_bytes() == remade, crop["path"]
+        assert (
+            crop["image_name"]
+            .removesuffix(MINI_ONLY_SUFFIX)
+            .endswith(f"-96-{crop['x']}-{crop['y']}")
+        )
 
 
 def test_mini_images_hold_the_hash_of_their_pixels_and_the_manifest_too(small_build) -> None:

@@ -11,7 +11,8 @@ from PIL import Image
 from cpia_assets.core.catalog.loading import load_catalog
 from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.training.exclusions import Exclusions, ExclusionSettings
-from cpia_assets.core.training.mini import MiniSettings, build_mini_partition
+from cpia_assets.core.training.mini import build_mini_partition
+from cpia_assets.core.training.mini_sampling import MiniSettings
 
 KEY = "wsi-40x"
 
