@@ -28,6 +28,7 @@ from cpia_assets.core.locks import (
     read_holder,
     start_time,
 )
+from cpia_assets_tests.support.processes import start_until_ready
 
 HOLD = """import sys
 from pathlib import Path
@@ -38,16 +39,9 @@ with exclusive(Path(sys.argv[1]), run_id="run-A", what="step hold"):
 """
 
 
-def _holder_process(lock: Path) -> subprocess.Popen[str]:
-    process = subprocess.Popen([sys.executable, "-c", HOLD, str(lock)], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, text=True)  # fmt: skip
-    assert process.stdout is not None and process.stdout.readline() == "ready\n"
-    return process
-
-
 def test_a_second_holder_fails_at_once_or_waits_naming_the_holder(tmp_path: Path) -> None:
     lock = partition_lock(tmp_path, "p1")
-    holder = _holder_process(lock)
+    holder = start_until_ready(HOLD, str(lock))
     try:
         busy = rf"held by run run-A \(step hold, process {holder.pid} "
         with pytest.raises(LockBusy, match=busy), exclusive(lock, when_busy="fail"):
@@ -69,7 +63,7 @@ def test_a_second_holder_fails_at_once_or_waits_naming_the_holder(tmp_path: Path
 
 
 def test_other_partitions_do_not_wait(tmp_path: Path) -> None:
-    holder = _holder_process(partition_lock(tmp_path, "p1"))
+    holder = start_until_ready(HOLD, str(partition_lock(tmp_path, "p1")))
     try:
         with exclusive(partition_lock(tmp_path, "p2"), when_busy="fail"):
             pass
@@ -79,7 +73,7 @@ def test_other_partitions_do_not_wait(tmp_path: Path) -> None:
 
 def test_a_sigkilled_holders_lock_is_taken_over_at_once(tmp_path: Path) -> None:
     lock = partition_lock(tmp_path, "p1")
-    holder = _holder_process(lock)
+    holder = start_until_ready(HOLD, str(lock))
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait()
     assert read_holder(lock).pid == holder.pid  # its record is left behind

@@ -26,7 +26,7 @@ from cpia_assets.core.layout import DataLayout
 from cpia_assets.core.locks import partition_lock, read_holder
 from cpia_assets.defs.instance import limits_runs_per_partition, prepare_instance
 from cpia_assets_tests.support.postgres import use_postgres
-from cpia_assets_tests.support.processes import stop_process_group
+from cpia_assets_tests.support.processes import start_until_ready, stop_process_group
 
 KEY = "four"
 CATALOG = f"""\
@@ -143,13 +143,6 @@ def _wait_for(condition: Callable[[], object], what: str, *builds: Build) -> Non
         time.sleep(0.1)
 
 
-def _gate(lock: Path) -> subprocess.Popen[str]:
-    gate = subprocess.Popen([sys.executable, "-c", GATE, str(lock)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
-    assert gate.stdout is not None and gate.stdout.readline() == "ready\n"
-    return gate
-
-
 def _assert_one_complete_build(data: Path) -> None:
     """Every slide standardized and tiled once, nothing half-written, no failure recorded."""
     layout = DataLayout(data)
@@ -179,7 +172,8 @@ def test_two_overlapping_builds_of_one_partition_end_with_one_builds_output(
     tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
     data = Path(cli_env["CPIA_DATA_DIR"])
-    gate = _gate(partition_lock(data, KEY))  # both builds start while the partition is held
+    # both builds start while the partition is held
+    gate = start_until_ready(GATE, str(partition_lock(data, KEY)))
     builds = [Build(cli_env, tmp_path / f"build-{n}.log") for n in (1, 2)]
     try:
         for build in builds:
@@ -205,7 +199,7 @@ def test_a_build_that_may_not_wait_fails_at_once_naming_the_holder(
     tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
     data = Path(cli_env["CPIA_DATA_DIR"])
-    gate = _gate(partition_lock(data, KEY))
+    gate = start_until_ready(GATE, str(partition_lock(data, KEY)))
     try:
         build = Build(cli_env, tmp_path / "build.log", "--config-json", FAIL_AT_ONCE)
         assert build.finish() != 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 
 
 def stop_process_group(process: subprocess.Popen) -> None:
@@ -15,3 +16,12 @@ def stop_process_group(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+def start_until_ready(script: str, *args: str) -> subprocess.Popen[str]:
+    """Run `python -c script args` and return once it prints `ready` (its stdin stays open:
+    the script may wait on it)."""
+    process = subprocess.Popen([sys.executable, "-c", script, *args], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert process.stdout is not None and process.stdout.readline() == "ready\n"
+    return process
