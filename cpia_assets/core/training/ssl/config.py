@@ -133,6 +133,7 @@ class PretrainSettings:
     workers: int = 8  # loader processes per device
     init: str = "random"
     checkpoint_every: int = 1000  # optimizer steps between Lightning checkpoints
+    keep_checkpoints: int = 3  # the newest periodic checkpoints kept (besides last.ckpt)
     devices: int = 1  # GPUs per node; > 1 or nodes > 1 runs DDP under torchrun
     nodes: int = 1
     rendezvous: str = ""  # host:port of the first node, when nodes > 1
@@ -147,6 +148,7 @@ class PretrainSettings:
             "batch_size",
             "accumulation",
             "checkpoint_every",
+            "keep_checkpoints",
             "devices",
             "nodes",
         )

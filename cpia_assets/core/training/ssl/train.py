@@ -5,12 +5,13 @@ Under several devices or nodes launch it with `torchrun --nproc_per_node N [--nn
 Lightning's DDP then joins the processes torchrun started. Outputs in the job's `out_dir`:
 `encoder.pth` (timm ViT state dict, no classifier), `encoder.json` (the job that trained it),
 `timm/` (the encoder as a timm `local-dir:` model folder with a model card),
-`checkpoints/last.ckpt` (and one every `checkpoint_every` steps, each written beside its place
-and renamed there; a rerun resumes from last.ckpt, or from the newest readable one when last.ckpt
-cannot be read), `metrics.jsonl` (loss and learning rate per step, and the kNN accuracy at the
-steps `monitor.every` evaluates it: see `monitor`), `loss_curve.png`, `knn_curve.png` (when
-monitored) and `summary.json` (what the asset reports). The settings are checked before
-training (`preflight`) and a loss that is not finite stops the run.
+`checkpoints/last.ckpt` (and one every `checkpoint_every` steps, the newest `keep_checkpoints`
+kept, each written beside its place and renamed there; a rerun resumes from last.ckpt, or from
+the newest readable one when last.ckpt cannot be read), `metrics.jsonl` (loss and learning rate
+per step, and the kNN accuracy at the steps `monitor.every` evaluates it: see `monitor`),
+`loss_curve.png`, `knn_curve.png` (when monitored) and `summary.json` (what the asset reports).
+The settings are checked before training (`preflight`) and a loss that is not finite stops the
+run.
 Under Dagster Pipes, rank 0 sends its progress lines to the asset's log.
 """
 
@@ -113,7 +114,8 @@ def run_training(
     monitor = knn_monitor(job, module.method.export_encoder, progress)
     checkpoints = pl.callbacks.ModelCheckpoint(
         dirpath=out / "checkpoints", every_n_train_steps=settings.checkpoint_every,
-        save_top_k=-1, save_last=True, filename="step-{step:07d}", auto_insert_metric_name=False,
+        save_top_k=settings.keep_checkpoints, monitor="step", mode="max",  # the newest k
+        save_last=True, filename="step-{step:07d}", auto_insert_metric_name=False,
     )  # fmt: skip
     distributed = settings.devices * settings.nodes > 1
     cuda = torch.cuda.is_available()

@@ -113,8 +113,8 @@ def mini_shards(mini: Path) -> Path:
 def test_resumed_run_reaches_the_same_weights(
     mini: Path, mini_shards: Path, tmp_path: Path, method: str, layout: str, workers: int
 ) -> None:
-    overrides = {"steps": 6, "checkpoint_every": 3, "accumulation": 2, "batch_size": 4,
-                 "workers": workers}  # fmt: skip
+    overrides = {"steps": 6, "checkpoint_every": 3, "keep_checkpoints": 1, "accumulation": 2,
+                 "batch_size": 4, "workers": workers}  # fmt: skip
     straight = job(mini, tmp_path / "straight", method, **overrides)
     if layout == "shards":
         straight = replace(straight, source=str(mini_shards))
@@ -135,6 +135,8 @@ def test_resumed_run_reaches_the_same_weights(
     ]
     curve = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").open()]
     assert [row["step"] for row in curve] == [1, 2, 3, 4, 5, 6]  # one curve across the interrupt
+    kept = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
+    assert kept == ["last.ckpt", "step-0000006.ckpt"]  # step 3's, from before the interrupt, went
     rerun = run_training(resumed, log_every=100)  # finished: nothing left to train
     assert rerun is not None and rerun["steps"] == 6 and rerun["images_per_s"] > 0
 
