@@ -1,5 +1,9 @@
 """Run per-item work over an executor: local processes, a Dask cluster, or in-process.
 
+Local worker processes (`local_pool`, and the fresh processes of retries) die with the process
+that started them: once a killed build's partition lock is taken over, none of its workers may
+go on writing (or removing temporaries) there.
+
 A local worker process that dies (killed for memory, SIGKILL, a crash in a C library) breaks
 the whole `ProcessPoolExecutor`: every item still pending fails with `BrokenProcessPool`, and
 nothing says which item killed it. `map_unordered` therefore runs each lost item once more,
@@ -12,15 +16,32 @@ from __future__ import annotations
 import signal
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import (
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    as_completed,
+)
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
 from multiprocessing.connection import Connection
 from typing import Any, Generic, TypeVar
 
+from cpia_assets.core.locks import die_with_owner, owner_token
+
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+def local_pool(workers: int) -> ProcessPoolExecutor:
+    """A pool of `workers` spawned processes that die (SIGKILL) as soon as this process is gone.
+    Spawned: forking a process that holds Dagster's threads and OpenSlide handles is unsafe."""
+    return ProcessPoolExecutor(
+        max_workers=workers, mp_context=get_context("spawn"),
+        initializer=die_with_owner, initargs=(owner_token(),),
+    )  # fmt: skip
 
 
 def map_unordered(
@@ -116,7 +137,9 @@ def _retry_alone(
 def _run_in_fresh_process(function: Callable[[T], R], item: T) -> _Retried[R]:
     context = get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(function, item, sender), daemon=True)
+    process = context.Process(
+        target=_child, args=(function, item, sender, owner_token()), daemon=True
+    )
     process.start()
     sender.close()
     try:
@@ -130,7 +153,8 @@ def _run_in_fresh_process(function: Callable[[T], R], item: T) -> _Retried[R]:
     return _Retried(value=value) if succeeded else _Retried(error=value)
 
 
-def _child(function: Callable[[Any], Any], item: Any, sender: Connection) -> None:
+def _child(function: Callable[[Any], Any], item: Any, sender: Connection, owner: str) -> None:
+    die_with_owner(owner)
     try:
         answer = (True, function(item))
     except Exception as exc:  # re-raised in the parent, as a pool would

@@ -6,7 +6,6 @@ import os
 from collections.abc import Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import contextmanager
-from multiprocessing import get_context
 from pathlib import Path
 
 import dagster as dg
@@ -15,6 +14,7 @@ from pydantic import PrivateAttr
 from cpia_assets.core.catalog.loading import load_catalog
 from cpia_assets.core.catalog.model import Catalog, SubDataset
 from cpia_assets.core.layout import DataLayout
+from cpia_assets.core.parallel import local_pool
 
 
 class CpiaStore(dg.ConfigurableResource):
@@ -67,8 +67,7 @@ class WorkerPool(dg.ConfigurableResource):
             return
         if self._pool is None or getattr(self._pool, "_broken", False):
             self._shutdown()
-            # spawn: forking a process that holds Dagster's threads and OpenSlide handles is unsafe.
-            self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+            self._pool = local_pool(workers)
         yield self._pool
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:

@@ -147,28 +147,21 @@ def test_a_temporary_that_vanishes_fails_the_writer_not_the_input(tmp_path: Path
 
 
 OWNER_WITH_A_WORKER = """import sys
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
-from cpia_assets_tests.core.test_locks import busy_slide_worker
-with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-    pool.submit(busy_slide_worker, sys.argv[1]).result()
+from cpia_assets.core.parallel import local_pool
+from cpia_assets_tests.core.test_locks import busy_worker
+with local_pool(1) as pool:
+    pool.submit(busy_worker, sys.argv[1]).result()
 """
 
 
-def busy_slide_worker(pid_file: str) -> None:
-    """A pool worker in the middle of a long slide job of the build that started it."""
-    from types import SimpleNamespace
-
-    from cpia_assets.core.locks import start_time
-    from cpia_assets.core.wsi.slide_jobs import _die_with_owner
-
-    parent = os.getppid()
-    _die_with_owner(SimpleNamespace(owner=f"{parent}:{start_time(parent)}"))
+def busy_worker(pid_file: str) -> None:
+    """A pool worker in the middle of a long job (a slide, an ROI batch, a Mini crop) of the
+    build that started it."""
     Path(pid_file).write_text(str(os.getpid()))
     time.sleep(60)
 
 
-def test_a_killed_builds_slide_workers_die_with_it(tmp_path: Path) -> None:
+def test_a_killed_builds_pool_workers_die_with_it(tmp_path: Path) -> None:
     pid_file = tmp_path / "worker.pid"
     owner = subprocess.Popen([sys.executable, "-c", OWNER_WITH_A_WORKER, str(pid_file)])
     try:

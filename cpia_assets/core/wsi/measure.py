@@ -18,13 +18,12 @@ import os
 import shutil
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 from cpia_assets.core.catalog.model import WsiOptions
 from cpia_assets.core.layout import DataLayout
+from cpia_assets.core.parallel import local_pool
 from cpia_assets.core.synthetic import HE_SAMPLE_MPP, he_sample, mirror_tile, write_slide
 from cpia_assets.core.wsi.fused import standardize_and_tile_partition
 from cpia_assets.core.wsi.settings import StandardizeSettings
@@ -86,7 +85,7 @@ def _measure(root: Path, xl_per_edge: int, workers: int) -> Measurement:
         slides.append(raw / f"M-{index:04d}.tiff")
         shutil.copyfile(first, slides[-1])
     layout = DataLayout(root / "data")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+    with local_pool(workers) as pool:
         list(pool.map(_warm, range(workers)))  # processes started and modules imported
         start = time.perf_counter()
         slide_result, tile_result = standardize_and_tile_partition(

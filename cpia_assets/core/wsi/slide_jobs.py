@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
@@ -31,7 +30,6 @@ from typing import Any
 from cpia_assets.core.catalog.model import WsiOptions
 from cpia_assets.core.fsutil import OutputWriteError, atomic_path, sha256_file
 from cpia_assets.core.layout import DataLayout
-from cpia_assets.core.locks import die_with_owner, owner_token
 from cpia_assets.core.parallel import map_unordered
 from cpia_assets.core.stage import StageResult, failure
 from cpia_assets.core.wsi.settings import StandardizeSettings
@@ -52,7 +50,6 @@ class SlideJob:
     options: WsiOptions
     settings: StandardizeSettings
     known_sha256: str | None = None  # the source's digest, when already known
-    owner: str | None = None  # the partition's build process (`locks.owner_token`)
 
 
 @dataclass(frozen=True)
@@ -129,7 +126,6 @@ def slide_jobs(
                 options=options,
                 settings=settings,
                 known_sha256=(known_sha256 or {}).get(source),
-                owner=owner_token(),
             )
         )
     return jobs, collector
@@ -168,21 +164,12 @@ def run_slide_job(job: SlideJob, strips: StripConsumer | None = None) -> SlideOu
     `OutputLostError`) is raised: it is no fault of the slide, and fails the stage. `strips`
     receives the pixels of a slide that is standardized now (`standardize_slide`), never of one
     reused."""
-    _die_with_owner(job)
     try:
         return _standardize_or_reuse(job, strips)
     except OutputWriteError:
         raise
     except Exception as exc:  # recorded, not raised: see the docstring
         return failed_slide_job(job, f"{type(exc).__name__}: {exc}")
-
-
-def _die_with_owner(job: SlideJob) -> None:
-    """A local worker process dies with the build that started it: once a killed build's lock
-    is taken over, none of its workers may go on writing (or removing temporaries) there.
-    Only for a child of the owner: in-process jobs and Dask workers are left alone."""
-    if job.owner and int(job.owner.split(":")[0]) == os.getppid():
-        die_with_owner(job.owner)
 
 
 def failed_slide_job(job: SlideJob, cause: str) -> SlideOutcome:
