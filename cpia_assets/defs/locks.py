@@ -1,6 +1,6 @@
 """One build of a partition at a time: every step that writes a sub-dataset's outputs
 (raw_download, standardize_and_tile, cpia_mini) holds that partition's lock
-(`core/locks.py`) while it runs.
+(`core/locks.py`) while it runs, and `training_shards` holds its export's (`shards-<variant>`).
 
 A second build of the same partition (a second `dagster asset materialize`, a UI click while
 the automation builds it) waits, logging which run and process hold it, or fails at once with
@@ -45,10 +45,12 @@ class PartitionLocks(dg.ConfigurableResource):
     )
 
     @contextmanager
-    def hold(self, context: dg.AssetExecutionContext, store: CpiaStore) -> Iterator[None]:
-        """Hold the lock of `context`'s partition for the block; a step that may not wait, or
-        whose lock was taken over meanwhile, fails (`dg.Failure`)."""
-        key = context.partition_key
+    def hold(
+        self, context: dg.AssetExecutionContext, store: CpiaStore, name: str | None = None
+    ) -> Iterator[None]:
+        """Hold the lock `name` (default: `context`'s partition key) for the block; a step that
+        may not wait, or whose lock was taken over meanwhile, fails (`dg.Failure`)."""
+        key = name or context.partition_key
         step = context.op_execution_context.op.name
         try:
             with exclusive(

@@ -28,15 +28,8 @@ from cpia_assets.core.locks import (
     read_holder,
     start_time,
 )
+from cpia_assets_tests.support.processes import LOCK_HOLDER as HOLD
 from cpia_assets_tests.support.processes import start_until_ready
-
-HOLD = """import sys
-from pathlib import Path
-from cpia_assets.core.locks import exclusive
-with exclusive(Path(sys.argv[1]), run_id="run-A", what="step hold"):
-    print("ready", flush=True)
-    sys.stdin.read()
-"""
 
 
 def test_a_second_holder_fails_at_once_or_waits_naming_the_holder(tmp_path: Path) -> None:

@@ -16,8 +16,10 @@ import polars as pl
 import pytest
 
 from cpia_assets.core.layout import DataLayout
+from cpia_assets.core.locks import partition_lock
 from cpia_assets.core.training.shards import SIDECAR_FIELDS
 from cpia_assets_tests.support.outputs import materialization_of
+from cpia_assets_tests.support.processes import LOCK_HOLDER, start_until_ready
 from cpia_assets_tests.support.small_catalog import EXCLUDED_SLIDE, MINI_CONFIG
 
 
@@ -80,6 +82,35 @@ def test_an_export_missing_or_with_damaged_images_fails_naming_them(copy_of_smal
     assert "12 of " in message and message.endswith(" and 2 more")  # the first 10, the count
     named = message.split("nothing published: ")[1].removesuffix(" and 2 more").split(", ")
     assert len(named) == 10 and all((layout.root / path).parent.name == "wsi-40x" for path in named)
+
+
+def test_an_export_of_a_variant_another_build_exports_waits_or_fails_naming_it(
+    copy_of_small_build,
+) -> None:
+    built = copy_of_small_build
+    holder = start_until_ready(
+        LOCK_HOLDER, str(partition_lock(built["layout"].root, "shards-cpia-mini"))
+    )
+    try:
+        refused = built["job"].execute_in_process(
+            partition_key="cpia-mini",
+            asset_selection=[dg.AssetKey("training_shards")],
+            instance=built["instance"],
+            run_config={
+                "ops": {"training_shards": {"config": {"shard_size": 64}}},
+                "resources": {"partition_locks": {"config": {"when_busy": "fail"}}},
+            },
+            raise_on_error=False,
+        )
+        assert not refused.success
+        message = _failure_message(refused)
+        assert "partition 'shards-cpia-mini': " in message
+        assert f"held by run run-A (step hold, process {holder.pid} " in message
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait()
+    assert _run(built, "training_shards", "cpia-mini", {"shard_size": 64}).success
 
 
 def test_shard_sidecars_carry_the_records_fields(small_build) -> None:

@@ -7,6 +7,15 @@ import signal
 import subprocess
 import sys
 
+LOCK_HOLDER = """import sys
+from pathlib import Path
+from cpia_assets.core.locks import exclusive
+with exclusive(Path(sys.argv[1]), run_id="run-A", what="step hold"):
+    print("ready", flush=True)
+    sys.stdin.read()
+"""
+"""Holds the lock file argv[1] as run `run-A` until its stdin closes (`start_until_ready`)."""
+
 
 def stop_process_group(process: subprocess.Popen) -> None:
     """SIGTERM the process group started with `start_new_session=True`; SIGKILL after 30 s."""

@@ -161,6 +161,7 @@ def build_training_shards() -> dg.AssetsDefinition:
         ],
         group_name="mini",
         code_version="4",  # 3: percent-encoded sample keys; 4: streamed, md5-keyed shuffle
+        resource_defs=LOCK_RESOURCES,
         kinds={"python", "webdataset"},
         description=(
             "One data variant (cpia-mini, cpia, cpia-l, cpia-m, cpia-s) as WebDataset tar "
@@ -176,6 +177,7 @@ def build_training_shards() -> dg.AssetsDefinition:
         config: ShardConfig,
         store: CpiaStore,
         workers: WorkerPool,
+        partition_locks: PartitionLocks,
     ) -> dg.MaterializeResult:
         variant = context.partition_key
         layout = store.layout
@@ -193,14 +195,15 @@ def build_training_shards() -> dg.AssetsDefinition:
             context.log.warning(line)
         if not images.sidecars:
             raise dg.Failure(f"{variant}: no images to export (partitions not built: {missing})")
-        with workers.executor() as executor:
+        # one export of a variant at a time: a second waits, then finds it up to date
+        with partition_locks.hold(context, store, f"shards-{variant}"), workers.executor() as pool:
             result = export_shards(
                 images.sidecars,
                 variant=variant,
                 layout=layout,
                 settings=settings,
                 held_out=images.held_out,
-                executor=executor,
+                executor=pool,
                 progress=progress_logger(context),
             )
         if result.failures:
