@@ -12,6 +12,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
@@ -69,19 +70,18 @@ def platform_env(
     }
 
 
-@pytest.fixture
-def daemon(platform_env: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen]:
+@contextmanager
+def running_daemon(env: dict[str, str], log_file: Path) -> Iterator[subprocess.Popen]:
     """`dagster-daemon run` in its own process group, always stopped with its children."""
-    log = (tmp_path / "daemon.log").open("w")
-    process = subprocess.Popen(
-        [str(BIN / "dagster-daemon"), "run", *MODULE],
-        env=platform_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    try:
-        yield process
-    finally:
-        stop_process_group(process)
-        log.close()
+    with log_file.open("w") as log:
+        process = subprocess.Popen(
+            [str(BIN / "dagster-daemon"), "run", *MODULE],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            yield process
+        finally:
+            stop_process_group(process)
 
 
 def _dagster(env: dict[str, str], *args: str) -> str:
@@ -124,26 +124,32 @@ def automation_stopped(platform_env: dict[str, str]) -> None:
 
 
 def test_backfill_under_the_daemon_runs_each_partition_once_within_the_queue_limit(
-    platform_env: dict[str, str], automation_stopped: None, daemon: subprocess.Popen,
-    tmp_path: Path,
-) -> None:  # fmt: skip
-    _dagster(
-        platform_env, "job", "backfill", *MODULE, "-j", "build_subdatasets",
-        "--partitions", ",".join(KEYS), "--noprompt",
-    )  # fmt: skip
-    with dg.DagsterInstance.from_config(platform_env["DAGSTER_HOME"]) as instance:
-        runs = _wait_for_runs(instance, len(KEYS), timeout=600)
-        assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
-        assert [run.status for run in runs] == [dg.DagsterRunStatus.SUCCESS] * len(KEYS)
-        assert sorted(run.tags["dagster/partition"] for run in runs) == list(KEYS)
-        backfills = {run.tags["dagster/backfill"] for run in runs}
-        assert len(backfills) == 1
+    platform_env: dict[str, str], automation_stopped: None, tmp_path: Path
+) -> None:
+    again = KEYS[0]  # asked for by a second backfill too: its two runs must take turns
+    for partitions in ((again,), KEYS):  # both queued before the daemon starts either
+        _dagster(
+            platform_env, "job", "backfill", *MODULE, "-j", "build_subdatasets",
+            "--partitions", ",".join(partitions), "--noprompt",
+        )  # fmt: skip
+    log = tmp_path / "daemon.log"
+    with (
+        running_daemon(platform_env, log) as daemon,
+        dg.DagsterInstance.from_config(platform_env["DAGSTER_HOME"]) as instance,
+    ):
+        runs = _wait_for_runs(instance, len(KEYS) + 1, timeout=600)
+        assert daemon.poll() is None, log.read_text()[-3000:]
+        assert [run.status for run in runs] == [dg.DagsterRunStatus.SUCCESS] * (len(KEYS) + 1)
+        assert sorted(run.tags["dagster/partition"] for run in runs) == sorted([*KEYS, again])
+        assert len({run.tags["dagster/backfill"] for run in runs}) == 2
         records = instance.get_run_records(dg.RunsFilter(run_ids=[run.run_id for run in runs]))
         assert _most_at_once(records) <= MAX_RUNS
+        same = [r for r in records if r.dagster_run.tags["dagster/partition"] == again]
+        assert _most_at_once(same) == 1  # the queue's per-partition limit kept them apart
         for name in PARTITIONED_ASSETS:
             events = instance.fetch_materializations(dg.AssetKey(name), limit=100).records
             per_partition = Counter(event.partition_key for event in events)
-            assert per_partition == dict.fromkeys(KEYS, 1), name
+            assert per_partition == {**dict.fromkeys(KEYS, 1), again: 2}, name
         run = runs[0]
         run_pid = _pids(instance, run.run_id, dg.DagsterEventType.RUN_START)
         step_pids = _pids(instance, run.run_id, dg.DagsterEventType.STEP_START)
