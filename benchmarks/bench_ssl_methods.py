@@ -8,7 +8,7 @@ judged by kNN and a linear probe of its frozen encoder against the random-init e
 Every method trains through the platform's own path (`run_training`: the Mini WebDataset shards
 of the demo build, Lightning, each method's recipe) for the same number of steps on a small ViT
 (vit_tiny, 64 px), its heads shrunk to suit it (printed). The evaluation is the platform's too
-(`frozen_evaluations`): kNN (k = 20, cosine, temperature 0.07) and a linear probe (BatchNorm
+(`frozen_predictions`): kNN (k = 20, cosine, temperature 0.07) and a linear probe (BatchNorm
 without affine + linear) of the frozen encoder, on the demo cells task read from its records:
 features of its train split fit, its test split scores. Mini and the shards never hold the
 task's val/test images (the export's `held_out`), so the score is clean. The random-init row
@@ -28,6 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from scipy.stats import binomtest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -47,7 +48,11 @@ from cpia_assets.core.training.ssl.config import (  # noqa: E402
     export_identity,
     training_source,
 )
-from cpia_assets.core.training.ssl.evaluate import frozen_evaluations  # noqa: E402
+from cpia_assets.core.training.ssl.evaluate import (  # noqa: E402
+    accuracy_and_macro_f1,
+    confusion_matrix,
+    frozen_predictions,
+)
 from cpia_assets.core.training.ssl.tasks import load_task  # noqa: E402
 from cpia_assets.core.training.ssl.train import run_training  # noqa: E402
 
@@ -93,8 +98,8 @@ def main() -> None:
     print(f"task {args.task}: classes {task.classes}, images {sizes}; pre-training on "
           f"{source} (exclusions {applied}), {args.model} at {args.image_size} px, "
           f"batch {args.batch}, {args.steps} steps, seed {args.seed}")  # fmt: skip
-    rows = [("random init", None, frozen_evaluations(
-        task, model=args.model, weights=None, settings=evaluation))]  # fmt: skip
+    truth, baseline = frozen_predictions(task, model=args.model, weights=None, settings=evaluation)
+    rows: list[tuple[str, float | None, dict[str, list[int]]]] = [("random init", None, baseline)]
     with tempfile.TemporaryDirectory(prefix="bench-ssl-") as work:
         for method in args.methods.split(","):
             lr = args.lr or LEARNING_RATES[method]
@@ -115,27 +120,45 @@ def main() -> None:
             loss = summary["final_loss"] if summary else float("nan")
             print(f"{METHOD_NAMES[method]}: lr {lr} per 256, {elapsed:.0f} s, "
                   f"final loss {loss:.4f}, {SMALL_HEADS[method]}", flush=True)  # fmt: skip
-            scores = frozen_evaluations(
+            _, predictions = frozen_predictions(
                 task, model=args.model, weights=out / ENCODER_FILE, settings=evaluation
             )
-            rows.append((METHOD_NAMES[method], elapsed, scores))
-    _print_table(rows, sizes["test"], len(task.classes))
+            rows.append((METHOD_NAMES[method], elapsed, predictions))
+    _print_table(rows, truth, len(task.classes))
 
 
-def _print_table(rows: list, test_images: int, classes: int) -> None:
+def _print_table(rows: list, truth: list[int], classes: int) -> None:
+    """Accuracy (macro F1) per encoder and frozen evaluation, and each gain over random init
+    with the exact McNemar test on the same test images (paired: only the images that one of
+    the two gets right and the other wrong count)."""
     baseline = rows[0][2]
-    print(f"\nTest split of the demo task, n = {test_images} images, {classes} classes "
+    print(f"\nTest split of the demo task, n = {len(truth)} images, {classes} classes "
           f"(chance {100 / classes:.0f}%). Accuracy % (macro F1 %); gain = points over random "
-          "init")  # fmt: skip
-    print("| encoder | pre-training s | kNN | linear probe | kNN gain | linear gain |")
+          "init, p = exact two-sided McNemar test against it on the same images")  # fmt: skip
+    print("| encoder | pre-training s | kNN | linear probe | kNN gain (p) | linear gain (p) |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name, seconds, scores in rows:
-        cells = [f"{100 * scores[m]['accuracy']:.1f} ({100 * scores[m]['macro_f1']:.1f})"
-                 for m in ("knn", "linear_probe")]  # fmt: skip
-        gains = [f"{100 * (scores[m]['accuracy'] - baseline[m]['accuracy']):+.1f}"
-                 for m in ("knn", "linear_probe")]  # fmt: skip
+    for name, seconds, predictions in rows:
+        cells, gains = [], []
+        for metric in ("knn", "linear_probe"):
+            matrix = confusion_matrix(truth, predictions[metric], classes)
+            accuracy, macro_f1 = accuracy_and_macro_f1(matrix)
+            cells.append(f"{100 * accuracy:.1f} ({100 * macro_f1:.1f})")
+            gains.append(_paired_gain(truth, predictions[metric], baseline[metric]))
         took = "-" if seconds is None else f"{seconds:.0f}"
         print(f"| {name} | {took} | {cells[0]} | {cells[1]} | {gains[0]} | {gains[1]} |")
+
+
+def _paired_gain(truth: list[int], ours: list[int], theirs: list[int]) -> str:
+    """Accuracy points of `ours` over `theirs` and the exact McNemar p-value."""
+    ours_right = [o == t for o, t in zip(ours, truth, strict=True)]
+    theirs_right = [o == t for o, t in zip(theirs, truth, strict=True)]
+    only_ours = sum(a and not b for a, b in zip(ours_right, theirs_right, strict=True))
+    only_theirs = sum(b and not a for a, b in zip(ours_right, theirs_right, strict=True))
+    gain = 100 * (only_ours - only_theirs) / len(truth)
+    if only_ours + only_theirs == 0:
+        return f"{gain:+.1f} (-)"
+    p = binomtest(only_ours, only_ours + only_theirs, 0.5).pvalue
+    return f"{gain:+.1f} ({p:.2g})"
 
 
 if __name__ == "__main__":

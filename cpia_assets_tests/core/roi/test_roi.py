@@ -303,7 +303,7 @@ def test_demo_labels_splits_and_scales_from_folders_and_csv(tmp_path: Path, key:
     result = run(entry, layout, RoiSettings(size=96))
     assert not result.failures
     if key == "demo-roi-cells":  # <split>/<class>/<name>
-        assert len(result.records) == 96  # 2 classes x (24 train + 8 val + 16 test)
+        assert len(result.records) == 288  # 2 classes x (32 train + 16 val + 96 test)
         expected = {
             path.stem: (path.parent.name, path.parent.parent.name, "S")
             for path in find_roi_images(layout.raw_dir(key)).used

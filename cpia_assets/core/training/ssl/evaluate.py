@@ -200,10 +200,11 @@ def finetune(
     }
 
 
-def frozen_evaluations(
+def frozen_predictions(
     task: LabelledTask, *, model: str, weights: Path | None, settings: FinetuneSettings
-) -> dict[str, dict[str, float]]:
-    """Test accuracy and macro F1 of kNN and of a linear probe on the frozen encoder (`probe`)."""
+) -> tuple[list[int], dict[str, list[int]]]:
+    """The test labels, and per frozen-encoder method (`probe`: kNN, linear probe) its test
+    predictions in the same order (per image, so that two encoders can be compared pairwise)."""
     torch.manual_seed(settings.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     encoder = create_encoder(model, settings.image_size, weights=weights).to(device)
@@ -214,11 +215,17 @@ def frozen_evaluations(
         ))
         for split in ("train", "val", "test")
     }  # fmt: skip
-    truth = features["test"].labels.tolist()
+    predictions = probe_predictions(features, len(task.classes), seed=settings.seed)
+    return features["test"].labels.tolist(), {k: list(v) for k, v in predictions.items()}
+
+
+def frozen_evaluations(
+    task: LabelledTask, *, model: str, weights: Path | None, settings: FinetuneSettings
+) -> dict[str, dict[str, float]]:
+    """Test accuracy and macro F1 of kNN and of a linear probe on the frozen encoder."""
+    truth, predictions = frozen_predictions(task, model=model, weights=weights, settings=settings)
     scores = {}
-    for name, predicted in probe_predictions(
-        features, len(task.classes), seed=settings.seed
-    ).items():
+    for name, predicted in predictions.items():
         matrix = confusion_matrix(truth, predicted, len(task.classes))
         accuracy, macro_f1 = accuracy_and_macro_f1(matrix)
         scores[name] = {"accuracy": accuracy, "macro_f1": macro_f1}
