@@ -23,8 +23,9 @@ $(BIN)/uv: | $(BIN)/python
 	  { $(BIN)/python -m ensurepip && $(BIN)/python -m pip install $(PIP_QUIET) "$(UV_REQ)"; }
 
 ifneq ($(wildcard uv.lock),)
+# --compile-bytecode: .pyc files written at install on every core, not by each first import.
 $(STAMP): pyproject.toml uv.lock | $(BIN)/uv
-	$(BIN)/uv sync --locked --all-extras --python $(BIN)/python
+	$(BIN)/uv sync --locked --all-extras --compile-bytecode --python $(BIN)/python
 	touch $(STAMP)
 else
 $(STAMP): pyproject.toml | $(BIN)/python

@@ -22,6 +22,8 @@ from cpia_assets.defs.assets.ssl import build_ssl_assets
 from cpia_assets.defs.assets.standardize import build_standardize_and_tile
 from cpia_assets.defs.assets.training import build_cpia_mini, build_training_shards
 from cpia_assets.defs.automation import automation_sensor, with_automation
+from cpia_assets.defs.locks import RESOURCE_KEY as LOCKS_RESOURCE
+from cpia_assets.defs.locks import PartitionLocks
 from cpia_assets.defs.partitions import subdataset_partitions
 from cpia_assets.defs.pools import pool_reporting_executor, pool_watch
 from cpia_assets.defs.resources import CpiaStore, WorkerPool
@@ -52,7 +54,7 @@ def build_definitions(
     subdatasets_job = dg.define_asset_job(
         "build_subdatasets",
         selection=list(PARTITIONED_ASSETS),
-        partitions_def=partitions,
+        partitions_def=partitions,  # the schedule reads it from the unresolved job
         description=(
             "Download, standardize, tile and build CPIA-Mini of one sub-dataset (one run per "
             "partition; each step in its own process, so backfills under the run queue isolate "
@@ -89,6 +91,7 @@ def build_definitions(
             "store": CpiaStore(data_dir=str(data_dir), catalog_path=str(catalog.path)),
             "workers": WorkerPool(workers=workers, dask_scheduler=dask_scheduler),
             "pipes_subprocess_client": dg.PipesSubprocessClient(),
+            LOCKS_RESOURCE: PartitionLocks(),
         },
     )
 

@@ -64,8 +64,3 @@ class PartitionLocks(dg.ConfigurableResource):
                 yield
         except (LockBusy, LockLost) as exc:
             raise dg.Failure(f"partition {key!r}: {exc}") from exc
-
-
-PARTITION_LOCKS = PartitionLocks()
-"""The one instance every locking asset declares (`resource_defs`), so definitions need not."""
-LOCK_RESOURCES = {RESOURCE_KEY: PARTITION_LOCKS}

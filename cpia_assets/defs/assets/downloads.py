@@ -16,7 +16,7 @@ from cpia_assets.core.downloads import (
 from cpia_assets.core.downloads.source_versions import source_version
 from cpia_assets.defs.automation import observe_sources
 from cpia_assets.defs.instance import DOWNLOADS_POOL
-from cpia_assets.defs.locks import LOCK_RESOURCES, PartitionLocks
+from cpia_assets.defs.locks import PartitionLocks
 from cpia_assets.defs.records import (
     config_class,
     failures_markdown,
@@ -88,7 +88,6 @@ def build_raw_download(partitions: dg.PartitionsDefinition) -> dg.AssetsDefiniti
         partitions_def=partitions,
         deps=[SOURCE_ASSET],
         pool=DOWNLOADS_POOL,
-        resource_defs=LOCK_RESOURCES,
         group_name="ingest",
         code_version="1",
         kinds={"python", "file"},

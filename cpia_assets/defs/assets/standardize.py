@@ -29,7 +29,7 @@ from cpia_assets.defs.assets.tiles import (
     scale_tiles_result,
     tile_stored_slides,
 )
-from cpia_assets.defs.locks import LOCK_RESOURCES, PartitionLocks
+from cpia_assets.defs.locks import PartitionLocks
 from cpia_assets.defs.records import (
     config_class,
     failures_markdown,
@@ -76,7 +76,6 @@ def build_standardize_and_tile(partitions: dg.PartitionsDefinition) -> dg.Assets
         specs=[STANDARDIZED_WSI, SCALE_TILES],
         partitions_def=partitions,
         can_subset=True,
-        resource_defs=LOCK_RESOURCES,
     )
     def standardize_and_tile(
         context: dg.AssetExecutionContext,

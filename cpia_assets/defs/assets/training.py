@@ -22,7 +22,7 @@ from cpia_assets.core.training.mini_sampling import MiniSettings, xl_quota
 from cpia_assets.core.training.shards import ShardSettings, export_shards, variant_sidecars
 from cpia_assets.core.training.variants import DATA_VARIANTS
 from cpia_assets.core.wsi.tiling import xl_ratio_text
-from cpia_assets.defs.locks import LOCK_RESOURCES, PartitionLocks
+from cpia_assets.defs.locks import PartitionLocks
 from cpia_assets.defs.records import (
     config_class,
     failures_markdown,
@@ -49,7 +49,6 @@ def build_cpia_mini(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         deps=["scale_tiles"],
         group_name="mini",
         code_version="2",
-        resource_defs=LOCK_RESOURCES,
         kinds={"python", "libvips", "parquet"},
         description=(
             "CPIA-Mini of one sub-dataset under `cpia-mini/{L,M,S}/<key>/`, every image 384 px. "
@@ -161,7 +160,6 @@ def build_training_shards() -> dg.AssetsDefinition:
         ],
         group_name="mini",
         code_version="4",  # 3: percent-encoded sample keys; 4: streamed, md5-keyed shuffle
-        resource_defs=LOCK_RESOURCES,
         kinds={"python", "webdataset"},
         description=(
             "One data variant (cpia-mini, cpia, cpia-l, cpia-m, cpia-s) as WebDataset tar "
