@@ -11,7 +11,9 @@ of the demo build, Lightning, each method's recipe) for the same number of steps
 (`frozen_predictions`): kNN (k = 20, cosine, temperature 0.07) and a linear probe (BatchNorm
 without affine + linear) of the frozen encoder, on the demo cells task read from its records:
 features of its train split fit, its test split scores. Mini and the shards never hold the
-task's val/test images (the export's `held_out`), so the score is clean. The random-init row
+task's val/test images (the export's `held_out`), so the score is clean. Each method is compared
+with random init on the same test images: the exact two-sided McNemar test on the images that
+one of the two gets right and the other wrong. The random-init row
 is the same architecture with the evaluation's seeded initial weights. Each method's
 learning rate is its recipe's `base_lr` unless `--lr` gives one (per 256 images, scaled by the
 batch); the defaults below were chosen for this tiny schedule and are printed.
