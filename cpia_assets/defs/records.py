@@ -68,13 +68,18 @@ def progress_logger(context: dg.AssetExecutionContext) -> Callable[[str], None]:
     return lambda line: context.log.info(prefix + line)
 
 
-def failures_markdown(failures: Sequence[Mapping[str, Any]], limit: int = 20) -> str:
+def failures_markdown(
+    failures: Sequence[Mapping[str, Any]], limit: int = 20, total: int | None = None
+) -> str:
+    """The first `limit` failures as a table; `total`: how many there are when `failures` holds
+    only the first of them."""
     if not failures:
         return "No failures."
     lines = ["| file | reason |", "|---|---|"]
     lines += [f"| {f['file']} | {str(f['reason']).replace('|', '/')} |" for f in failures[:limit]]
-    if len(failures) > limit:
-        lines.append(f"| ... | {len(failures) - limit} more in the manifest's failures table |")
+    more = (total if total is not None else len(failures)) - min(limit, len(failures))
+    if more > 0:
+        lines.append(f"| ... | {more} more in the manifest's failures table |")
     return "\n".join(lines)
 
 

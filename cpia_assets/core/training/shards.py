@@ -208,11 +208,17 @@ def _matched_rules(
     return matched
 
 
+LISTED_FAILURES = 100
+"""Failures kept per export (and per shard), in shard order; the rest are counted: an export
+whose images are all gone must not hold a record per image."""
+
+
 @dataclass
 class ExportResult:
     index: dict[str, Any]
     written: bool  # False: the fingerprint matched, or an image failed, and nothing was written
-    failures: list[dict[str, str]] = field(default_factory=list)
+    failures: list[dict[str, str]] = field(default_factory=list)  # the first LISTED_FAILURES
+    failed: int = 0  # images that failed, all of them
 
 
 def export_shards(
@@ -277,7 +283,8 @@ def _export(
         try:
             staging.mkdir(parents=True)
             written = _write_shards(selection, staging, layout.root, settings, executor)
-            failures = [f for shard in written for f in shard.failures]
+            failed = sum(shard.failed for shard in written)
+            failures = [f for shard in written for f in shard.failures][:LISTED_FAILURES]
             restricted = [
                 key
                 for (key,) in selection.query(
@@ -289,7 +296,7 @@ def _export(
                 "held_out": held,
                 "fingerprint": fingerprint,
             }
-            if not failures:  # an export missing images is never published
+            if not failed:  # an export missing images is never published
                 (staging / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
                 _write_samples(staging / SAMPLES_FILE, selection)
                 (staging / FINGERPRINT_FILE).write_text(fingerprint)
@@ -297,9 +304,9 @@ def _export(
         finally:
             _recover(out_dir, staging, aside)
     if progress:
-        done = "written" if not failures else f"not written: {len(failures)} images failed"
+        done = "written" if not failed else f"not written: {failed} images failed"
         progress(f"{variant}: {index['images']} images in {len(written)} shards, {done}")
-    return ExportResult(index, written=not failures, failures=failures)
+    return ExportResult(index, written=not failed, failures=failures, failed=failed)
 
 
 _SHARDS_IN_FLIGHT = 8
@@ -407,7 +414,8 @@ class _ShardJob:
 class _Shard:
     file: str
     per_scale: dict[str, int]
-    failures: list[dict[str, str]]
+    failures: list[dict[str, str]]  # the first LISTED_FAILURES
+    failed: int
 
 
 def _write_shard(job: _ShardJob) -> _Shard:
@@ -415,6 +423,7 @@ def _write_shard(job: _ShardJob) -> _Shard:
     failure naming it."""
     per_scale = dict.fromkeys(SCALES, 0)
     failures = []
+    failed = 0
     with tarfile.open(job.file, "w") as tar:
         for key, path, scale, meta in job.samples:
             try:
@@ -424,12 +433,14 @@ def _write_shard(job: _ShardJob) -> _Shard:
             else:
                 problem = jpeg_problem(image)
             if problem:
-                failures.append(failure(path, STAGE, f"{path}: {problem}"))
+                failed += 1
+                if failed <= LISTED_FAILURES:
+                    failures.append(failure(path, STAGE, f"{path}: {problem}"))
                 continue
             _add(tar, f"{key}.jpg", image)
             _add(tar, f"{key}.json", meta.encode())
             per_scale[scale] += 1
-    return _Shard(job.file.name, per_scale, failures)
+    return _Shard(job.file.name, per_scale, failures, failed)
 
 
 def jpeg_problem(data: bytes) -> str | None:

@@ -204,14 +204,18 @@ def build_training_shards() -> dg.AssetsDefinition:
                 executor=pool,
                 progress=progress_logger(context),
             )
-        if result.failures:
+        if result.failed:
             named = ", ".join(f["file"] for f in result.failures[:NAMED_FAILURES])
-            more = len(result.failures) - NAMED_FAILURES
+            more = result.failed - min(NAMED_FAILURES, len(result.failures))
             raise dg.Failure(
-                f"{variant}: {len(result.failures)} of {len(images.sidecars)} selected images "
+                f"{variant}: {result.failed} of {len(images.sidecars)} selected images "
                 f"are missing or damaged, nothing published: {named}"
                 + (f" and {more} more" if more > 0 else ""),
-                metadata={"failures": dg.MetadataValue.md(failures_markdown(result.failures))},
+                metadata={
+                    "failures": dg.MetadataValue.md(
+                        failures_markdown(result.failures, total=result.failed)
+                    )
+                },
             )
         index = result.index
         index_path = layout.shards_dir(variant) / "index.json"

@@ -17,6 +17,7 @@ import webdataset as wds
 from PIL import Image
 
 from cpia_assets.core.layout import DataLayout
+from cpia_assets.core.training import shards
 from cpia_assets.core.training.shards import (
     INDEX_FILE,
     ShardSettings,
@@ -135,6 +136,21 @@ def test_a_missing_or_damaged_image_is_named_and_nothing_is_published(tmp_path: 
     assert "not a whole JPEG" in reasons[layout.relative(truncated)]
     assert not result.written and _shard_bytes(folder) == published  # the old export stays
     assert [p.name for p in folder.parent.iterdir()] == ["cpia-s"]  # no staging left
+
+
+def test_an_export_whose_images_are_all_gone_counts_them_and_lists_the_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shards, "LISTED_FAILURES", 4)  # no executor: the shards run in-process
+    layout = DataLayout(tmp_path)
+    sidecars = _images(layout, tuple(f"cell-{n:02d}" for n in range(10)))
+    for sidecar in sidecars:
+        (layout.root / sidecar["path"]).unlink()
+    result = _export(layout, sidecars, shard_size=6)  # 6 + 4 failures, each shard lists 4
+    assert result.failed == 10 and not result.written
+    listed = [f["file"] for f in result.failures]
+    assert len(set(listed)) == 4 and set(listed) <= {s["path"] for s in sidecars}
+    assert all("cannot read the image" in f["reason"] for f in result.failures)
 
 
 KILLED_EXPORT = """
