@@ -42,7 +42,7 @@ import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -284,7 +284,7 @@ def _export(
             staging.mkdir(parents=True)
             written = _write_shards(selection, staging, layout.root, settings, executor)
             failed = sum(shard.failed for shard in written)
-            failures = [f for shard in written for f in shard.failures][:LISTED_FAILURES]
+            failures = [f for shard in written for f in shard.failures]
             restricted = [
                 key
                 for (key,) in selection.query(
@@ -326,14 +326,20 @@ def _write_shards(
     settings: ShardSettings,
     executor: Executor | None,
 ) -> list[_Shard]:
-    """Every shard, `shard_size` samples each in shuffle order, written a few at a time."""
+    """Every shard, `shard_size` samples each in shuffle order, written a few at a time; the
+    shards come back in order, holding together at most LISTED_FAILURES failure records."""
     in_flight = _SHARDS_IN_FLIGHT if executor is not None else 1
     written: list[_Shard] = []
     jobs: list[_ShardJob] = []
     current: list[tuple[str, str, str, str]] = []
+    listed = 0
 
     def flush() -> None:
-        written.extend(map_unordered(_write_shard, jobs, executor))
+        nonlocal listed
+        for shard in sorted(map_unordered(_write_shard, jobs, executor), key=lambda s: s.file):
+            kept = shard.failures[: LISTED_FAILURES - listed]
+            listed += len(kept)
+            written.append(replace(shard, failures=kept))
         jobs.clear()
 
     rows = selection.batches(shuffle_order(settings.seed), ("key", "path", "scale", "meta"))
@@ -349,7 +355,7 @@ def _write_shards(
     if current:
         jobs.append(_ShardJob(staging / _shard_name(len(written) + len(jobs)), root, current))
     flush()
-    return sorted(written, key=lambda shard: shard.file)
+    return written
 
 
 def _shard_name(number: int) -> str:

@@ -151,6 +151,9 @@ def test_an_export_whose_images_are_all_gone_counts_them_and_lists_the_first(
     listed = [f["file"] for f in result.failures]
     assert len(set(listed)) == 4 and set(listed) <= {s["path"] for s in sidecars}
     assert all("cannot read the image" in f["reason"] for f in result.failures)
+    samples = [(s["image_name"], s["path"], "S", "{}") for s in sidecars]
+    one = shards._write_shard(shards._ShardJob(tmp_path / "one.tar", layout.root, samples))
+    assert (one.failed, len(one.failures)) == (10, 4)  # a worker returns no more either
 
 
 KILLED_EXPORT = """
