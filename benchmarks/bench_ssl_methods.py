@@ -51,9 +51,8 @@ from cpia_assets.core.training.ssl.config import (  # noqa: E402
     training_source,
 )
 from cpia_assets.core.training.ssl.evaluate import (  # noqa: E402
-    accuracy_and_macro_f1,
-    confusion_matrix,
     frozen_predictions,
+    prediction_scores,
 )
 from cpia_assets.core.training.ssl.tasks import load_task  # noqa: E402
 from cpia_assets.core.training.ssl.train import run_training  # noqa: E402
@@ -142,9 +141,8 @@ def _print_table(rows: list, truth: list[int], classes: int) -> None:
     for name, seconds, predictions in rows:
         cells, gains = [], []
         for metric in ("knn", "linear_probe"):
-            matrix = confusion_matrix(truth, predictions[metric], classes)
-            accuracy, macro_f1 = accuracy_and_macro_f1(matrix)
-            cells.append(f"{100 * accuracy:.1f} ({100 * macro_f1:.1f})")
+            scores = prediction_scores(truth, predictions[metric], classes)
+            cells.append(f"{100 * scores['accuracy']:.1f} ({100 * scores['macro_f1']:.1f})")
             gains.append(_paired_gain(truth, predictions[metric], baseline[metric]))
         took = "-" if seconds is None else f"{seconds:.0f}"
         print(f"| {name} | {took} | {cells[0]} | {cells[1]} | {gains[0]} | {gains[1]} |")

@@ -224,12 +224,18 @@ def frozen_evaluations(
 ) -> dict[str, dict[str, float]]:
     """Test accuracy and macro F1 of kNN and of a linear probe on the frozen encoder."""
     truth, predictions = frozen_predictions(task, model=model, weights=weights, settings=settings)
-    scores = {}
-    for name, predicted in predictions.items():
-        matrix = confusion_matrix(truth, predicted, len(task.classes))
-        accuracy, macro_f1 = accuracy_and_macro_f1(matrix)
-        scores[name] = {"accuracy": accuracy, "macro_f1": macro_f1}
-    return scores
+    return {
+        name: prediction_scores(truth, predicted, len(task.classes))
+        for name, predicted in predictions.items()
+    }
+
+
+def prediction_scores(
+    truth: Sequence[int], predicted: Sequence[int], classes: int
+) -> dict[str, float]:
+    """Accuracy and macro F1 of `predicted` against `truth`."""
+    accuracy, macro_f1 = accuracy_and_macro_f1(confusion_matrix(truth, predicted, classes))
+    return {"accuracy": accuracy, "macro_f1": macro_f1}
 
 
 @torch.no_grad()
