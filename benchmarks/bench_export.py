@@ -70,7 +70,7 @@ def _count_only(job: shards._ShardJob) -> shards._Shard:
     per_scale = dict.fromkeys(shards.SCALES, 0)
     for _, _, scale, _ in job.samples:
         per_scale[scale] += 1
-    return shards._Shard(job.file.name, per_scale, [])
+    return shards._Shard(job.file.name, per_scale, [], 0)
 
 
 def export(root: Path, workers: int, write_tars: bool) -> dict[str, float | int]:

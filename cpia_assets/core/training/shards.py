@@ -209,8 +209,7 @@ def _matched_rules(
 
 
 LISTED_FAILURES = 100
-"""Failures kept per export (and per shard), in shard order; the rest are counted: an export
-whose images are all gone must not hold a record per image."""
+"""Failure records an export (and each shard worker) keeps, in shard order; the rest counted."""
 
 
 @dataclass
