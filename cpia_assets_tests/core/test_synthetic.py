@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import openslide
 
-from cpia_assets.core.synthetic import HE_SAMPLE_MPP, he_sample, he_texture, mirror_tile
+from cpia_assets.core.synthetic import (
+    BACKGROUND,
+    GLASS_PATCH,
+    HE_SAMPLE_MPP,
+    glass,
+    he_sample,
+    he_texture,
+    mirror_tile,
+)
 from cpia_assets.core.wsi.tissue import TissueThresholds, grid_metrics
 from cpia_assets_tests.support.paths import REPO, TESTDATA
 
@@ -44,6 +52,20 @@ def test_texture_holds_real_tissue_and_blank_glass_at_the_requested_resolution()
     pixels = he_sample().numpy().reshape(-1, 3).mean(axis=0)
     red, green, blue = pixels
     assert red > green + 20 and blue > green  # pink/purple H&E, not grey
+
+
+def test_glass_is_noisy_near_white_and_differs_per_seed():
+    """A slide-sized glass field is cut from one noise patch: the noise keeps its level and each
+    seed cuts elsewhere, but it repeats only beyond the patch."""
+    field = glass(3000, 2000, seed=5).numpy().astype(np.int16)
+    assert field.shape == (2000, 3000, 3)
+    assert np.abs(field.reshape(-1, 3).mean(axis=0) - BACKGROUND).max() < 1  # cast truncates
+    assert 1.5 < field.std(axis=(0, 1)).mean() < 2.5  # sigma 2, rounded to integers
+    assert np.array_equal(field, glass(3000, 2000, seed=5).numpy())  # deterministic
+    other = glass(3000, 2000, seed=6).numpy()
+    assert (other != field).mean() > 0.5
+    block = field[:GLASS_PATCH, :GLASS_PATCH]
+    assert (field[:GLASS_PATCH, 1 : GLASS_PATCH + 1] != block).mean() > 0.5  # no short period
 
 
 def _grey_gradient(rgb: np.ndarray) -> float:
