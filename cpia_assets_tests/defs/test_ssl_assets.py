@@ -80,6 +80,7 @@ def test_checkpoint_and_evaluation_materialize(
     out = layout.ssl_checkpoint_dir("mae", "cpia-mini")
     assert metadata["steps"].value == 4
     assert metadata["final_loss"].value > 0
+    assert metadata["exported_initial_share"].value == 0.0  # MAE exports what it trains
     assert metadata["encoder"].value == str(out / "encoder.pth")
     assert "data:image/jpeg;base64," in metadata["loss_curve"].value
     job = PretrainJob.load(out / JOB_FILE)  # the resolved config beside the outputs
@@ -134,6 +135,19 @@ def test_checkpoint_and_evaluation_materialize(
     [check] = leaked.get_asset_check_evaluations()
     assert not check.passed
     assert "| cells | random / MAE / CPIA-Mini | 1 |" in check.metadata["rows_failing"].value
+
+
+def test_a_dino_teacher_that_is_still_mostly_its_initialisation_is_flagged(
+    defs: dg.Definitions, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two steps at momentum 0.9: the exported teacher keeps about 0.9 x 0.95 of its random
+    weights; the run says so in its metadata and logs a warning."""
+    partition = dg.MultiPartitionKey({"method": "dino", "data": "cpia-mini"})
+    result = materialize(defs, "ssl_checkpoint", asdict(tiny_settings(steps=2)), partition)
+    assert result.success
+    metadata = result.asset_materializations_for_node("ssl_checkpoint")[0].metadata
+    assert metadata["exported_initial_share"].value == pytest.approx(0.9 * 0.95, abs=1e-3)
+    assert "encoder is still 86% its random initialisation after 2 steps" in capsys.readouterr().err
 
 
 def test_checkpoint_fails_clearly_without_training_data(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from cpia_assets.core.training.ssl.config import (
     prepare_run_dir,
     training_source,
 )
+from cpia_assets.core.training.ssl.report import initial_share_warning
 from cpia_assets.core.training.variants import DATA_VARIANTS
 from cpia_assets.defs.instance import GPU_POOL
 from cpia_assets.defs.records import config_class, failures_markdown, settings_from
@@ -122,6 +123,8 @@ def build_ssl_assets() -> list[dg.AssetsDefinition]:
         except RunFolderBusy as exc:
             raise dg.Failure(str(exc)) from exc
         summary = json.loads((out / SUMMARY_FILE).read_text())
+        if warning := initial_share_warning(summary):
+            context.log.warning(f"[{context.partition_key}] {warning}")
         curve = preview_data_uri(out / LOSS_CURVE_FILE)
         knn = summary["knn_accuracy"]
         monitor = (
@@ -140,6 +143,7 @@ def build_ssl_assets() -> list[dg.AssetsDefinition]:
                 **monitor,
                 "final_loss": summary["final_loss"],
                 "first_loss": summary["first_loss"],
+                "exported_initial_share": summary["exported_initial_share"],
                 "steps": summary["steps"],
                 "images_per_s": summary["images_per_s"],
                 "device": summary["device"],

@@ -90,6 +90,10 @@ class MAE(nn.Module):
     def export_encoder(self) -> nn.Module:
         return self.encoder
 
+    def exported_initial_share(self, total_steps: int) -> float:
+        """MAE exports the encoder that the optimiser trains, not a momentum average."""
+        return 0.0
+
     def adjust_gradients(self, time: TrainingTime) -> None:
         """MAE trains every part at every step."""
 

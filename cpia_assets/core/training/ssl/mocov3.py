@@ -54,6 +54,10 @@ class MoCoV3(nn.Module):
     def export_encoder(self) -> nn.Module:
         return self.base[0]
 
+    def exported_initial_share(self, total_steps: int) -> float:
+        """MoCo-v3 exports the encoder that the optimiser trains, not a momentum average."""
+        return 0.0
+
     def adjust_gradients(self, time: TrainingTime) -> None:
         """MoCo-v3 trains every trainable part at every step."""
 

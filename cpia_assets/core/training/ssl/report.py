@@ -1,13 +1,18 @@
-"""A loss curve as a PNG, drawn with Pillow (no plotting library needed)."""
+"""What a pre-training run reports besides its numbers: curves as PNGs, drawn with Pillow (no
+plotting library needed), and a warning when its encoder has hardly left its initialisation."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw
 
 from cpia_assets.core.fsutil import atomic_path
+
+MOSTLY_INITIAL = 0.1
+"""Above this share of random initial weights in the exported encoder, a run is flagged."""
 
 
 def plot_curve(
@@ -41,3 +46,17 @@ def plot_curve(
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
     return path
+
+
+def initial_share_warning(summary: Mapping[str, Any]) -> str | None:
+    """A warning when the run's exported encoder (`exported_initial_share` of its summary) is
+    still mostly its random initialisation: a momentum teacher averaged over a run much shorter
+    than its EMA time constant. None otherwise."""
+    share = summary["exported_initial_share"]
+    if share <= MOSTLY_INITIAL:
+        return None
+    return (
+        f"the exported {summary['method']} encoder is still {share:.0%} its random "
+        f"initialisation after {summary['steps']} steps (its teacher is a momentum average): "
+        "an evaluation of it measures little of the training; train longer or lower the momentum"
+    )

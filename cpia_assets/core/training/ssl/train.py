@@ -194,6 +194,9 @@ def _write_outputs(
         "device": device,
         "precision": precision,
         "encoder": str(out / ENCODER_FILE),
+        "exported_initial_share": round(
+            module.method.exported_initial_share(module.total_steps), 4
+        ),
         "knn_accuracy": knn,  # per monitored step: mean over tasks, and each task's
     }
     with atomic_path(out / SUMMARY_FILE) as tmp:

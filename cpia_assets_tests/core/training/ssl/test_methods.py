@@ -16,10 +16,16 @@ from torch import nn
 
 from cpia_assets.core.training.ssl.common import TrainingTime, momentum_update, resolve_recipe
 from cpia_assets.core.training.ssl.config import PretrainJob, PretrainSettings
-from cpia_assets.core.training.ssl.dino import dino_loss, teacher_temperature, update_center
+from cpia_assets.core.training.ssl.dino import (
+    dino_loss,
+    teacher_initial_share,
+    teacher_temperature,
+    update_center,
+)
 from cpia_assets.core.training.ssl.mae import reconstruction_loss
 from cpia_assets.core.training.ssl.mocov3 import contrastive_loss
 from cpia_assets.core.training.ssl.module import PretrainModule, build_method
+from cpia_assets.core.training.ssl.report import initial_share_warning
 from cpia_assets.core.training.ssl.train import run_training
 from cpia_assets_tests.support.ssl_data import tiny_settings, write_folder_tree
 
@@ -107,6 +113,30 @@ def test_dino_exports_the_teacher_and_its_centre_moves_in_training(
         teacher_mean = dino.teacher(torch.cat(views)).mean(0)
     dino.training_loss(views, torch.zeros(2), TrainingTime(progress=0.0, epoch=0.0))
     torch.testing.assert_close(dino.center[0], 0.1 * teacher_mean)  # from 0, momentum 0.9
+
+
+def test_dino_reports_how_much_of_its_exported_teacher_is_still_the_initialisation(
+    mini: Path, tmp_path: Path
+) -> None:
+    """The share is what the EMA leaves of the initial teacher: with the student held at zero,
+    the teacher after `after_step` over the run is exactly that share of its initial weights."""
+    dino = build_method(job(mini, tmp_path, "dino"))
+    steps = 100
+    initial = dino.teacher[0].blocks[0].attn.qkv.weight.clone()
+    with torch.no_grad():
+        for parameter in dino.student.parameters():
+            parameter.zero_()
+    for step in range(steps):
+        dino.after_step(TrainingTime(progress=step / steps, epoch=0.0))
+    share = dino.exported_initial_share(steps)
+    torch.testing.assert_close(dino.teacher[0].blocks[0].attn.qkv.weight, share * initial)
+    reference = teacher_initial_share(0.996, steps)  # the reference momentum
+    assert reference == pytest.approx(math.exp(-0.004 * steps / 2), abs=2e-3)  # about 0.82
+    summary = {"method": "dino", "steps": steps, "exported_initial_share": reference}
+    assert "82% its random initialisation" in initial_share_warning(summary)
+    assert initial_share_warning(summary | {"exported_initial_share": 0.05}) is None
+    for other in ("mae", "mocov3"):  # they export the encoder the optimiser trains
+        assert build_method(job(mini, tmp_path, other)).exported_initial_share(steps) == 0.0
 
 
 # --- the recipes ----------------------------------------------------------------------------
