@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -78,11 +78,15 @@ def main() -> int:
             step = f"[{index}/{len(catalog.keys)}] {key}: {', '.join(PARTITIONED_ASSETS)}"
             print(step if key in stale else f"{step}: {UP_TO_DATE}", flush=True)
         _build_partitions([key for key in catalog.keys if key in stale], logs)
-        if _announce("tile_manifest: loading manifest.duckdb", to_rebuild([MANIFEST_ASSET])):
-            _materialize(MANIFEST_ASSET, logs / "tile_manifest.log")
-        shards = f"training_shards: {MINI_VARIANT} as WebDataset shards"
-        if _announce(shards, to_rebuild(["training_shards"], [MINI_VARIANT])):
-            _materialize("training_shards", logs / "training_shards.log", partition=MINI_VARIANT)
+        step = "tile_manifest: loading manifest.duckdb"
+        manifest = _announce(step, bool(to_rebuild([MANIFEST_ASSET])))
+        step = f"training_shards: {MINI_VARIANT} as WebDataset shards"
+        shards = _announce(step, bool(to_rebuild(["training_shards"], [MINI_VARIANT])))
+        if manifest or shards:  # one run: Dagster's start-up is paid once
+            selection = [MANIFEST_ASSET] if manifest else []
+            selection += ["training_shards"] if shards else []
+            log = logs / "manifest_and_shards.log"
+            _materialize(selection, log, MINI_VARIANT if shards else None)
         _print_summary(layout)
         _pretrain_and_evaluate(layout, logs, to_rebuild, _evaluation_task(catalog))
     print(f"Done in {time.monotonic() - started:.0f} s. Browse the runs: make ui", flush=True)
@@ -95,30 +99,36 @@ def _build_partitions(keys: Sequence[str], logs: Path) -> None:
     run's slides use meanwhile (partitions never share outputs)."""
     with ThreadPoolExecutor(max_workers=PARALLEL_BUILDS) as builds:
         running = [
-            builds.submit(_materialize, ",".join(PARTITIONED_ASSETS), logs / f"{key}.log", key)
+            builds.submit(_materialize, PARTITIONED_ASSETS, logs / f"{key}.log", key)
             for key in keys
         ]
         for build in running:
             build.result()  # the first failure ends the demo, naming its log
 
 
-def _announce(step: str, stale: Sequence[str]) -> bool:
-    """Print the step; False (nothing to launch) when the instance sees it fresh."""
+def _announce(step: str, stale: bool) -> bool:
+    """Print the step, saying when the instance sees it fresh (nothing to launch); `stale`."""
     print(step if stale else f"{step}: {UP_TO_DATE}", flush=True)
-    return bool(stale)
+    return stale
 
 
 def _materialize(
-    selection: str, log_path: Path, partition: str | None = None, config: dict | None = None
+    selection: Sequence[str],
+    log_path: Path,
+    partition: str | None = None,
+    config: Mapping[str, dict] | None = None,
 ) -> None:
+    """One `dagster asset materialize` of the `selection` (one partition for its partitioned
+    assets), `config` per asset, its progress echoed and its whole log kept at `log_path`."""
     command = [
         sys.executable, "-m", "dagster", "asset", "materialize",
-        "-m", "cpia_assets.definitions", "--select", selection,
+        "-m", "cpia_assets.definitions", "--select", ",".join(selection),
     ]  # fmt: skip
     if partition:
         command += ["--partition", partition]
     if config:
-        command += ["--config-json", json.dumps({"ops": {selection: {"config": config}}})]
+        ops = {asset: {"config": values} for asset, values in config.items()}
+        command += ["--config-json", json.dumps({"ops": ops})]
     with log_path.open("w") as log:
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
@@ -135,7 +145,7 @@ def _materialize(
             elif "STEP_FAILURE" in line or "Error" in line.split(" - ")[-1][:40]:
                 print("    " + line.rstrip(), flush=True)
         if process.wait() != 0:
-            raise SystemExit(f"materializing {selection} failed; full log: {log_path}")
+            raise SystemExit(f"materializing {', '.join(selection)} failed; full log: {log_path}")
 
 
 def _evaluation_task(catalog: Catalog) -> str | None:
@@ -154,17 +164,20 @@ def _pretrain_and_evaluate(
     fine-tuning on the labelled demo cells."""
     partition = f"{MINI_VARIANT}|mae"
     step = f"ssl_checkpoint {partition}: MAE pre-training, vit_tiny on CPU"
-    if _announce(step, to_rebuild(["ssl_checkpoint"], [partition])):
-        _materialize("ssl_checkpoint", logs / "ssl_checkpoint.log", partition, DEMO_PRETRAIN)
+    pretrain = _announce(step, bool(to_rebuild(["ssl_checkpoint"], [partition])))
+    config = {"ssl_checkpoint": DEMO_PRETRAIN} if pretrain else {}
     if task is None:
         print("downstream_eval: skipped, the catalog has no labelled ROI set with split folders")
+        if pretrain:
+            _materialize(["ssl_checkpoint"], logs / "ssl.log", partition, config)
         return
     step = "downstream_eval: fine-tuning on the labelled demo cells"
-    if _announce(step, to_rebuild(["downstream_eval"])):
-        tasks = {task: task}
-        _materialize(
-            "downstream_eval", logs / "downstream_eval.log", config=DEMO_EVAL | {"tasks": tasks}
-        )
+    if _announce(
+        step, pretrain or bool(to_rebuild(["downstream_eval"]))
+    ):  # a new encoder too  # with the pre-training, one run: Dagster and torch start once
+        config["downstream_eval"] = DEMO_EVAL | {"tasks": {task: task}}
+        selection = ["ssl_checkpoint", "downstream_eval"] if pretrain else ["downstream_eval"]
+        _materialize(selection, logs / "ssl.log", partition if pretrain else None, config)
     print(f"\n{task}: test split, best epoch on validation; leaks = val/test images with a "
           "near-duplicate in the encoder's pre-training data")  # fmt: skip
     print("accuracy % (macro F1 %): fine-tuned, then kNN and linear probe of the frozen encoder")
