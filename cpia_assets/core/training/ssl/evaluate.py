@@ -48,7 +48,7 @@ from cpia_assets.core.training.ssl.config import (
     export_identity,
 )
 from cpia_assets.core.training.ssl.export import update_model_card
-from cpia_assets.core.training.ssl.probe import extract_features, probe_predictions
+from cpia_assets.core.training.ssl.probe import Features, extract_features, probe_predictions
 from cpia_assets.core.training.ssl.tasks import (
     LabelledTask,
     load_task,
@@ -200,21 +200,28 @@ def finetune(
     }
 
 
-def frozen_predictions(
+def frozen_features(
     task: LabelledTask, *, model: str, weights: Path | None, settings: FinetuneSettings
-) -> tuple[list[int], dict[str, list[int]]]:
-    """The test labels, and per frozen-encoder method (`probe`: kNN, linear probe) its test
-    predictions in the same order (per image, so that two encoders can be compared pairwise)."""
+) -> dict[str, Features]:
+    """The frozen encoder's features and labels of each split of `task`."""
     torch.manual_seed(settings.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     encoder = create_encoder(model, settings.image_size, weights=weights).to(device)
-    features = {
+    return {
         split: extract_features(encoder, DataLoader(
             LabelledImages(task.splits[split], eval_transform(settings.image_size)),
             batch_size=settings.batch_size, num_workers=settings.workers,
         ))
         for split in ("train", "val", "test")
     }  # fmt: skip
+
+
+def frozen_predictions(
+    task: LabelledTask, *, model: str, weights: Path | None, settings: FinetuneSettings
+) -> tuple[list[int], dict[str, list[int]]]:
+    """The test labels, and per frozen-encoder method (`probe`: kNN, linear probe) its test
+    predictions in the same order (per image, so that two encoders can be compared pairwise)."""
+    features = frozen_features(task, model=model, weights=weights, settings=settings)
     predictions = probe_predictions(features, len(task.classes), seed=settings.seed)
     return features["test"].labels.tolist(), {k: list(v) for k, v in predictions.items()}
 
