@@ -205,7 +205,8 @@ links AS (
     FROM wsi c
     JOIN parents ps ON ps.scale = c.scale
     JOIN edges ce ON ce.scale = c.scale
-    LEFT JOIN wsi p ON p.subdataset = c.subdataset AND p.image_name = c.parent_image
+    LEFT JOIN (SELECT * FROM wsi WHERE scale IN {tuple(sorted(set(PARENT_SCALE.values())))}) p
+        ON p.subdataset = c.subdataset AND p.image_name = c.parent_image
         AND p.scale = ps.parent_scale
     LEFT JOIN edges pe ON pe.scale = p.scale
 )
