@@ -93,7 +93,7 @@ LARGER_SET = {"train": 256, "val": 64, "test": 256}
 
 def teacher_momentum(steps: int) -> float:
     """The teacher momentum whose EMA time constant is `TEACHER_WINDOW` of a run of `steps`."""
-    return 1 - 1 / (TEACHER_WINDOW * steps)
+    return max(0.0, 1 - 1 / (TEACHER_WINDOW * steps))  # 0 (teacher = student) below 5 steps
 
 
 def main() -> None:
@@ -183,6 +183,8 @@ def _larger_task(catalog: Catalog, key: str, dest: Path) -> LabelledTask:
     split and seeds of its own (no image of the demo build): kNN needs a memory bank larger than
     the demo task's 32 images per class to rank neighbours."""
     source = dict(catalog.get(key).source)
+    if source.get("type") != "synthetic" or source.get("layout") != "folders":
+        raise SystemExit(f"{key}: the larger task needs a synthetic source in split/class folders")
     spec = source | {"per_split": LARGER_SET, "seed": int(source.get("seed", 0)) + 10_000}
     generate_source(spec, dest)
     classes = list(spec["classes"])

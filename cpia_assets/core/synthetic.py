@@ -31,7 +31,8 @@ BACKGROUND = (243, 242, 245)
 HE_SAMPLE_MPP = 0.499
 """Microns per pixel of the shipped crop (CMU-1-Small-Region's level 0)."""
 GLASS_PATCH = 509
-"""Edge of the glass noise patch that `glass` mirror-tiles (prime: no alignment with tiles)."""
+"""Edge of the glass noise patch that `glass` mirror-tiles: its period, 1,018 px, is no multiple
+of a 256 px tile."""
 CLASS_ZOOM = 4.0
 """Magnification between consecutive classes of a synthetic labelled ROI source."""
 _PIL_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".bmp": "BMP", ".tif": "TIFF"}

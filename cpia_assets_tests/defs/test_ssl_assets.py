@@ -140,14 +140,14 @@ def test_checkpoint_and_evaluation_materialize(
 def test_a_dino_teacher_that_is_still_mostly_its_initialisation_is_flagged(
     defs: dg.Definitions, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Two steps at momentum 0.9: the exported teacher keeps about 0.9 x 0.95 of its random
+    """Two steps at momentum 0.9: the exported teacher keeps about 0.9 x 0.95 of its initial
     weights; the run says so in its metadata and logs a warning."""
     partition = dg.MultiPartitionKey({"method": "dino", "data": "cpia-mini"})
     result = materialize(defs, "ssl_checkpoint", asdict(tiny_settings(steps=2)), partition)
     assert result.success
     metadata = result.asset_materializations_for_node("ssl_checkpoint")[0].metadata
     assert metadata["exported_initial_share"].value == pytest.approx(0.9 * 0.95, abs=1e-3)
-    assert "encoder is still 86% its random initialisation after 2 steps" in capsys.readouterr().err
+    assert "encoder is still 86% its initial weights after 2 steps" in capsys.readouterr().err
 
 
 def test_checkpoint_fails_clearly_without_training_data(tmp_path: Path) -> None:

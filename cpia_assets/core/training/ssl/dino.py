@@ -110,8 +110,8 @@ class DINO(nn.Module):
         return self.teacher[0]  # the paper evaluates the teacher
 
     def exported_initial_share(self, total_steps: int) -> float:
-        """The teacher's weights after `total_steps` are this share of its random initialisation
-        (the product of the EMA momenta): about exp(-(1 - momentum) * steps / 2), 0.82 after 100
+        """The teacher's weights after `total_steps` are this share of its initial weights (the
+        product of the EMA momenta): about exp(-(1 - momentum) * steps / 2), 0.82 after 100
         steps at 0.996, whose time constant suits the reference's ~10^5 steps."""
         return teacher_initial_share(self.settings.momentum, total_steps)
 

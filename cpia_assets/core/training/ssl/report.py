@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from cpia_assets.core.fsutil import atomic_path
 
 MOSTLY_INITIAL = 0.1
-"""Above this share of random initial weights in the exported encoder, a run is flagged."""
+"""Above this share of its initial weights in the exported encoder, a run is flagged."""
 
 
 def plot_curve(
@@ -50,13 +50,13 @@ def plot_curve(
 
 def initial_share_warning(summary: Mapping[str, Any]) -> str | None:
     """A warning when the run's exported encoder (`exported_initial_share` of its summary) is
-    still mostly its random initialisation: a momentum teacher averaged over a run much shorter
-    than its EMA time constant. None otherwise."""
+    still mostly its initial weights (random, or the `init` file): a momentum teacher averaged
+    over a run much shorter than its EMA time constant. None otherwise."""
     share = summary["exported_initial_share"]
     if share <= MOSTLY_INITIAL:
         return None
     return (
-        f"the exported {summary['method']} encoder is still {share:.0%} its random "
-        f"initialisation after {summary['steps']} steps (its teacher is a momentum average): "
+        f"the exported {summary['method']} encoder is still {share:.0%} its initial weights "
+        f"after {summary['steps']} steps (its teacher is a momentum average): "
         "an evaluation of it measures little of the training; train longer or lower the momentum"
     )

@@ -133,7 +133,7 @@ def test_dino_reports_how_much_of_its_exported_teacher_is_still_the_initialisati
     reference = teacher_initial_share(0.996, steps)  # the reference momentum
     assert reference == pytest.approx(math.exp(-0.004 * steps / 2), abs=2e-3)  # about 0.82
     summary = {"method": "dino", "steps": steps, "exported_initial_share": reference}
-    assert "82% its random initialisation" in initial_share_warning(summary)
+    assert "82% its initial weights" in initial_share_warning(summary)
     assert initial_share_warning(summary | {"exported_initial_share": 0.05}) is None
     for other in ("mae", "mocov3"):  # they export the encoder the optimiser trains
         assert build_method(job(mini, tmp_path, other)).exported_initial_share(steps) == 0.0
