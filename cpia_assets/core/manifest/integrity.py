@@ -288,10 +288,14 @@ def unique_names_per_folder(con: duckdb.DuckDBPyConnection) -> CheckOutcome:
         + " ".join(f"WHEN '{scale}' THEN '{top}'" for scale, top in SCALE_FOLDER_OF.items())
         + " END"
     )
-    duplicates = con.execute(
-        f"SELECT {folder} AS folder, subdataset, image_name, count(*) AS copies, "
-        "count(*) OVER () FROM tiles WHERE path IS NOT NULL GROUP BY ALL HAVING count(*) > 1 "
-        "ORDER BY copies DESC, folder, subdataset, image_name LIMIT ?",
+    key = f"hash({folder}, subdataset, image_name)"
+    duplicates = con.execute(  # grouped by a 64-bit hash first: the names only where it repeats
+        f"WITH repeated AS (SELECT {key} AS key FROM tiles WHERE path IS NOT NULL GROUP BY key "
+        f"HAVING count(*) > 1) SELECT {folder} AS folder, subdataset, image_name, "
+        "count(*) AS copies, count(*) OVER () FROM tiles "
+        f"WHERE path IS NOT NULL AND {key} IN (SELECT key FROM repeated) "
+        "GROUP BY ALL HAVING count(*) > 1 ORDER BY copies DESC, folder, subdataset, image_name "
+        "LIMIT ?",
         [EXAMPLES],
     ).fetchall()
     count = duplicates[0][-1] if duplicates else 0
