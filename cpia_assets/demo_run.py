@@ -168,16 +168,14 @@ def _pretrain_and_evaluate(
     config = {"ssl_checkpoint": DEMO_PRETRAIN} if pretrain else {}
     if task is None:
         print("downstream_eval: skipped, the catalog has no labelled ROI set with split folders")
-        if pretrain:
-            _materialize(["ssl_checkpoint"], logs / "ssl.log", partition, config)
+        if config:
+            _materialize(list(config), logs / "ssl.log", partition, config)
         return
     step = "downstream_eval: fine-tuning on the labelled demo cells"
-    if _announce(
-        step, pretrain or bool(to_rebuild(["downstream_eval"]))
-    ):  # a new encoder too  # with the pre-training, one run: Dagster and torch start once
+    if _announce(step, pretrain or bool(to_rebuild(["downstream_eval"]))):  # a new encoder, too
         config["downstream_eval"] = DEMO_EVAL | {"tasks": {task: task}}
-        selection = ["ssl_checkpoint", "downstream_eval"] if pretrain else ["downstream_eval"]
-        _materialize(selection, logs / "ssl.log", partition if pretrain else None, config)
+        # with the pre-training in one run: Dagster and torch start once
+        _materialize(list(config), logs / "ssl.log", partition if pretrain else None, config)
     print(f"\n{task}: test split, best epoch on validation; leaks = val/test images with a "
           "near-duplicate in the encoder's pre-training data")  # fmt: skip
     print("accuracy % (macro F1 %): fine-tuned, then kNN and linear probe of the frozen encoder")
