@@ -192,15 +192,10 @@ def _values(mapping: Mapping[str, Any], *columns: str) -> str:
 _PARENT_SCALES = ", ".join(f"'{scale}'" for scale in sorted(set(PARENT_SCALE.values())))
 
 
-def _links(subdataset: bool = False) -> str:
-    """The WSI L/M/S tiles joined to their parents (`links`), of one sub-dataset (a `?` to bind)
-    when `subdataset`: the parent lookup of a whole 149 M manifest spills to disk, one
-    sub-dataset's fits in memory."""
-    only = " AND subdataset = ?" if subdataset else ""
-    return f"""
+_LINKS = f"""
 WITH wsi AS (
     SELECT subdataset, image_name, scale, parent_image, x, y, in_mini
-    FROM tiles WHERE kind = 'wsi' AND path IS NOT NULL{only}
+    FROM tiles WHERE kind = 'wsi' AND path IS NOT NULL AND subdataset = ?
 ), edges AS (SELECT * FROM {_values(TILE_EDGE_PX, "scale", "edge")}),
 parents AS (SELECT * FROM {_values(PARENT_SCALE, "scale", "parent_scale")}),
 links AS (
@@ -219,12 +214,14 @@ links AS (
     LEFT JOIN edges pe ON pe.scale = p.scale
 )
 """
+"""The WSI L/M/S tiles of one sub-dataset (the `?` to bind) joined to their parents (`links`):
+the parent lookup of a whole 149 M manifest spills to disk, one sub-dataset's fits in memory."""
 
 
 def ratios_within_spec(con: duckdb.DuckDBPyConnection) -> CheckOutcome:
     """Each WSI L/M/S tile lies inside an existing parent; children per XL within the spec.
-    One pass of the parent lookup per sub-dataset (links never cross one) counts both; the
-    broken tiles are listed by a second pass only when there are some."""
+    One pass of the parent lookup per sub-dataset (links never cross one) counts both; a
+    sub-dataset's broken tiles are listed by a second pass only when it has some."""
     per_scale = ", ".join(
         f"count(*) FILTER (WHERE scale = '{scale}') AS {scale}, "
         f"count(*) FILTER (WHERE scale = '{scale}' AND in_mini) AS mini_{scale}"
@@ -234,13 +231,12 @@ def ratios_within_spec(con: duckdb.DuckDBPyConnection) -> CheckOutcome:
         [f"{scale} > {limit}" for scale, limit in MAX_PER_XL.items()]
         + [f"mini_{scale} > {limit}" for scale, limit in MAX_MINI_PER_XL.items()]
     )
-    crowded, crowded_count, broken_total = [], 0, 0
-    for (subdataset,) in con.execute(
+    crowded, crowded_count, broken, broken_count = [], 0, [], 0
+    for (subdataset,) in con.execute(  # sorted: each's sorted examples append in order
         "SELECT DISTINCT subdataset FROM tiles WHERE kind = 'wsi' ORDER BY ALL"
     ).fetchall():
         rows = con.execute(  # its crowded XL tiles (part 0), then its number of broken tiles
-            _links(subdataset=True)
-            + f", per_xl AS MATERIALIZED (SELECT subdataset, xl_image, {per_scale}, "
+            _LINKS + f", per_xl AS MATERIALIZED (SELECT subdataset, xl_image, {per_scale}, "
             "count(*) FILTER (WHERE parent IS NULL OR outside) AS broken FROM links GROUP BY ALL) "
             "SELECT * FROM (SELECT 0 AS part, subdataset, xl_image, L, M, S, count(*) OVER () "
             f"FROM per_xl WHERE xl_image IS NOT NULL AND ({too_many}) ORDER BY ALL LIMIT ?) "
@@ -248,24 +244,22 @@ def ratios_within_spec(con: duckdb.DuckDBPyConnection) -> CheckOutcome:
             "ORDER BY ALL",
             [subdataset, EXAMPLES],
         ).fetchall()
-        *found, (*_, broken) = [row[1:] for row in rows]
+        *found, (*_, broken_here) = [row[1:] for row in rows]
         crowded_count += found[0][-1] if found else 0
-        crowded = sorted(crowded + [row[:-1] for row in found])[:EXAMPLES]
-        broken_total += broken or 0
-    broken = []
-    if broken_total:
-        broken = con.execute(
-            _links() + "SELECT subdataset, image_name, scale, parent, outside, count(*) OVER () "
-            "FROM links WHERE parent IS NULL OR outside ORDER BY ALL LIMIT ?",
-            [EXAMPLES],
-        ).fetchall()
+        crowded = (crowded + [row[:-1] for row in found])[:EXAMPLES]
+        if broken_here:  # listed by a second pass, only where there are some
+            broken_count += broken_here
+            broken = (broken + con.execute(
+                _LINKS + "SELECT subdataset, image_name, scale, parent, outside "
+                "FROM links WHERE parent IS NULL OR outside ORDER BY ALL LIMIT ?",
+                [subdataset, EXAMPLES],
+            ).fetchall())[:EXAMPLES]  # fmt: skip
     [(xl, *children)] = con.execute(
         "SELECT count(*) FILTER (WHERE scale = 'XL'), "
         + ", ".join(f"count(*) FILTER (WHERE scale = '{scale}')" for scale in PARENT_SCALE)
         + " FROM tiles WHERE kind = 'wsi' AND path IS NOT NULL"
     ).fetchall()
     ratio = xl_ratio_text(dict(zip(("XL", *PARENT_SCALE), (xl, *children), strict=True)))
-    broken_count = broken[0][-1] if broken else 0
     return CheckOutcome(
         passed=broken_count == 0 and crowded_count == 0,
         summary=(
@@ -280,7 +274,7 @@ def ratios_within_spec(con: duckdb.DuckDBPyConnection) -> CheckOutcome:
             "broken_links": broken_count,
             "broken_examples": [
                 {"subdataset": s, "image": i, "scale": sc, "parent": p, "outside_parent": o}
-                for s, i, sc, p, o, _ in broken
+                for s, i, sc, p, o in broken
             ],
             "crowded_xl_tiles": crowded_count,
             "crowded_examples": [
