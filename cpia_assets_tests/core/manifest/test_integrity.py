@@ -174,6 +174,25 @@ def test_the_same_name_in_two_folders_is_not_a_duplicate(loaded: DataFolder) -> 
         assert integrity.unique_names_per_folder(con).passed
 
 
+def test_duplicates_of_several_sub_datasets_are_counted_and_the_most_copied_listed_first(
+    loaded: DataFolder,
+) -> None:
+    """Each sub-dataset is checked on its own; counts add up, examples merge in one order."""
+    add_tile_rows(loaded, "wsi-breast", [{"image_name": "twice", "scale": "M"}] * 2)
+    add_tile_rows(loaded, "wsi-colon", [{"image_name": "thrice", "scale": "XL"}] * 3)
+    roi = {"image_name": "cell_9", "kind": "roi", "scale": "M", "x": None, "y": None,
+           "parent_image": None}  # fmt: skip
+    add_tile_rows(loaded, "roi-blood", [roi, roi])
+    with open_manifest(loaded.layout) as con:
+        names = integrity.unique_names_per_folder(con)
+    assert not names.passed and names.details["duplicate_names"] == 3
+    assert names.details["examples"] == [
+        {"folder": "L/wsi-colon", "image": "thrice", "copies": 3},
+        {"folder": "M/roi-blood", "image": "cell_9", "copies": 2},
+        {"folder": "M/wsi-breast", "image": "twice", "copies": 2},
+    ]
+
+
 def write_mini_of_first_xl(data: DataFolder, key: str, *, s_crops: int, orphan: bool) -> str:
     """cpia_mini's records for the first XL tile of `key`: the XL, its kept L and M tiles and
     `s_crops` S crops of those M tiles; `orphan` adds an L image whose XL is not in Mini."""
