@@ -71,9 +71,11 @@ def trace(
         return [_path_chain(con, layout, query)]
     found: list[Chain] = []
     if not mini:
-        found = [_tile_chain(con, row) for row in _tiles(con, "image_name", query, subdataset)]
+        tiles = _images(con, "tiles", "image_name", query, subdataset)
+        found = [_tile_chain(con, row) for row in tiles]
     if not found:
-        found = [_mini_chain(con, row) for row in _minis(con, "image_name", query, subdataset)]
+        minis = _images(con, "mini_images", "image_name", query, subdataset)
+        found = [_mini_chain(con, row) for row in minis]
     if not found:
         where = f" in sub-dataset {subdataset!r}" if subdataset else ""
         if mini:
@@ -132,19 +134,18 @@ def _shard_of(
     """The tar holding `key` and its place in it: the sample's rank in the export's seeded
     shuffle (`shards.shuffle_order`, seed and shard size from the index) names the tar, whose
     members confirm it; failing that, every tar is searched."""
-    order = getattr(shards, "shuffle_order", None)
     try:
         index = json.loads((folder / INDEX_FILE).read_text())
-        if order is not None:
-            (place,) = scratch.execute(
-                f"SELECT n FROM (SELECT key, row_number() OVER (ORDER BY {order(index['seed'])})"
-                " - 1 AS n FROM read_parquet(?)) WHERE key = ?",
-                [str(folder / SAMPLES_FILE), key],
-            ).fetchone()
-            guess = folder / index["shards"][place // int(index["shard_size"])]["file"]
-            members = _members(guess)
-            if f"{key}.jpg" in members:
-                return guess, members[f"{key}.jpg"]
+        (place,) = scratch.execute(
+            "SELECT n FROM (SELECT key, row_number() OVER "
+            f"(ORDER BY {shards.shuffle_order(index['seed'])}) - 1 AS n FROM read_parquet(?)) "
+            "WHERE key = ?",
+            [str(folder / SAMPLES_FILE), key],
+        ).fetchone()
+        guess = folder / index["shards"][place // int(index["shard_size"])]["file"]
+        members = _members(guess)
+        if f"{key}.jpg" in members:
+            return guess, members[f"{key}.jpg"]
     except (OSError, ValueError, KeyError, IndexError, TypeError, tarfile.TarError,
             duckdb.Error):  # fmt: skip
         pass
@@ -167,9 +168,9 @@ def _members(tar: Path) -> dict[str, int]:
 
 def _path_chain(con: duckdb.DuckDBPyConnection, layout: DataLayout, path: str) -> Chain:
     stored = _stored(layout, path)
-    for row in _minis(con, "path", stored, None):
+    for row in _images(con, "mini_images", "path", stored, None):
         return _mini_chain(con, row)
-    for row in _tiles(con, "path", stored, None):
+    for row in _images(con, "tiles", "path", stored, None):
         return _tile_chain(con, row)
     raise LineageError(f"no kept image or Mini image with path {stored!r} in the manifest")
 
@@ -192,24 +193,14 @@ def _rows(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any]) -> list[d
     return con.sql(sql, params=params).pl().to_dicts()
 
 
-def _tiles(
-    con: duckdb.DuckDBPyConnection, column: str, value: str, subdataset: str | None
+def _images(
+    con: duckdb.DuckDBPyConnection, table: str, column: str, value: str, subdataset: str | None
 ) -> list[dict[str, Any]]:
-    """Kept full-CPIA images whose `column` (image_name or path) is `value`."""
+    """Kept images of `table` (`tiles`: full CPIA, `mini_images`: Mini) whose `column`
+    (image_name or path) is `value`, in `subdataset` or any."""
     return _rows(
         con,
-        f"SELECT * FROM tiles WHERE {column} = ? AND path IS NOT NULL "
-        "AND (?::VARCHAR IS NULL OR subdataset = ?) ORDER BY subdataset, scale",
-        [value, subdataset, subdataset],
-    )
-
-
-def _minis(
-    con: duckdb.DuckDBPyConnection, column: str, value: str, subdataset: str | None
-) -> list[dict[str, Any]]:
-    return _rows(
-        con,
-        f"SELECT * FROM mini_images WHERE {column} = ? "
+        f"SELECT * FROM {table} WHERE {column} = ? AND path IS NOT NULL "
         "AND (?::VARCHAR IS NULL OR subdataset = ?) ORDER BY subdataset, scale",
         [value, subdataset, subdataset],
     )
@@ -220,7 +211,7 @@ def _mini_chain(con: duckdb.DuckDBPyConnection, row: Mapping[str, Any]) -> Chain
                 row.get("code_version"), _details(row, (
                     "image_name", "scale", "size_px", "source_size_px", "x", "y", "resample",
                     "parent_image", "label", "split", "bytes", "phash")))  # fmt: skip
-    source = _tiles(con, "image_name", row["source_tile"], row["subdataset"])
+    source = _images(con, "tiles", "image_name", row["source_tile"], row["subdataset"])
     if not source:
         raise LineageError(
             f"Mini image {row['path']}: its source tile {row['source_tile']!r} "
@@ -233,7 +224,7 @@ def _tile_chain(con: duckdb.DuckDBPyConnection, row: Mapping[str, Any]) -> Chain
     chain = [_tile_step(row)]
     parent = row
     while parent.get("parent_image"):  # S -> M -> XL, L/M -> XL
-        found = _tiles(con, "image_name", parent["parent_image"], row["subdataset"])
+        found = _images(con, "tiles", "image_name", parent["parent_image"], row["subdataset"])
         if not found:
             chain.append(Step(f"parent {parent['parent_image']}", "scale_tiles", None,
                               details={"note": "not in the manifest's kept images"}))  # fmt: skip
