@@ -24,6 +24,7 @@ import torch
 from cpia_assets.cli import main as cli
 from cpia_assets.core.catalog.loading import load_catalog
 from cpia_assets.core.layout import DataLayout
+from cpia_assets.core.locks import start_time
 from cpia_assets.core.training.ssl.config import (
     ENCODER_JOB_FILE,
     JOB_FILE,
@@ -36,7 +37,6 @@ from cpia_assets.core.training.ssl.config import (
     prepare_run_dir,
     training_source,
 )
-from cpia_assets.core.training.ssl.runlock import start_time
 from cpia_assets.definitions import build_definitions
 from cpia_assets.defs.instance import GPU_POOL, POOL_LIMITS
 from cpia_assets_tests.support.processes import stop_process_group

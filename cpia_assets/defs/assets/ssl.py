@@ -9,6 +9,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from cpia_assets.core.locks import owner_token
 from cpia_assets.core.manifest.mosaic import preview_data_uri
 from cpia_assets.core.training.ssl.config import (
     JOB_FILE,
@@ -87,12 +88,7 @@ def build_ssl_assets() -> list[dg.AssetsDefinition]:
             save_monitor_tasks,
         )
         from cpia_assets.core.training.ssl.preflight import check_job  # imports torch
-        from cpia_assets.core.training.ssl.runlock import (
-            OWNER_ENV,
-            RunFolderBusy,
-            owner_token,
-            run_lock,
-        )
+        from cpia_assets.core.training.ssl.runlock import OWNER_ENV, RunFolderBusy, run_lock
 
         try:
             check_job(job)  # before the run folder is touched: a typo never costs a finished run

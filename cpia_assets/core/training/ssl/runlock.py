@@ -15,15 +15,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from cpia_assets.core.locks import die_with_owner, identity, owner_token, start_time, write_new
+from cpia_assets.core.locks import die_with_owner, identity, start_time, write_new
 
 __all__ = [
     "LOCK_FILE",
     "OWNER_ENV",
     "RunFolderBusy",
-    "owner_token",
     "run_lock",
-    "start_time",
     "training_process",
 ]
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from cpia_assets.core.locks import start_time
 from cpia_assets.core.training.ssl.runlock import (
     LOCK_FILE,
     OWNER_ENV,
     RunFolderBusy,
     run_lock,
-    start_time,
 )
 
 HOLD = """import sys, time
