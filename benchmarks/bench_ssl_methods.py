@@ -66,7 +66,11 @@ from cpia_assets.core.training.ssl.probe import (  # noqa: E402
     probe_predictions,
 )
 from cpia_assets.core.training.ssl.report import initial_share_warning  # noqa: E402
-from cpia_assets.core.training.ssl.tasks import LabelledTask, load_task  # noqa: E402
+from cpia_assets.core.training.ssl.tasks import (  # noqa: E402
+    LabelledTask,
+    load_folder_task,
+    load_task,
+)
 from cpia_assets.core.training.ssl.train import run_training  # noqa: E402
 
 LEARNING_RATES = {"mae": 0.008, "dino": 0.002, "mocov3": 0.004}
@@ -187,15 +191,8 @@ def _larger_task(catalog: Catalog, key: str, dest: Path) -> LabelledTask:
         raise SystemExit(f"{key}: the larger task needs a synthetic source in split/class folders")
     spec = source | {"per_split": LARGER_SET, "seed": int(source.get("seed", 0)) + 10_000}
     generate_source(spec, dest)
-    classes = list(spec["classes"])
-    splits = {
-        split: [
-            (path, classes.index(path.parent.name)) for path in sorted(dest.glob(f"{split}/*/*"))
-        ]
-        for split in LARGER_SET
-    }
-    return LabelledTask(f"{key} recipe, {LARGER_SET['train']} training images per class "
-                        "(generated)", str(dest), classes, splits, [])  # fmt: skip
+    name = f"{key} recipe, {LARGER_SET['train']} training images per class (generated)"
+    return load_folder_task(name, dest)
 
 
 def _print_table(task: str, rows: list, truth: list[int], classes: int) -> None:
